@@ -1,0 +1,28 @@
+"""kvsqueeze: compress the KV cache of Hugging Face causal LMs, and measure what it costs and saves.
+
+Public API::
+
+    from kvsqueeze import load_model, make_press, list_presses, Pipeline
+"""
+
+from kvsqueeze.adapter import ModelAdapter, UnsupportedModelError
+from kvsqueeze.presses import Capabilities, LayerInputs, Press, ScorerPress, list_presses, make_press, register_press
+from kvsqueeze.pipeline import CompressedContext, Pipeline
+from kvsqueeze.models import load_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Capabilities",
+    "CompressedContext",
+    "LayerInputs",
+    "ModelAdapter",
+    "Pipeline",
+    "Press",
+    "ScorerPress",
+    "UnsupportedModelError",
+    "list_presses",
+    "load_model",
+    "make_press",
+    "register_press",
+]

@@ -1,0 +1,370 @@
+"""The one module that touches transformers internals.
+
+Everything kvsqueeze needs from a Hugging Face model goes through here: finding the attention modules and their
+layer types, recomputing queries (pre- or post-RoPE, QK-norm included), rotary embeddings, the output projection,
+reading and writing cache layers, the cache-layer class that keeps logical positions after eviction, and the
+attention-mask alignment for caches whose layers hold different numbers of entries. When transformers changes,
+this is the file to fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+#: ``config.model_type`` values whose attention modules this adapter knows how to read.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "gemma3")
+
+FULL_ATTENTION = "full_attention"
+
+
+class UnsupportedModelError(ValueError):
+    """Raised when a model's architecture is not one kvsqueeze can compress."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cache layers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CompressedLayer(DynamicLayer):
+    """A full-attention cache layer holding only the kept entries, physically.
+
+    ``keys``/``values`` are ``(bsz, num_key_value_heads, n_kept + n_appended, head_dim)``: the compressed context
+    followed by every token appended since. ``logical_length`` counts all tokens the layer has *seen*, so the next
+    token gets the RoPE position and causal mask it would have had without compression — the same bookkeeping as
+    transformers' sliding-window layer (``cumulative_length``).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, logical_length: int):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.device = keys.device
+        self.is_initialized = True
+        self.cumulative_length = int(logical_length)
+        self.n_compressed = keys.shape[-2]  # entries that belong to the compressed context (never cropped)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        self.cumulative_length += key_states.shape[-2]
+        return super().update(key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        physical = self.keys.shape[-2]
+        return physical + query_length, self.cumulative_length - physical
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
+        n = -tokens_to_remove
+        appended = self.keys.shape[-2] - self.n_compressed
+        if n > appended:
+            raise ValueError(
+                f"cannot crop {n} tokens: only {appended} were appended after compression; "
+                "the compressed context itself cannot be cropped"
+            )
+        if n:
+            self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
+            self.cumulative_length -= n
+
+
+def cache_layers(cache: Cache) -> list[Any]:
+    """The per-layer objects of ``cache``."""
+    return cache.layers
+
+
+def layer_kv(cache: Cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored keys and values of one layer, ``(bsz, num_key_value_heads, n_stored, head_dim)``."""
+    layer = cache.layers[layer_idx]
+    return layer.keys, layer.values
+
+
+def layer_logical_length(cache: Cache, layer_idx: int) -> int:
+    return cache.layers[layer_idx].get_seq_length()
+
+
+def layer_physical_length(cache: Cache, layer_idx: int) -> int:
+    layer = cache.layers[layer_idx]
+    if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
+        return 0
+    return layer.keys.shape[-2]
+
+
+def is_compressed_layer(cache: Cache, layer_idx: int) -> bool:
+    return isinstance(cache.layers[layer_idx], CompressedLayer)
+
+
+def write_layer(cache: Cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, logical_length: int) -> None:
+    """Replace one layer's storage by ``keys``/``values`` (the kept entries), keeping ``logical_length``."""
+    cache.layers[layer_idx] = CompressedLayer(keys, values, logical_length)
+
+
+def layer_nbytes(cache: Cache, layer_idx: int) -> int:
+    """Bytes held by one layer's key and value tensors (measured from the tensors, not estimated)."""
+    layer = cache.layers[layer_idx]
+    total = 0
+    for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    return total
+
+
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes held by the key and value tensors of every layer."""
+    return sum(layer_nbytes(cache, i) for i in range(len(cache.layers)))
+
+
+def layer_lengths(cache: Cache) -> list[int]:
+    """Physical (stored) entries per layer."""
+    return [layer_physical_length(cache, i) for i in range(len(cache.layers))]
+
+
+def fork_cache(cache: Cache) -> Cache:
+    """A new cache that shares the stored tensors of ``cache`` but not its bookkeeping.
+
+    Appending to the fork (``torch.cat`` in the layers) creates new tensors, so the original is never modified:
+    this is how a compressed context answers many questions without copying its entries.
+    """
+    forked = copy.copy(cache)
+    forked.layers = [copy.copy(layer) for layer in cache.layers]
+    return forked
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model adapter
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int | None
+
+
+class ModelAdapter:
+    """Read-only view of a causal LM's attention internals.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A causal LM of a supported architecture (``SUPPORTED_MODEL_TYPES``).
+    """
+
+    def __init__(self, model: nn.Module):
+        config = getattr(model, "config", None)
+        if config is None:
+            raise TypeError(f"expected a transformers model with a .config, got {type(model).__name__}")
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        model_type = getattr(text_config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"unsupported architecture {model_type!r} ({type(model).__name__}); "
+                f"kvsqueeze supports: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        self.model = model
+        self.config = text_config
+        self.model_type = model_type
+        modules: dict[int, nn.Module] = {}
+        for _, module in model.named_modules():
+            if hasattr(module, "layer_idx") and hasattr(module, "o_proj") and (
+                hasattr(module, "q_proj") or hasattr(module, "qkv_proj")
+            ):
+                modules[module.layer_idx] = module
+        if not modules:
+            raise UnsupportedModelError(f"found no attention modules in {type(model).__name__}")
+        self.attention_modules: list[nn.Module] = [modules[i] for i in sorted(modules)]
+        n = len(self.attention_modules)
+        layer_types = getattr(text_config, "layer_types", None) or [FULL_ATTENTION] * n
+        self.layer_types: list[str] = list(layer_types)[:n]
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        self.shape = ModelShape(
+            num_layers=n,
+            num_attention_heads=text_config.num_attention_heads,
+            num_key_value_heads=text_config.num_key_value_heads,
+            head_dim=head_dim,
+            max_position_embeddings=getattr(text_config, "max_position_embeddings", None),
+        )
+        self._rotary = self._find_rotary()
+        forward_params = inspect.signature(type(self.attention_modules[0]).forward).parameters
+        self.cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
+
+    # -- layout ---------------------------------------------------------------------------------------------
+    @property
+    def compressible_layers(self) -> list[int]:
+        """Indices of full-attention layers; sliding-window layers are never compressed."""
+        return [i for i, t in enumerate(self.layer_types) if t == FULL_ATTENTION]
+
+    def is_compressible(self, layer_idx: int) -> bool:
+        return self.layer_types[layer_idx] == FULL_ATTENTION
+
+    @property
+    def attn_implementation(self) -> str:
+        return getattr(self.model.config, "_attn_implementation", None) or "eager"
+
+    def new_cache(self) -> Cache:
+        """An empty cache laid out for this model (sliding-window layers where the config has them)."""
+        return DynamicCache(config=self.model.config)
+
+    def cache_from_call(self, kwargs: dict) -> Cache | None:
+        cache = kwargs.get(self.cache_kwarg)
+        if cache is None:  # older/newer name
+            cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        return cache
+
+    def model_call_kwargs(self, cache: Cache) -> dict:
+        """Keyword arguments that pass ``cache`` to the model's ``forward``/``generate`` under this version."""
+        return {self.cache_kwarg: cache}
+
+    # -- query / key recomputation -----------------------------------------------------------------------------
+    def _project_queries(self, module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        bsz, q_len, _ = hidden_states.shape
+        d, h = self.shape.head_dim, self.shape.num_attention_heads
+        if hasattr(module, "q_proj"):
+            q = module.q_proj(hidden_states)
+        else:  # phi3: fused qkv projection, queries first
+            q = module.qkv_proj(hidden_states)[..., : h * d]
+        q = q.view(bsz, q_len, h, d)
+        if hasattr(module, "q_norm"):  # qwen3 / gemma3 QK-norm, applied before RoPE
+            q = module.q_norm(q)
+        return q.transpose(1, 2)  # (bsz, num_heads, q_len, head_dim)
+
+    def _project_keys(self, module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        bsz, q_len, _ = hidden_states.shape
+        d, h, hk = self.shape.head_dim, self.shape.num_attention_heads, self.shape.num_key_value_heads
+        if hasattr(module, "k_proj"):
+            k = module.k_proj(hidden_states)
+        else:
+            k = module.qkv_proj(hidden_states)[..., h * d : (h + hk) * d]
+        k = k.view(bsz, q_len, hk, d)
+        if hasattr(module, "k_norm"):
+            k = module.k_norm(k)
+        return k.transpose(1, 2)
+
+    def query_states(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Queries ``(bsz, num_heads, q_len, head_dim)`` for ``hidden_states`` (the attention input).
+
+        Pre-RoPE (QK-norm applied) when ``position_embeddings`` is None, post-RoPE otherwise.
+        """
+        q = self._project_queries(module, hidden_states)
+        if position_embeddings is not None:
+            q = apply_rope(q, *position_embeddings)
+        return q
+
+    def key_states(self, module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE keys ``(bsz, num_kv_heads, q_len, head_dim)`` (QK-norm applied)."""
+        return self._project_keys(module, hidden_states)
+
+    def output_weight(self, module: nn.Module) -> torch.Tensor:
+        """``W_o`` as ``(hidden_size, num_heads * head_dim)``."""
+        return module.o_proj.weight
+
+    def scaling(self, module: nn.Module) -> float:
+        return float(getattr(module, "scaling", self.shape.head_dim**-0.5))
+
+    # -- rotary embeddings ---------------------------------------------------------------------------------------
+    def _find_rotary(self) -> nn.Module | None:
+        for name, module in self.model.named_modules():
+            if name.endswith("rotary_emb"):
+                return module
+        return None
+
+    def rope(self, layer_idx: int, position_ids: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin`` of shape ``(bsz, len, rotary_dim)`` for ``position_ids`` at layer ``layer_idx``."""
+        if self._rotary is None:
+            raise UnsupportedModelError(f"{type(self.model).__name__} has no rotary embedding module")
+        params = inspect.signature(self._rotary.forward).parameters
+        if "layer_type" in params:
+            return self._rotary(like, position_ids, self.layer_types[layer_idx])
+        return self._rotary(like, position_ids)
+
+    def inv_freq(self, layer_idx: int) -> torch.Tensor:
+        """RoPE inverse frequencies ``(rotary_dim // 2,)`` used at layer ``layer_idx``."""
+        if self._rotary is None:
+            raise UnsupportedModelError(f"{type(self.model).__name__} has no rotary embedding module")
+        per_type = getattr(self._rotary, f"{self.layer_types[layer_idx]}_inv_freq", None)
+        return per_type if per_type is not None else self._rotary.inv_freq
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    def register_attention_hooks(self, hook: Callable, layers: list[int] | None = None) -> list[Any]:
+        """Register ``hook(module, args, kwargs, output)`` as a forward hook on attention modules."""
+        layers = self.compressible_layers if layers is None else layers
+        return [self.attention_modules[i].register_forward_hook(hook, with_kwargs=True) for i in layers]
+
+    @staticmethod
+    def hidden_states_from_call(args: tuple, kwargs: dict) -> torch.Tensor:
+        return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    @contextmanager
+    def aligned_masks(self, cache: Cache | None = None) -> Iterator[None]:
+        """Fix 4-D attention masks for layers whose stored length differs from the layer the mask was built for.
+
+        transformers builds one mask per attention type from a single layer's sizes. After a per-layer budget
+        (PyramidKV) the other layers store a different number of entries; for them the mask is rebuilt as "every
+        stored context entry visible, the original mask's columns for the new tokens". Padded batches are not
+        supported after compression (the pipeline rejects them).
+        """
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+            mask = kwargs.get("attention_mask")
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+                return None
+            c = self.cache_from_call(kwargs) if cache is None else cache
+            if c is None or module.layer_idx >= len(c.layers):
+                return None
+            hidden = self.hidden_states_from_call(args, kwargs)
+            q_len = hidden.shape[1]
+            stored = layer_physical_length(c, module.layer_idx)
+            if mask.shape[-1] == stored + q_len:
+                return None
+            if mask.dtype == torch.bool:
+                visible = torch.ones(*mask.shape[:-1], stored, dtype=torch.bool, device=mask.device)
+            else:
+                visible = torch.zeros(*mask.shape[:-1], stored, dtype=mask.dtype, device=mask.device)
+            kwargs["attention_mask"] = torch.cat([visible, mask[..., -q_len:]], dim=-1)
+            return args, kwargs
+
+        handles = [
+            self.attention_modules[i].register_forward_pre_hook(pre_hook, with_kwargs=True)
+            for i in self.compressible_layers
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``(bsz, heads, len, head_dim)`` by ``cos, sin`` ``(bsz, len, rotary_dim)``.
+
+    Partial rotary (Phi-3 with ``partial_rotary_factor < 1``) rotates the first ``rotary_dim`` channels only.
+    """
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)

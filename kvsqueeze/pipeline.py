@@ -1,0 +1,280 @@
+"""Compress once, ask many: :class:`Pipeline` prefills and compresses a context, :class:`CompressedContext` answers.
+
+The context is prefilled once (logits for its last position only) with the press's hooks active, so each
+full-attention layer is compressed as soon as its keys and values exist. Every question is then appended to a
+fork of the compressed cache — never compressed, never modifying the context — and decoded greedily (or sampled
+on request) until EOS or ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kvsqueeze import adapter as A
+from kvsqueeze.presses.base import CompressionReport, Press
+
+_SLOT = "\u2063KVSQUEEZE_QUESTION\u2063"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How a context and a question become tokens: ``prefix + context`` is compressed, ``sep + question + suffix``
+    is appended after it."""
+
+    prefix: str = ""
+    sep: str = "\n\n"
+    suffix: str = "\n"
+    add_special_tokens: bool = True
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, use_chat_template: bool | None = None) -> PromptTemplate:
+        """The chat template's user turn when the tokenizer has one (and ``use_chat_template`` is not False)."""
+        has_template = getattr(tokenizer, "chat_template", None) is not None
+        if use_chat_template and not has_template:
+            raise ValueError("use_chat_template=True, but the tokenizer has no chat template")
+        if use_chat_template is False or not has_template:
+            return cls()
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": _SLOT}], tokenize=False, add_generation_prompt=True
+        )
+        if rendered.count(_SLOT) != 1:
+            raise ValueError("could not locate the user message in the tokenizer's chat template")
+        prefix, suffix = rendered.split(_SLOT)
+        # The rendered template already holds the special tokens (BOS) it needs.
+        return cls(prefix=prefix, sep="\n\n", suffix=suffix, add_special_tokens=False)
+
+
+class Pipeline:
+    """Compress a context once and answer questions from the compressed cache.
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        A causal LM of a supported architecture.
+    tokenizer : PreTrainedTokenizer
+        Its tokenizer.
+    use_chat_template : bool or None, default None
+        Wrap context and question in the tokenizer's chat template (None: when it has one).
+
+    Examples
+    --------
+    >>> pipe = Pipeline(model, tokenizer)
+    >>> ctx = pipe.compress(text, press=make_press("knorm", compression_ratio=0.5))
+    >>> ctx.answer("What is the magic number?", max_new_tokens=16)
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, use_chat_template: bool | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapter = A.ModelAdapter(model)
+        self.template = PromptTemplate.for_tokenizer(tokenizer, use_chat_template)
+
+    # -- tokens ---------------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def max_length(self) -> int | None:
+        return self.adapter.shape.max_position_embeddings
+
+    def context_ids(self, context: str) -> torch.Tensor:
+        """Token ids ``(1, n)`` of the part that is prefilled and compressed."""
+        if not isinstance(context, str):
+            raise TypeError(f"context must be a string, got {type(context).__name__}")
+        if not context.strip():
+            raise ValueError(f"context is empty ({context!r}); there is nothing to compress")
+        ids = self.tokenizer(
+            self.template.prefix + context, add_special_tokens=self.template.add_special_tokens, return_tensors="pt"
+        ).input_ids
+        if self.max_length is not None and ids.shape[1] >= self.max_length:
+            raise ValueError(
+                f"context has {ids.shape[1]} tokens, more than the model's maximum of {self.max_length} "
+                "(config.max_position_embeddings) with room for a question"
+            )
+        return ids.to(self.device)
+
+    def question_ids(self, question: str, answer_prefix: str = "") -> torch.Tensor:
+        """Token ids ``(1, m)`` appended after the compressed context."""
+        if not isinstance(question, str):
+            raise TypeError(f"question must be a string, got {type(question).__name__}")
+        text = self.template.sep + question + self.template.suffix + answer_prefix
+        return self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(self.device)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for value in (
+            getattr(self.tokenizer, "eos_token_id", None),
+            getattr(getattr(self.model, "generation_config", None), "eos_token_id", None),
+        ):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return ids
+
+    # -- compress -------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def compress(self, context: str, press: Press | None = None) -> CompressedContext:
+        """Prefill ``context`` once and compress it with ``press`` (None: keep everything)."""
+        if press is not None and not isinstance(press, Press):
+            raise TypeError(f"press must be a kvsqueeze Press or None, got {type(press).__name__}")
+        ids = self.context_ids(context)
+        cache = self.adapter.new_cache()
+        report = CompressionReport()
+        start = time.perf_counter()
+        if press is None:
+            self._prefill(ids, cache)
+        else:
+            with press(self.model) as report:
+                self._prefill(ids, cache)
+        prefill_seconds = time.perf_counter() - start
+        return CompressedContext(
+            pipeline=self,
+            cache=cache,
+            n_tokens=ids.shape[1],
+            press=press,
+            report=report,
+            prefill_seconds=prefill_seconds,
+        )
+
+    def _prefill(self, ids: torch.Tensor, cache) -> None:
+        # Logits for the last position only: with a 262k vocabulary the output layer over every context token
+        # would cost more than the transformer itself.
+        self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **self.adapter.model_call_kwargs(cache))
+
+    def __call__(
+        self, context: str, questions: str | list[str], press: Press | None = None, **answer_kwargs
+    ) -> str | list[str]:
+        """Compress ``context`` and answer one question (returns a string) or several (returns a list)."""
+        ctx = self.compress(context, press=press)
+        if isinstance(questions, str):
+            return ctx.answer(questions, **answer_kwargs)
+        return [ctx.answer(q, **answer_kwargs) for q in questions]
+
+
+@dataclass
+class CompressedContext:
+    """A prefilled, compressed context that answers questions without ever changing.
+
+    Attributes
+    ----------
+    cache : Cache
+        The compressed cache (kept entries only, logical positions preserved).
+    n_tokens : int
+        Context length in tokens (the logical length of the cache).
+    report : CompressionReport
+        Per-layer kept/seen counts, compression seconds and bytes before compression.
+    prefill_seconds : float
+        Wall time of the prefill, compression included.
+    """
+
+    pipeline: Pipeline
+    cache: object
+    n_tokens: int
+    press: Press | None
+    report: CompressionReport = field(default_factory=CompressionReport)
+    prefill_seconds: float = 0.0
+
+    @property
+    def cache_bytes(self) -> int:
+        """Measured bytes of the compressed cache's key and value tensors."""
+        return A.cache_nbytes(self.cache)
+
+    @property
+    def full_cache_bytes(self) -> int:
+        """Measured bytes the same cache held before compression (per layer, taken just before it was pruned)."""
+        return sum(
+            self.report.bytes_before.get(i, A.layer_nbytes(self.cache, i)) for i in range(len(self.cache.layers))
+        )
+
+    @property
+    def compression_seconds(self) -> float:
+        return self.report.seconds
+
+    @property
+    def layer_lengths(self) -> list[int]:
+        return A.layer_lengths(self.cache)
+
+    def fork_cache(self):
+        """A cache sharing this context's tensors; appending to it leaves the context untouched."""
+        return A.fork_cache(self.cache)
+
+    @torch.inference_mode()
+    def answer(
+        self,
+        question: str,
+        max_new_tokens: int = 32,
+        answer_prefix: str = "",
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> str:
+        """Answer ``question`` from the compressed context; greedy unless ``do_sample``; stops at EOS."""
+        tokens = self.generate_ids(question, max_new_tokens, answer_prefix, do_sample, temperature, top_p, seed)
+        return self.pipeline.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    def generate_ids(
+        self,
+        question: str,
+        max_new_tokens: int = 32,
+        answer_prefix: str = "",
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[int]:
+        """The generated token ids (EOS excluded) for ``question``."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if do_sample and not (temperature > 0):
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        pipe = self.pipeline
+        ids = pipe.question_ids(question, answer_prefix)
+        limit = pipe.max_length
+        if limit is not None and self.n_tokens + ids.shape[1] + max_new_tokens > limit:
+            raise ValueError(
+                f"context ({self.n_tokens}) + question ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) tokens "
+                f"exceed the model's maximum of {limit}"
+            )
+        generator = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
+        cache = self.fork_cache()
+        eos = pipe.eos_token_ids
+        kwargs = pipe.adapter.model_call_kwargs(cache)
+        out: list[int] = []
+        with pipe.adapter.aligned_masks():
+            logits = pipe.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
+            for _ in range(max_new_tokens):
+                token = _next_token(logits, do_sample, temperature, top_p, generator)
+                if token in eos:
+                    break
+                out.append(token)
+                if len(out) == max_new_tokens:
+                    break
+                step = torch.tensor([[token]], device=ids.device)
+                logits = pipe.model(input_ids=step, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
+        return out
+
+
+def _next_token(
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
+) -> int:
+    """Greedy argmax, or nucleus sampling at ``temperature`` (one sequence; one host sync per step)."""
+    logits = logits[0].float()
+    if not do_sample:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))

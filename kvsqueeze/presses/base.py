@@ -1,0 +1,321 @@
+"""The two base classes every press builds on, and the record of one layer's inputs that a press compresses.
+
+Conventions, stated once:
+
+* ``compression_ratio`` is the fraction of KV entries *removed*, ``0 <= r < 1``; ``n_kept = int(seq_len * (1 - r))``.
+  A press may instead be given ``budget``, an absolute number of kept entries per head.
+* Shapes follow transformers: keys/values ``(bsz, num_key_value_heads, seq_len, head_dim)``, hidden states
+  ``(bsz, seq_len, hidden_size)``, scores ``(bsz, num_key_value_heads, seq_len)`` with higher = keep.
+* A press's compression is a pure function of one layer's recorded inputs (:class:`LayerInputs`). The hook that a
+  press installs on a model only gathers those inputs and writes the result into the cache, so the same function
+  runs on inputs recorded during a single shared prefill (the evaluation sweeps).
+* Presses hold configuration only, never per-run state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+from kvsqueeze import adapter as A
+
+if TYPE_CHECKING:
+    from transformers.cache_utils import Cache
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a press needs and does; the pipeline and evaluator read these instead of checking types.
+
+    Attributes
+    ----------
+    needs_attention_weights : bool
+        Scores from the full attention matrix of the prefill, so the model must run with ``eager`` attention.
+    calibration : str or None
+        Name of the calibration artifact the press loads (``kvsqueeze calibrate --method <name>``).
+    headwise : bool
+        Heads of one layer may keep different numbers of entries.
+    phases : frozenset of str
+        When the press compresses: ``"prefill"`` and/or ``"decoding"``.
+    query_aware : bool
+        The press is meant to see the question in the compressed prompt.
+    extra_passes : bool
+        Scoring needs model passes beyond the single prefill, so it cannot share a recorded prefill.
+    changes_positions : bool
+        Kept keys are moved to new RoPE positions (the cache's logical length becomes its stored length).
+    uniform_layers : bool
+        Every compressed layer keeps the same number of entries.
+    """
+
+    needs_attention_weights: bool = False
+    calibration: str | None = None
+    headwise: bool = False
+    phases: frozenset[str] = frozenset({"prefill"})
+    query_aware: bool = False
+    extra_passes: bool = False
+    changes_positions: bool = False
+    uniform_layers: bool = True
+
+    def merge(self, other: Capabilities) -> Capabilities:
+        """Capabilities of two presses applied in sequence."""
+        return Capabilities(
+            needs_attention_weights=self.needs_attention_weights or other.needs_attention_weights,
+            calibration=self.calibration or other.calibration,
+            headwise=self.headwise or other.headwise,
+            phases=self.phases & other.phases,
+            query_aware=self.query_aware or other.query_aware,
+            extra_passes=self.extra_passes or other.extra_passes,
+            changes_positions=self.changes_positions or other.changes_positions,
+            uniform_layers=self.uniform_layers and other.uniform_layers,
+        )
+
+
+@dataclass
+class LayerInputs:
+    """Everything a press may read about one attention layer at the end of the prefill.
+
+    Attributes
+    ----------
+    adapter : ModelAdapter
+        Access to the model internals (query recomputation, RoPE, ``W_o``).
+    module : nn.Module
+        The attention module.
+    layer_idx : int
+        Index of the layer in the model.
+    hidden_states : Tensor
+        Attention input (after the layer's input norm), ``(bsz, seq_len, hidden_size)``.
+    keys, values : Tensor
+        Cached keys (post-RoPE) and values, ``(bsz, num_key_value_heads, seq_len, head_dim)``.
+    position_embeddings : tuple of Tensor
+        ``cos, sin`` used at this layer, ``(bsz, seq_len, rotary_dim)``.
+    attentions : Tensor or None
+        Attention weights ``(bsz, num_heads, seq_len, seq_len)`` when the model ran eager attention.
+    """
+
+    adapter: A.ModelAdapter
+    module: nn.Module
+    layer_idx: int
+    hidden_states: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    attentions: torch.Tensor | None = None
+
+    @property
+    def seq_len(self) -> int:
+        return self.keys.shape[-2]
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.shape.num_layers
+
+    def queries(self, rope: bool = True, last: int | None = None) -> torch.Tensor:
+        """Recomputed queries ``(bsz, num_heads, n, head_dim)`` of the last ``last`` tokens (all by default)."""
+        hidden = self.hidden_states if last is None else self.hidden_states[:, -last:]
+        pe = None
+        if rope:
+            cos, sin = self.position_embeddings
+            pe = (cos, sin) if last is None else (cos[:, -last:], sin[:, -last:])
+        return self.adapter.query_states(self.module, hidden, pe)
+
+    def replace(self, **changes: Any) -> LayerInputs:
+        """A copy with some fields changed (used by wrappers that chain presses)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return LayerInputs(**values)
+
+
+class KV(NamedTuple):
+    """A layer's kept keys and values, ``(bsz, num_key_value_heads, n_kept, head_dim)``."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass
+class CompressionReport:
+    """What one ``with press(model)`` block did. Created per block; the press itself stays stateless."""
+
+    seconds: float = 0.0
+    kept: dict[int, int] = field(default_factory=dict)  # layer -> entries kept per head (max over heads)
+    seen: dict[int, int] = field(default_factory=dict)  # layer -> entries before compression
+    bytes_before: dict[int, int] = field(default_factory=dict)  # layer -> measured K+V bytes before compression
+
+    @property
+    def measured_ratio(self) -> float:
+        """Fraction of entries removed over the compressed layers."""
+        total = sum(self.seen.values())
+        return 1.0 - sum(self.kept.values()) / total if total else 0.0
+
+
+def _check_ratio(value: Any, name: str = "compression_ratio") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in [0, 1), got {value!r}")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1) (fraction of KV entries removed), got {value!r}")
+
+
+@dataclass
+class Press:
+    """Base of every press: the hook life cycle and the compression contract.
+
+    Subclasses implement :meth:`compress`, a function of one layer's :class:`LayerInputs` returning the kept
+    keys and values. Use a press as a context manager on a model::
+
+        with press(model) as report:
+            model.generate(input_ids, max_new_tokens=32)
+
+    Hooks are registered on every full-attention module on entry and always removed on exit, also when the
+    block raises. A layer is compressed once, at the end of the forward pass that fills it from empty (the
+    prefill); later tokens are appended uncompressed.
+
+    Parameters
+    ----------
+    compression_ratio : float, default 0.0
+        Fraction of KV entries removed, ``0 <= r < 1``.
+    budget : int or None, default None
+        Absolute number of entries kept per head instead of a ratio (``compression_ratio`` must then be 0).
+    """
+
+    compression_ratio: float = 0.0
+    budget: int | None = None
+
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __post_init__(self) -> None:
+        _check_ratio(self.compression_ratio)
+        if self.budget is not None:
+            if isinstance(self.budget, bool) or not isinstance(self.budget, int):
+                raise TypeError(f"budget must be a positive int (entries kept per head), got {self.budget!r}")
+            if self.budget < 1:
+                raise ValueError(f"budget must be >= 1 entry kept per head, got {self.budget}")
+            if self.compression_ratio:
+                raise ValueError(
+                    f"give either compression_ratio ({self.compression_ratio}) or budget ({self.budget}), not both"
+                )
+
+    # -- budget ---------------------------------------------------------------------------------------------------
+    def n_kept(self, seq_len: int) -> int:
+        """Entries kept per head for a layer of ``seq_len`` entries."""
+        if self.budget is not None:
+            return min(self.budget, seq_len)
+        return int(seq_len * (1.0 - self.compression_ratio))
+
+    def layer_budget(self, layer: LayerInputs) -> int:
+        """Entries kept per head at this layer; presses with per-layer budgets override this."""
+        return self.n_kept(layer.seq_len)
+
+    # -- the contract ---------------------------------------------------------------------------------------------
+    def compress(self, layer: LayerInputs) -> KV:
+        """Return the kept keys and values of one layer."""
+        raise NotImplementedError
+
+    def validate(self, adapter: A.ModelAdapter) -> None:
+        """Raise early if this press cannot run on the model (attention implementation, missing artifacts)."""
+        if self.capabilities.needs_attention_weights and adapter.attn_implementation != "eager":
+            raise ValueError(
+                f"{type(self).__name__} needs attention weights, but the model runs "
+                f"attn_implementation={adapter.attn_implementation!r}; load it with attn_implementation='eager' "
+                "(kvsqueeze.load_model(..., attn_implementation='eager'))"
+            )
+
+    # -- life cycle -----------------------------------------------------------------------------------------------
+    def apply(self, layer: LayerInputs, cache: Cache, report: CompressionReport | None = None) -> None:
+        """Compress ``layer`` and store the result in ``cache`` (used by the hook and by recorded prefills)."""
+        start = time.perf_counter()
+        bytes_before = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        kept = self.compress(layer)
+        logical = kept.keys.shape[-2] if self.capabilities.changes_positions else layer.seq_len
+        A.write_layer(cache, layer.layer_idx, kept.keys, kept.values, logical)
+        if report is not None:
+            report.seconds += time.perf_counter() - start
+            report.kept[layer.layer_idx] = kept.keys.shape[-2]
+            report.seen[layer.layer_idx] = layer.seq_len
+            report.bytes_before[layer.layer_idx] = bytes_before
+
+    def _hook(self, adapter: A.ModelAdapter, report: CompressionReport):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            cache = adapter.cache_from_call(kwargs)
+            if cache is None:
+                return
+            idx = module.layer_idx
+            hidden = adapter.hidden_states_from_call(args, kwargs)
+            # Compress once: in the forward that filled this layer from empty (its prefill).
+            if A.is_compressed_layer(cache, idx) or A.layer_logical_length(cache, idx) != hidden.shape[1]:
+                return
+            keys, values = A.layer_kv(cache, idx)
+            attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            layer = LayerInputs(
+                adapter=adapter,
+                module=module,
+                layer_idx=idx,
+                hidden_states=hidden,
+                keys=keys,
+                values=values,
+                position_embeddings=kwargs["position_embeddings"],
+                attentions=attentions,
+            )
+            self.apply(layer, cache, report)
+
+        return hook
+
+    @contextmanager
+    def __call__(self, model: nn.Module) -> Iterator[CompressionReport]:
+        adapter = A.ModelAdapter(model)
+        self.validate(adapter)
+        report = CompressionReport()
+        handles = adapter.register_attention_hooks(self._hook(adapter, report))
+        try:
+            with adapter.aligned_masks():
+                yield report
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def keep_top(scores: torch.Tensor, n_kept: int) -> torch.Tensor:
+    """Indices of the ``n_kept`` highest scores along the last dim, in ascending (positional) order.
+
+    ``scores`` is ``(bsz, num_key_value_heads, seq_len)``; the result is ``(bsz, num_key_value_heads, n_kept)``.
+    Sorting keeps the kept entries in their original order, so repeated or position-based compression stays right.
+    """
+    idx = scores.topk(n_kept, dim=-1).indices
+    return idx.sort(dim=-1).values
+
+
+def gather_kv(keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> KV:
+    """Gather ``(bsz, heads, n_kept)`` indices from keys/values ``(bsz, heads, seq_len, head_dim)``."""
+    idx = indices.unsqueeze(-1).expand(*indices.shape, keys.shape[-1])
+    return KV(keys.gather(2, idx), values.gather(2, idx.expand(*indices.shape, values.shape[-1])))
+
+
+@dataclass
+class ScorerPress(Press):
+    """A press defined by a score per KV entry; the base keeps the top ``n_kept`` per head, in positional order.
+
+    Subclasses implement :meth:`score`, returning ``(bsz, num_key_value_heads, seq_len)``, higher = keep.
+    """
+
+    def score(self, layer: LayerInputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def select(self, layer: LayerInputs, n_kept: int | None = None) -> torch.Tensor:
+        """Kept indices ``(bsz, num_key_value_heads, n_kept)``, ascending."""
+        n_kept = self.layer_budget(layer) if n_kept is None else n_kept
+        if n_kept >= layer.seq_len:
+            shape = (*layer.keys.shape[:2], layer.seq_len)
+            return torch.arange(layer.seq_len, device=layer.keys.device).expand(shape)
+        scores = self.score(layer)
+        return keep_top(scores, n_kept)
+
+    def compress(self, layer: LayerInputs) -> KV:
+        n_kept = self.layer_budget(layer)
+        if n_kept >= layer.seq_len:  # nothing to remove: keep the tensors as they are (bit-identical)
+            return KV(layer.keys, layer.values)
+        return gather_kv(layer.keys, layer.values, self.select(layer, n_kept))

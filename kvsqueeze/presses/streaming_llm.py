@@ -1,0 +1,41 @@
+"""StreamingLLM: attention sinks plus a window of recent tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvsqueeze.presses.base import LayerInputs, ScorerPress
+from kvsqueeze.presses.registry import register_press
+
+
+@register_press("streaming_llm")
+@dataclass
+class StreamingLLMPress(ScorerPress):
+    """Keep the first ``n_sink`` tokens and the most recent ones, drop the middle.
+
+    Paper: "Efficient Streaming Language Models with Attention Sinks", https://arxiv.org/abs/2309.17453
+
+    Score: 1 for the ``n_sink`` first and the last ``n_kept - n_sink`` tokens, 0 in between. The paper also
+    re-assigns positions inside the cache ("pos-shift"); wrap this press in ``KeyRerotationPress`` for that.
+
+    Fields: ``compression_ratio`` (0.0), ``budget`` (None), ``n_sink`` (4).
+    """
+
+    n_sink: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or self.n_sink < 0:
+            raise ValueError(f"n_sink must be a non-negative int, got {self.n_sink!r}")
+
+    def score(self, layer: LayerInputs) -> torch.Tensor:
+        seq_len = layer.seq_len
+        n_kept = self.layer_budget(layer)
+        n_sink = min(self.n_sink, n_kept)
+        positions = torch.arange(seq_len, device=layer.keys.device)
+        keep = (positions < n_sink) | (positions >= seq_len - (n_kept - n_sink))
+        # Rising with position inside each kept block, so ties never depend on topk's internal order.
+        scores = keep.float() * 2 + positions.float() / seq_len
+        return scores.expand(*layer.keys.shape[:2], seq_len)
