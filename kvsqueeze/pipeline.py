@@ -16,6 +16,7 @@ from torch import nn
 
 from kvsqueeze import adapter as A
 from kvsqueeze.presses.base import CompressionReport, Press
+from kvsqueeze.record import RecordedPrefill, record_prefill
 
 _SLOT = "\u2063KVSQUEEZE_QUESTION\u2063"
 
@@ -142,6 +143,17 @@ class Pipeline:
             report=report,
             prefill_seconds=prefill_seconds,
         )
+
+    def record(self, context: str, keep_attentions: bool = False) -> RecordedPrefill:
+        """Prefill ``context`` once, uncompressed, recording every layer's inputs (see :mod:`kvsqueeze.record`)."""
+        return record_prefill(self.model, self.context_ids(context), keep_attentions=keep_attentions)
+
+    def from_recorded(self, recorded: RecordedPrefill, press: Press | None = None) -> CompressedContext:
+        """Compress a recorded prefill with ``press``; many presses can share one recording."""
+        start = time.perf_counter()
+        cache, report = recorded.compress(press)
+        seconds = recorded.prefill_seconds + time.perf_counter() - start
+        return CompressedContext(self, cache, recorded.n_tokens, press, report, seconds)
 
     def _prefill(self, ids: torch.Tensor, cache) -> None:
         # Logits for the last position only: with a 262k vocabulary the output layer over every context token
