@@ -368,3 +368,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         return x * cos + rotate_half(x) * sin
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
+
+
+def rotate_by(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate post-RoPE ``keys`` ``(bsz, heads, n, head_dim)`` by per-entry position shifts ``delta`` ``(bsz, heads, n)``.
+
+    RoPE rotations compose additively, so ``R(new) k_pre = R(new - old) R(old) k_pre``: rotating a cached key by
+    ``new - old`` moves it to position ``new`` without recomputing it. Uses the same half-split channel layout as
+    transformers' ``rotate_half``.
+    """
+    angles = delta.to(torch.float32).unsqueeze(-1) * inv_freq.to(device=keys.device, dtype=torch.float32)
+    emb = torch.cat([angles, angles], dim=-1)  # (bsz, heads, n, rotary_dim)
+    cos, sin = emb.cos().to(keys.dtype), emb.sin().to(keys.dtype)
+    rot = cos.shape[-1]
+    k_rot, k_pass = keys[..., :rot], keys[..., rot:]
+    rotated = k_rot * cos + rotate_half(k_rot) * sin
+    return torch.cat([rotated, k_pass], dim=-1) if k_pass.shape[-1] else rotated

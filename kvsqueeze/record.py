@@ -38,6 +38,7 @@ class RecordedPrefill:
     n_tokens: int
     prefill_seconds: float
 
+    @torch.inference_mode()
     def compress(self, press: Press | None) -> tuple[object, CompressionReport]:
         """A new cache compressed by ``press`` from the recorded inputs; the recording is left untouched."""
         cache = A.fork_cache(self.cache)

@@ -226,6 +226,7 @@ class Press:
             )
 
     # -- life cycle -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
     def apply(self, layer: LayerInputs, cache: Cache, report: CompressionReport | None = None) -> None:
         """Compress ``layer`` and store the result in ``cache`` (used by the hook and by recorded prefills)."""
         start = time.perf_counter()

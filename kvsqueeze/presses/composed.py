@@ -1,0 +1,67 @@
+"""ComposedPress: apply several presses one after the other on the same layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvsqueeze.presses.base import KV, Capabilities, LayerInputs, Press
+from kvsqueeze.presses.registry import register_press
+
+
+@register_press("composed")
+@dataclass
+class ComposedPress(Press):
+    """Chain presses: each one compresses what the previous one kept.
+
+    The kept fraction is the product of the inner presses' kept fractions (``1 - Π(1 - r_i)`` removed, up to
+    integer rounding at each step). Every inner press sees the layer's full hidden states and position
+    embeddings but only the keys/values its predecessors kept; attention weights are handed to the first press
+    only (they would be stale for the others), so a press that needs attention weights must come first.
+    Positions stay the original ones unless an inner press changes them.
+
+    Fields: ``presses`` (list of presses, required, applied in order). ``compression_ratio``/``budget`` of the
+    composition itself must stay unset: each inner press carries its own.
+    """
+
+    presses: list[Press] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.compression_ratio or self.budget is not None:
+            raise ValueError(
+                "ComposedPress takes its ratios from its inner presses; "
+                f"got compression_ratio={self.compression_ratio!r}, budget={self.budget!r}"
+            )
+        if not isinstance(self.presses, (list, tuple)) or not self.presses:
+            raise ValueError(f"presses must be a non-empty list of presses, got {self.presses!r}")
+        for i, p in enumerate(self.presses):
+            if not isinstance(p, Press):
+                raise TypeError(f"presses[{i}] must be a Press, got {type(p).__name__}")
+            if i > 0 and p.capabilities.needs_attention_weights:
+                raise ValueError(
+                    f"presses[{i}] ({type(p).__name__}) needs attention weights, which are only valid for the "
+                    "first press of a composition"
+                )
+
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        caps = self.presses[0].capabilities
+        for p in self.presses[1:]:
+            caps = caps.merge(p.capabilities)
+        return caps
+
+    def validate(self, adapter) -> None:
+        for p in self.presses:
+            p.validate(adapter)
+
+    def n_kept(self, seq_len: int) -> int:
+        for p in self.presses:
+            seq_len = p.n_kept(seq_len)
+        return seq_len
+
+    def compress(self, layer: LayerInputs) -> KV:
+        kept = KV(layer.keys, layer.values)
+        for i, p in enumerate(self.presses):
+            step = layer if i == 0 else layer.replace(keys=kept.keys, values=kept.values, attentions=None)
+            kept = p.compress(step)
+        return kept

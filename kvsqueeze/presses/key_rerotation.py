@@ -1,0 +1,60 @@
+"""KeyRerotationPress: after eviction, move the kept keys to contiguous RoPE positions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvsqueeze import adapter as A
+from kvsqueeze.presses.base import KV, Capabilities, LayerInputs, Press, ScorerPress, gather_kv
+from kvsqueeze.presses.registry import register_press
+
+
+@register_press("key_rerotation")
+@dataclass
+class KeyRerotationPress(Press):
+    """Wrap a scorer press and re-rotate its kept keys to positions ``0 … n_kept-1``.
+
+    Used to reproduce StreamingLLM's "pos-shift" (https://arxiv.org/abs/2309.17453, §3.2): with the kept keys at
+    contiguous positions, the distance between a new query and any cached key never exceeds the cache size. The
+    kept keys are rotated by ``new_position - old_position`` (RoPE rotations compose), values are unchanged, and
+    the cache's logical length becomes ``n_kept``, so new tokens continue right after the kept entries.
+
+    Fields: ``press`` (a ScorerPress with uniform layer budgets, required; its ratio/budget is the wrapper's).
+    """
+
+    press: ScorerPress | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.press, ScorerPress):
+            raise TypeError(f"press must be a ScorerPress to wrap, got {type(self.press).__name__}")
+        if self.compression_ratio or self.budget is not None:
+            raise ValueError(
+                "set the ratio/budget on the wrapped press; "
+                f"got compression_ratio={self.compression_ratio!r}, budget={self.budget!r}"
+            )
+        if not self.press.capabilities.uniform_layers:
+            raise ValueError(
+                f"{type(self.press).__name__} gives layers different budgets; re-rotated positions must be the "
+                "same on every layer (positions are shared across layers)"
+            )
+
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        return self.press.capabilities.merge(Capabilities(changes_positions=True))
+
+    def validate(self, adapter) -> None:
+        self.press.validate(adapter)
+
+    def n_kept(self, seq_len: int) -> int:
+        return self.press.n_kept(seq_len)
+
+    def compress(self, layer: LayerInputs) -> KV:
+        indices = self.press.select(layer)  # (bsz, kv_heads, n_kept), ascending
+        kept = gather_kv(layer.keys, layer.values, indices)
+        new_positions = torch.arange(indices.shape[-1], device=indices.device)
+        delta = new_positions - indices  # <= 0: keys only move towards the start
+        keys = A.rotate_by(kept.keys, delta, layer.adapter.inv_freq(layer.layer_idx))
+        return KV(keys, kept.values)
