@@ -1,0 +1,36 @@
+"""TOVA: keep the entries the last token attends to, averaged over the heads of the layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvsqueeze.presses.base import LayerInputs, ScorerPress
+from kvsqueeze.presses.registry import register_press
+from kvsqueeze.presses.utils import last_queries_attention, protect_last
+
+
+@register_press("tova")
+@dataclass
+class TOVAPress(ScorerPress):
+    """Keep the entries with the highest attention from the last token, averaged over all heads of the layer.
+
+    Paper: "Transformers are Multi-State RNNs" (Token Omission Via Attention), https://arxiv.org/abs/2401.06104
+
+    Score: softmax attention of the last query over every key, averaged over *all* query heads of the layer and
+    repeated for every KV head, so all heads of a layer keep the same tokens. Uses the eager attention row when
+    the model ran eager attention, otherwise recomputes that single row.
+
+    Deviation from the paper: the last token is always kept (its score is raised above the others); in TOVA it
+    competes like any other token. Like kvpress, the paper's step-by-step eviction during decoding is replaced by
+    one top-k at the end of the prefill.
+
+    Fields: ``compression_ratio`` (0.0), ``budget`` (None).
+    """
+
+    def score(self, layer: LayerInputs) -> torch.Tensor:
+        attn = last_queries_attention(layer, 1)  # (bsz, num_heads, 1, seq_len)
+        scores = attn[:, :, 0].mean(dim=1, keepdim=True)  # (bsz, 1, seq_len): one score shared by all heads
+        scores = protect_last(scores, 1)
+        return scores.expand(-1, layer.keys.shape[1], -1)
