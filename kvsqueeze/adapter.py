@@ -25,6 +25,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_t
 
 FULL_ATTENTION = "full_attention"
 
+# Architectures whose config carries ``attn_logit_softcapping`` that their attention never applies.
+_SOFTCAP_UNUSED = frozenset({"gemma3", "gemma3_text"})
+
 
 class UnsupportedModelError(ValueError):
     """Raised when a model's architecture is not one kvsqueeze can compress."""
@@ -278,6 +281,19 @@ class ModelAdapter:
 
     def scaling(self, module: nn.Module) -> float:
         return float(getattr(module, "scaling", self.shape.head_dim**-0.5))
+
+    def attention_softcap(self, module: nn.Module) -> float | None:
+        """The attention-logit softcap ``c`` (logits become ``tanh(x / c) * c``) the model applies, or None.
+
+        Gemma 3 keeps ``attn_logit_softcapping`` in its config but replaced softcapping by QK-norm: its attention
+        never passes the value to the kernel, so recomputed attention must ignore it there.
+        """
+        if self.model_type in _SOFTCAP_UNUSED:
+            return None
+        cap = getattr(module, "attn_logit_softcapping", None)
+        if cap is None:
+            cap = getattr(self.config, "attn_logit_softcapping", None)
+        return float(cap) if cap else None
 
     # -- rotary embeddings ---------------------------------------------------------------------------------------
     def _find_rotary(self) -> nn.Module | None:

@@ -202,10 +202,10 @@ class Press:
 
     # -- budget ---------------------------------------------------------------------------------------------------
     def n_kept(self, seq_len: int) -> int:
-        """Entries kept per head for a layer of ``seq_len`` entries."""
+        """Entries kept per head for a layer of ``seq_len`` entries: ``int(seq_len * (1 - r))``, at least one."""
         if self.budget is not None:
             return min(self.budget, seq_len)
-        return int(seq_len * (1.0 - self.compression_ratio))
+        return min(seq_len, max(1, int(seq_len * (1.0 - self.compression_ratio))))
 
     def layer_budget(self, layer: LayerInputs) -> int:
         """Entries kept per head at this layer; presses with per-layer budgets override this."""

@@ -12,25 +12,6 @@ from torch.nn import functional as F
 from kvsqueeze.presses.base import LayerInputs
 
 
-# Architectures whose config carries ``attn_logit_softcapping`` but whose attention never applies it: Gemma 3 replaced
-# softcapping by QK-norm, and transformers 5.24's ``Gemma3Attention`` does not pass the value to the kernel.
-_SOFTCAP_UNUSED = frozenset({"gemma3", "gemma3_text"})
-
-
-def softcap_value(layer: LayerInputs) -> float | None:
-    """The attention-logit softcap ``c`` (logits become ``tanh(x / c) * c``) the model applies, or None.
-
-    Read from the module (``attn_logit_softcapping``) or the text config, except for architectures that keep the
-    field without using it (``_SOFTCAP_UNUSED``), so recomputed attention matches what the model computed.
-    """
-    if layer.adapter.model_type in _SOFTCAP_UNUSED:
-        return None
-    cap = getattr(layer.module, "attn_logit_softcapping", None)
-    if cap is None:
-        cap = getattr(layer.adapter.config, "attn_logit_softcapping", None)
-    return float(cap) if cap else None
-
-
 @torch.no_grad()  # scoring never needs gradients, and recorded inputs may be inference-mode tensors
 def window_attention(layer: LayerInputs, window_size: int) -> torch.Tensor:
     """Softmax attention of the last ``window_size`` queries over every cached key, recomputed in float32.
@@ -65,7 +46,7 @@ def window_attention(layer: LayerInputs, window_size: int) -> torch.Tensor:
     q = queries.view(bsz, num_kv_heads, group, window_size, head_dim)
     logits = q @ keys.unsqueeze(2).transpose(-1, -2)  # (bsz, num_kv_heads, group, w, seq_len)
     logits = logits.reshape(bsz, num_heads, window_size, seq_len) * layer.adapter.scaling(layer.module)
-    cap = softcap_value(layer)
+    cap = layer.adapter.attention_softcap(layer.module)
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     key_pos = torch.arange(seq_len, device=logits.device)
