@@ -256,6 +256,7 @@ class ModelAdapter:
             k = module.k_norm(k)
         return k.transpose(1, 2)
 
+    @torch.no_grad()  # scoring never needs gradients, and recorded inputs may be inference-mode tensors
     def query_states(
         self,
         module: nn.Module,
@@ -271,6 +272,7 @@ class ModelAdapter:
             q = apply_rope(q, *position_embeddings)
         return q
 
+    @torch.no_grad()
     def key_states(self, module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
         """Pre-RoPE keys ``(bsz, num_kv_heads, q_len, head_dim)`` (QK-norm applied)."""
         return self._project_keys(module, hidden_states)

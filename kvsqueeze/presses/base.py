@@ -48,7 +48,7 @@ class Capabilities:
     extra_passes : bool
         Scoring needs model passes beyond the single prefill, so it cannot share a recorded prefill.
     changes_positions : bool
-        Kept keys are moved to new RoPE positions (the cache's logical length becomes its stored length).
+        Kept keys are moved to new RoPE positions (the cache's logical length stays the context length).
     uniform_layers : bool
         Every compressed layer keeps the same number of entries.
     """
@@ -232,8 +232,8 @@ class Press:
         start = time.perf_counter()
         bytes_before = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
         kept = self.compress(layer)
-        logical = kept.keys.shape[-2] if self.capabilities.changes_positions else layer.seq_len
-        A.write_layer(cache, layer.layer_idx, kept.keys, kept.values, logical)
+        # The logical length never changes: even position-changing presses keep the context's end fixed.
+        A.write_layer(cache, layer.layer_idx, kept.keys, kept.values, layer.seq_len)
         if report is not None:
             report.seconds += time.perf_counter() - start
             report.kept[layer.layer_idx] = kept.keys.shape[-2]

@@ -37,6 +37,11 @@ class ComposedPress(Press):
         for i, p in enumerate(self.presses):
             if not isinstance(p, Press):
                 raise TypeError(f"presses[{i}] must be a Press, got {type(p).__name__}")
+            if p.capabilities.changes_positions:
+                raise ValueError(
+                    f"presses[{i}] ({type(p).__name__}) moves keys to new positions; inside a composition a later "
+                    "press would break the contiguous positions, and an earlier one hides the original positions"
+                )
             if i > 0 and p.capabilities.needs_attention_weights:
                 raise ValueError(
                     f"presses[{i}] ({type(p).__name__}) needs attention weights, which are only valid for the "

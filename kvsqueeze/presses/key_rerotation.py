@@ -14,12 +14,16 @@ from kvsqueeze.presses.registry import register_press
 @register_press("key_rerotation")
 @dataclass
 class KeyRerotationPress(Press):
-    """Wrap a scorer press and re-rotate its kept keys to positions ``0 … n_kept-1``.
+    """Wrap a scorer press and re-rotate its kept keys to contiguous RoPE positions.
 
     Used to reproduce StreamingLLM's "pos-shift" (https://arxiv.org/abs/2309.17453, §3.2): with the kept keys at
-    contiguous positions, the distance between a new query and any cached key never exceeds the cache size. The
-    kept keys are rotated by ``new_position - old_position`` (RoPE rotations compose), values are unchanged, and
-    the cache's logical length becomes ``n_kept``, so new tokens continue right after the kept entries.
+    contiguous positions, the distance between a new query and any cached key never exceeds the cache size.
+    RoPE only sees relative distances, so the ``n_kept`` kept keys are moved to the *last* ``n_kept`` positions
+    of the context, ``seq_len - n_kept … seq_len - 1`` (the paper numbers them ``0 … n_kept - 1`` and continues
+    from ``n_kept``; the attention scores are the same). Keeping the end fixed means the cache's logical length
+    does not change, so new tokens get the positions every other layer (sliding-window layers of hybrid models
+    included) and ``model.generate`` expect. Each kept key is rotated by ``new_position - old_position`` (RoPE
+    rotations compose); values are unchanged.
 
     Fields: ``press`` (a ScorerPress with uniform layer budgets, required; its ratio/budget is the wrapper's).
     """
@@ -54,7 +58,8 @@ class KeyRerotationPress(Press):
     def compress(self, layer: LayerInputs) -> KV:
         indices = self.press.select(layer)  # (bsz, kv_heads, n_kept), ascending
         kept = gather_kv(layer.keys, layer.values, indices)
-        new_positions = torch.arange(indices.shape[-1], device=indices.device)
-        delta = new_positions - indices  # <= 0: keys only move towards the start
+        n_kept = indices.shape[-1]
+        new_positions = torch.arange(layer.seq_len - n_kept, layer.seq_len, device=indices.device)
+        delta = new_positions - indices  # >= 0: kept keys only move towards the end
         keys = A.rotate_by(kept.keys, delta, layer.adapter.inv_freq(layer.layer_idx))
         return KV(keys, kept.values)

@@ -1,0 +1,448 @@
+"""Pipeline / CompressedContext on the tiny models, for every registered press: the compressed context never
+changes while it answers, greedy answers equal ``model.generate`` under the same press, generation inside a
+``with press(model)`` block keeps the compressed cache and the right positions, memory is really saved, and bad
+input fails early with a message that names the value."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import kvsqueeze
+from kvsqueeze import Pipeline, UnsupportedModelError, make_press
+from kvsqueeze import adapter as A
+from kvsqueeze.presses import ScorerPress
+from kvsqueeze.record import record_prefill
+
+from conftest import EOS_ID, MAX_POSITIONS, MODEL_NAMES, hook_counts, token_ids
+from press_matrix import CASES, FIRST_CASES, PRESS_KWARGS, PressCase
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+CONTEXT = "The quick brown fox jumps over the lazy dog. The magic number is 42, remember it."
+QUESTIONS = ["What is the magic number?", "Who jumps?", "Is the dog lazy? Answer:"]
+
+first_case_params = [pytest.param(c, id=c.id) for c in FIRST_CASES]
+
+
+@pytest.fixture
+def setup(model_for, calibration_artifact, tokenizer):
+    """``setup(case, model_name, ratio) -> (press, expected_kept, pipeline)``."""
+
+    def make(case: PressCase, model_name: str, ratio: float = 0.5, tok=None):
+        press, expected = case.build(ratio, artifact=lambda method: calibration_artifact(model_name, method))
+        return press, expected, Pipeline(model_for(model_name, press), tok or tokenizer)
+
+    return make
+
+
+def snapshot(cache) -> list[tuple]:
+    """Everything that identifies a cache's content and memory: layer objects, tensors (cloned), data pointers."""
+    out = []
+    for layer in cache.layers:
+        out.append(
+            (
+                layer,
+                type(layer),
+                layer.keys.clone(),
+                layer.values.clone(),
+                layer.keys.data_ptr(),
+                layer.values.data_ptr(),
+                tuple(layer.keys.shape),
+                layer.get_seq_length(),
+            )
+        )
+    return out
+
+
+def assert_same_snapshot(cache, before: list[tuple]) -> None:
+    assert len(cache.layers) == len(before)
+    for i, (layer, (obj, kind, keys, values, kp, vp, shape, logical)) in enumerate(zip(cache.layers, before)):
+        assert layer is obj and type(layer) is kind, f"layer {i} was replaced"
+        assert tuple(layer.keys.shape) == shape, f"layer {i}: shape {tuple(layer.keys.shape)} != {shape}"
+        assert layer.keys.data_ptr() == kp and layer.values.data_ptr() == vp, f"layer {i}: storage changed"
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values), f"layer {i}: content changed"
+        assert layer.get_seq_length() == logical, f"layer {i}: logical length {layer.get_seq_length()} != {logical}"
+
+
+def strip_eos(ids: list[int]) -> list[int]:
+    return ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids
+
+
+def generated(out) -> tuple[torch.Tensor, object]:
+    """``(sequences, cache)`` of a ``generate(..., return_dict_in_generate=True)`` output (5.24: ``.cache``)."""
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    assert cache is not None, f"no cache on {type(out).__name__}: {list(out.keys())}"
+    return out.sequences, cache
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compress once, answer many
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+@pytest.mark.parametrize("case", first_case_params)
+def test_context_cache_unchanged_after_three_questions(case, model_name, setup):
+    press, _, pipe = setup(case, model_name)
+    ctx = pipe.compress(CONTEXT, press=press)
+    before = snapshot(ctx.cache)
+    first = [ctx.generate_ids(q, max_new_tokens=6) for q in QUESTIONS]
+    assert_same_snapshot(ctx.cache, before)
+    # No state leaks from one question into the next: asking again, in another order, gives the same answers.
+    again = [ctx.generate_ids(q, max_new_tokens=6) for q in reversed(QUESTIONS)]
+    assert again[::-1] == first
+    assert_same_snapshot(ctx.cache, before)
+    assert ctx.n_tokens == pipe.context_ids(CONTEXT).shape[1]
+
+
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+@pytest.mark.parametrize("case", first_case_params)
+def test_greedy_answer_equals_generate_under_same_press(case, model_name, setup):
+    press, _, pipe = setup(case, model_name)
+    model = pipe.model
+    ctx = pipe.compress(CONTEXT, press=press)
+    ctx_ids, q_ids = pipe.context_ids(CONTEXT), pipe.question_ids(QUESTIONS[0])
+    answer = ctx.generate_ids(QUESTIONS[0], max_new_tokens=8)
+    # generate skips the prompt tokens already in the cache (its logical length); the rest is the question.
+    prompt = torch.cat([ctx_ids[:, : ctx.cache.get_seq_length()], q_ids], dim=1)
+    with torch.inference_mode(), press(model):
+        out = model.generate(
+            input_ids=prompt, max_new_tokens=8, do_sample=False, **{pipe.adapter.cache_kwarg: ctx.fork_cache()}
+        )
+    assert strip_eos(out[0, prompt.shape[1] :].tolist()) == answer
+    assert ctx.answer(QUESTIONS[0], max_new_tokens=8) == pipe.tokenizer.decode(answer, skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+@pytest.mark.parametrize("case", first_case_params)
+def test_generate_inside_press_block_compresses_the_prefill(case, model_name, setup):
+    """``with press(model): model.generate(ids)`` compresses the prompt once, appends the new tokens uncompressed
+    and decodes at the right positions (same tokens as a manual loop with explicit positions)."""
+    press, expected, pipe = setup(case, model_name)
+    model, adapter = pipe.model, pipe.adapter
+    ids = pipe.context_ids(CONTEXT)
+    seq_len, new = ids.shape[1], 5
+    with torch.inference_mode(), press(model) as report:
+        out = model.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True)
+    sequences, cache = generated(out)
+    tokens = sequences[0, seq_len:].tolist()
+    assert len(tokens) == new
+    caps = press.capabilities
+    for i in range(len(cache.layers)):
+        if not adapter.is_compressible(i):
+            continue
+        n_kept = report.kept[i]
+        if caps.uniform_layers:
+            assert n_kept == expected(seq_len)
+        # The last generated token is never fed back, so new - 1 tokens were appended.
+        assert A.layer_physical_length(cache, i) == n_kept + new - 1, f"layer {i}"
+        # Position-changing presses keep the context's end fixed, so the logical length never changes.
+        assert cache.layers[i].get_seq_length() == seq_len + new - 1, f"layer {i}: logical length"
+
+    # The same decoding by hand: prefill under the press, then each token at an explicit position.
+    fresh = adapter.new_cache()
+    with torch.inference_mode(), press(model):
+        logits = model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(fresh)).logits[:, -1]
+        position = fresh.get_seq_length()
+        assert position == seq_len
+        manual, manual_logits = [], []
+        for step in range(new):
+            token = int(logits[0].argmax())
+            manual.append(token)
+            manual_logits.append(logits)
+            logits = model(
+                input_ids=torch.tensor([[token]]),
+                position_ids=torch.tensor([[position + step]]),
+                use_cache=True,
+                **adapter.model_call_kwargs(fresh),
+            ).logits[:, -1]
+    for step, (theirs, ours) in enumerate(zip(out.logits, manual_logits)):
+        torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4, msg=f"generate step {step}: logits differ")
+    assert tokens == manual
+
+
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+@pytest.mark.parametrize("case", first_case_params)
+def test_from_recorded_equals_compress(case, model_name, setup):
+    press, _, pipe = setup(case, model_name)
+    ctx = pipe.compress(CONTEXT, press=press)
+    recorded = pipe.record(CONTEXT, keep_attentions=press.capabilities.needs_attention_weights)
+    other = pipe.from_recorded(recorded, press)
+    assert other.n_tokens == ctx.n_tokens
+    for i in range(len(ctx.cache.layers)):
+        k1, v1 = A.layer_kv(ctx.cache, i)
+        k2, v2 = A.layer_kv(other.cache, i)
+        assert torch.equal(k1, k2) and torch.equal(v1, v2), f"layer {i}"
+    assert other.report.kept == ctx.report.kept
+    assert other.generate_ids(QUESTIONS[1], max_new_tokens=6) == ctx.generate_ids(QUESTIONS[1], max_new_tokens=6)
+
+
+def test_pipeline_call_answers_one_or_many(tiny_model, tokenizer):
+    pipe = Pipeline(tiny_model("llama"), tokenizer)
+    press = make_press("knorm", compression_ratio=0.5)
+    many = pipe(CONTEXT, QUESTIONS, press=press, max_new_tokens=5)
+    one = pipe(CONTEXT, QUESTIONS[0], press=press, max_new_tokens=5)
+    assert isinstance(many, list) and len(many) == 3 and isinstance(one, str)
+    ctx = pipe.compress(CONTEXT, press=press)
+    assert many == [ctx.answer(q, max_new_tokens=5) for q in QUESTIONS]
+    assert one == many[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+@pytest.mark.parametrize("case", first_case_params)
+def test_cache_bytes_are_measured_and_reduced(case, model_name, setup):
+    press, expected, pipe = setup(case, model_name, ratio=0.5)
+    full = pipe.compress(CONTEXT, press=None)
+    ctx = pipe.compress(CONTEXT, press=press)
+    seq_len = ctx.n_tokens
+    assert full.cache_bytes == full.full_cache_bytes
+    assert ctx.full_cache_bytes == full.cache_bytes, "bytes before compression != bytes of the uncompressed cache"
+    assert ctx.cache_bytes < ctx.full_cache_bytes
+    # Measured from the tensors: kept entries times the bytes per entry, sliding layers unchanged.
+    want = 0
+    for i in range(len(ctx.cache.layers)):
+        k, v = A.layer_kv(full.cache, i)
+        per_entry = (k[..., :1, :].numel() * k.element_size() + v[..., :1, :].numel() * v.element_size())
+        want += per_entry * A.layer_physical_length(ctx.cache, i)
+        if not pipe.adapter.is_compressible(i):
+            assert A.layer_nbytes(ctx.cache, i) == A.layer_nbytes(full.cache, i)
+    assert ctx.cache_bytes == want
+    full_layers = pipe.adapter.compressible_layers
+    if not press.capabilities.uniform_layers:
+        kept = sum(ctx.layer_lengths[i] for i in full_layers)
+        assert abs(kept - expected(seq_len) * len(full_layers)) <= len(full_layers)
+    elif len(full_layers) == len(ctx.cache.layers):
+        # Uniform press, every layer compressed: exactly the kept fraction, about half (a composition rounds down
+        # once per inner press).
+        assert ctx.cache_bytes * seq_len == ctx.full_cache_bytes * expected(seq_len)
+        assert abs(ctx.cache_bytes / ctx.full_cache_bytes - 0.5) <= 3 / seq_len
+    assert ctx.compression_seconds > 0 and ctx.prefill_seconds >= ctx.compression_seconds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_sampling_with_a_seed_is_reproducible(tiny_model, tokenizer):
+    pipe = Pipeline(tiny_model("qwen3"), tokenizer)
+    ctx = pipe.compress(CONTEXT, press=make_press("snapkv", compression_ratio=0.5, window_size=8))
+    kwargs = dict(max_new_tokens=16, do_sample=True, temperature=2.0)
+    a = ctx.generate_ids(QUESTIONS[0], seed=3, **kwargs)
+    b = ctx.generate_ids(QUESTIONS[0], seed=3, **kwargs)
+    c = ctx.generate_ids(QUESTIONS[0], seed=4, **kwargs)
+    assert a == b
+    assert a != c, "two seeds gave the same 16 sampled tokens at temperature 2"
+    greedy = ctx.generate_ids(QUESTIONS[0], max_new_tokens=16)
+    assert a != greedy
+    # Nucleus sampling with a vanishing top_p keeps only the most likely token: it is greedy decoding.
+    assert ctx.generate_ids(QUESTIONS[0], max_new_tokens=16, do_sample=True, top_p=1e-9, seed=5) == greedy
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chat template
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_chat_template_wraps_context_and_question(tiny_model, tokenizer, chat_tokenizer):
+    model = tiny_model("llama")
+    pipe = Pipeline(model, chat_tokenizer)
+    assert pipe.template.prefix == "<s>User: " and pipe.template.suffix == "\nBot:"
+    want = chat_tokenizer("<s>User: " + CONTEXT, add_special_tokens=False, return_tensors="pt").input_ids
+    assert torch.equal(pipe.context_ids(CONTEXT), want)
+    assert (want[0] == chat_tokenizer.bos_token_id).sum() == 1, "BOS must not be doubled"
+    q = chat_tokenizer("\n\n" + QUESTIONS[0] + "\nBot:", add_special_tokens=False, return_tensors="pt").input_ids
+    assert torch.equal(pipe.question_ids(QUESTIONS[0]), q)
+    press = make_press("knorm", compression_ratio=0.5)
+    ctx = pipe.compress(CONTEXT, press=press)
+    answer = ctx.generate_ids(QUESTIONS[0], max_new_tokens=6)
+    with torch.inference_mode(), press(model):
+        out = model.generate(input_ids=torch.cat([want, q], 1), max_new_tokens=6, do_sample=False,
+                             **{pipe.adapter.cache_kwarg: ctx.fork_cache()})
+    assert strip_eos(out[0, want.shape[1] + q.shape[1] :].tolist()) == answer
+    # Plain text on request; a template demanded from a tokenizer without one is an error.
+    assert Pipeline(model, chat_tokenizer, use_chat_template=False).template.prefix == ""
+    with pytest.raises(ValueError, match="chat template"):
+        Pipeline(model, tokenizer, use_chat_template=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: each error names the value
+# ----------------------------------------------------------------------------------------------------------------
+
+BAD_RATIOS = [
+    pytest.param(-0.1, ValueError, id="negative"),
+    pytest.param(1.0, ValueError, id="one"),
+    pytest.param(1.5, ValueError, id="above-one"),
+    pytest.param(float("nan"), ValueError, id="nan"),
+    pytest.param("0.5", TypeError, id="string"),
+    pytest.param(True, TypeError, id="bool"),
+]
+
+
+def _valid_kwargs(name: str) -> dict:
+    """Constructor kwargs that are valid apart from the ratio (wrappers get a valid inner press)."""
+    if name == "composed":
+        return {"presses": [make_press("knorm", compression_ratio=0.5)]}
+    if name == "key_rerotation":
+        return {"press": make_press("knorm", compression_ratio=0.5)}
+    return dict(PRESS_KWARGS.get(name, [{}])[0])
+
+
+@pytest.mark.parametrize("bad, error", BAD_RATIOS)
+@pytest.mark.parametrize("name", kvsqueeze.list_presses())
+def test_ratio_outside_range_names_the_value(name, bad, error):
+    with pytest.raises(error, match=re.escape(repr(bad))):
+        make_press(name, compression_ratio=bad, **_valid_kwargs(name))
+
+
+@pytest.mark.parametrize("bad, error", BAD_RATIOS)
+def test_ratio_outside_range_of_wrapped_press_names_the_value(bad, error):
+    with pytest.raises(error, match=re.escape(repr(bad))):
+        make_press("key_rerotation", press=make_press("streaming_llm", compression_ratio=bad))
+
+
+@pytest.mark.parametrize("context", ["", "   ", "\n\t \n"])
+def test_empty_context_is_rejected(context, tiny_model, tokenizer):
+    pipe = Pipeline(tiny_model("llama"), tokenizer)
+    with pytest.raises(ValueError, match=re.escape(repr(context))):
+        pipe.compress(context, press=make_press("knorm", compression_ratio=0.5))
+    with pytest.raises(ValueError, match="empty"):
+        pipe(context, "question?")
+    with pytest.raises(TypeError, match="NoneType"):
+        pipe.compress(None)
+
+
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+def test_context_longer_than_the_model_maximum(model_name, tiny_model, tokenizer):
+    pipe = Pipeline(tiny_model(model_name), tokenizer)
+    text = "x" * (MAX_POSITIONS + 40)
+    n_tokens = len(tokenizer(text).input_ids)
+    with pytest.raises(ValueError, match=rf"{n_tokens} tokens.*{MAX_POSITIONS}"):
+        pipe.compress(text, press=make_press("knorm", compression_ratio=0.5))
+    # Fits, but the question and answer would not: the error gives the three counts and the limit.
+    ctx = pipe.compress("y" * (MAX_POSITIONS - 20), press=make_press("knorm", compression_ratio=0.5))
+    with pytest.raises(ValueError, match=rf"max_new_tokens \(64\).*{MAX_POSITIONS}"):
+        ctx.generate_ids("why?", max_new_tokens=64)
+
+
+def test_unknown_press_suggests_close_names():
+    with pytest.raises(KeyError, match=r"'knrom'.*Did you mean: knorm"):
+        make_press("knrom", compression_ratio=0.5)
+    with pytest.raises(KeyError, match=r"'snap_kv'.*Did you mean:.*snapkv"):
+        make_press("snap_kv")
+    with pytest.raises(KeyError, match=r"'no_such_thing'.*Known presses: .*knorm"):
+        kvsqueeze.presses.press_class("no_such_thing")
+    with pytest.raises(TypeError, match=r"'knorm'.*no field\(s\) \['windw_size'\]"):
+        make_press("knorm", windw_size=3)
+
+
+def test_press_argument_must_be_a_press(tiny_model, tokenizer):
+    pipe = Pipeline(tiny_model("llama"), tokenizer)
+    with pytest.raises(TypeError, match="str"):
+        pipe.compress(CONTEXT, press="knorm")
+
+
+def test_answer_arguments_are_checked(tiny_model, tokenizer):
+    ctx = Pipeline(tiny_model("llama"), tokenizer).compress(CONTEXT)
+    with pytest.raises(ValueError, match=r"max_new_tokens.*\b0\b"):
+        ctx.generate_ids("q", max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"temperature.*\b0\b"):
+        ctx.generate_ids("q", do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match=r"top_p.*1\.5"):
+        ctx.generate_ids("q", top_p=1.5)
+
+
+class _NeedsWeights(ScorerPress):
+    """A local (unregistered) press declaring it needs attention weights."""
+
+    from kvsqueeze.presses import Capabilities as _C
+
+    capabilities = _C(needs_attention_weights=True)
+
+    def score(self, layer):
+        return layer.attentions.float().sum(-2)[:, :: layer.attentions.shape[1] // layer.keys.shape[1]]
+
+
+def _eager_only_presses(calibration_artifact) -> list:
+    presses = [_NeedsWeights(compression_ratio=0.5)]
+    for case in CASES:
+        press, _ = case.build(0.5, artifact=lambda method: calibration_artifact("llama", method))
+        if press.capabilities.needs_attention_weights:
+            presses.append(press)
+    return presses
+
+
+def test_eager_only_presses_refuse_a_non_eager_model(tiny_model, tokenizer, calibration_artifact):
+    model = tiny_model("llama", "sdpa")
+    pipe = Pipeline(model, tokenizer)
+    presses = _eager_only_presses(calibration_artifact)
+    assert len(presses) >= 1 + ("observed_attention" in kvsqueeze.list_presses())
+    before = hook_counts(model)
+    recorded = record_prefill(model, token_ids(24, seed=1))
+    for press in presses:
+        with pytest.raises(ValueError, match=r"needs attention weights.*'sdpa'.*'eager'"):
+            with press(model):
+                pass
+        with pytest.raises(ValueError, match="eager"):
+            pipe.compress(CONTEXT, press=press)
+        with pytest.raises(ValueError, match="eager"):
+            recorded.compress(press)
+        assert hook_counts(model) == before
+    with pytest.raises(ValueError, match=r"keep_attentions.*eager.*'sdpa'"):
+        record_prefill(model, token_ids(8), keep_attentions=True)
+    # The same presses run on the eager variant of the same weights.
+    eager = Pipeline(tiny_model("llama", "eager"), tokenizer)
+    for press in presses:
+        assert eager.compress(CONTEXT, press=press).cache_bytes < eager.compress(CONTEXT).cache_bytes
+
+
+def test_unsupported_architecture_is_named(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=64, n_embd=32, n_layer=1, n_head=2)).eval()
+    press = make_press("knorm", compression_ratio=0.5)
+    with pytest.raises(UnsupportedModelError, match=r"'gpt2'.*GPT2LMHeadModel"):
+        Pipeline(model, tokenizer)
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        with press(model):
+            pass
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        record_prefill(model, token_ids(8))
+    assert issubclass(UnsupportedModelError, ValueError)
+    assert hook_counts(model) == {"forward": 0, "forward_pre": 0, "with_kwargs": 0}
+
+
+def test_calibrated_press_checks_its_artifact_before_compressing(tiny_model, tokenizer, calibration_artifact, tmp_path):
+    """A missing artifact names the command that creates it; another model's artifact is refused (no hooks left)."""
+    checked = 0
+    for name in kvsqueeze.list_presses():
+        caps = kvsqueeze.presses.press_class(name).capabilities
+        if not (isinstance(caps, kvsqueeze.Capabilities) and caps.calibration):
+            continue
+        model = tiny_model("qwen3")
+        pipe = Pipeline(model, tokenizer)
+        before = hook_counts(model)
+        missing = make_press(name, compression_ratio=0.5, artifact=str(tmp_path / "nowhere.safetensors"))
+        with pytest.raises(FileNotFoundError, match=rf"nowhere\.safetensors.*kvsqueeze calibrate.*{caps.calibration}"):
+            pipe.compress(CONTEXT, press=missing)
+        foreign = make_press(name, compression_ratio=0.5, artifact=str(calibration_artifact("llama", caps.calibration)))
+        with pytest.raises(ValueError, match="another model"):
+            pipe.compress(CONTEXT, press=foreign)
+        assert hook_counts(model) == before
+        own = make_press(name, compression_ratio=0.5, artifact=str(calibration_artifact("qwen3", caps.calibration)))
+        assert pipe.compress(CONTEXT, press=own).report.measured_ratio > 0.45
+        checked += 1
+    assert checked >= 1, "no registered press declares a calibration artifact"
