@@ -13,6 +13,7 @@ from pathlib import Path
 
 NEEDLE = "The special magic number for {key} is {value}."
 QUESTION = "What is the special magic number for {key}? Answer with the number only."
+ANSWER_PREFIX = "The special magic number for {key} is"
 KEYS = ("the blue lighthouse", "the silver kettle", "the quiet orchard", "the paper tiger", "the winter garden",
         "the copper bridge", "the hidden harbor", "the amber forest", "the marble staircase", "the velvet river",
         "the iron compass", "the crimson lantern")
@@ -26,6 +27,7 @@ class NeedleCase:
     question: str
     answer: str
     depth: float  # where the needle sits, as a fraction of the haystack
+    answer_prefix: str = ""  # generation starts after it (as in RULER), so short budgets reach the number
 
     def is_correct(self, prediction: str) -> bool:
         return self.answer in prediction
@@ -79,5 +81,5 @@ def needle_cases(tokenizer, n_cases: int = 12, n_tokens: int = 1500, seed: int =
         at = max(1, int(len(sentences) * depth))
         needle = NEEDLE.format(key=key, value=value)
         context = ". ".join(sentences[:at]) + ". " + needle + " " + ". ".join(sentences[at:])
-        cases.append(NeedleCase(context, QUESTION.format(key=key), value, depth))
+        cases.append(NeedleCase(context, QUESTION.format(key=key), value, depth, ANSWER_PREFIX.format(key=key)))
     return cases

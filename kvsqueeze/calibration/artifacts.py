@@ -1,0 +1,310 @@
+"""Calibration artifacts on disk: which model they belong to, where they live, how they are saved and checked.
+
+An artifact is one safetensors file of float32 tensors whose metadata holds the identity of the model it was
+computed on, the method, the settings and a sha256 checksum of the tensor bytes. Loading verifies all three, so
+the filters of one model are never applied to another, and a truncated or edited file is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvsqueeze.adapter import ModelAdapter
+from kvsqueeze.models import cache_root
+
+#: Calibration methods and the artifact each one writes.
+METHODS: tuple[str, ...] = ("qfilters", "expected_attention_stats")
+
+FORMAT_VERSION = "1"
+
+# Config fields that define the architecture. Run-time settings (dtype, attention implementation, the path it was
+# loaded from) are left out, so a model calibrated in float32 matches itself loaded in bfloat16 with sdpa.
+_ARCH_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "partial_rotary_factor",
+    "layer_types",
+    "sliding_window",
+    "query_pre_attn_scalar",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+)
+_PROBE_TENSORS = 8  # parameters sampled for the weight fingerprint
+_PROBE_ELEMENTS = 512  # leading elements read from each
+
+_IDENTITY_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
+_LOADED: dict[tuple[str, int, int], Artifact] = {}
+
+
+def _check_method(method: Any) -> str:
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a string, one of {', '.join(METHODS)}; got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; known methods: {', '.join(METHODS)}")
+    return method
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model identity
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def model_name(model: nn.Module) -> str:
+    """The name a user loads ``model`` by: the kvsqueeze short name, hub id or path (``""`` when unknown)."""
+    name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None) or ""
+    return str(name)
+
+
+def _weight_probe(model: nn.Module) -> bytes:
+    """Shapes of every parameter plus the sign bits of a few hundred weights of up to 8 of them.
+
+    Sign bits survive any rounding (float32 → bfloat16/float16 keeps the sign, even on underflow to ±0), so the
+    probe is the same for every dtype the same weights are loaded in, while two trained or randomly initialised
+    models differ in hundreds of signs.
+    """
+    params = [p for _, p in model.named_parameters()]
+    digest = hashlib.sha256()
+    for p in params:
+        digest.update(repr(tuple(p.shape)).encode())
+    if params:
+        step = max(1, len(params) // _PROBE_TENSORS)
+        for p in params[::step][:_PROBE_TENSORS]:
+            if p.device.type == "meta":  # offloaded weights: shapes only
+                continue
+            head = p.detach().reshape(-1)[:_PROBE_ELEMENTS].signbit().cpu()
+            digest.update(bytes(head.to(torch.uint8).tolist()))
+    return digest.digest()
+
+
+def model_identity(model: nn.Module) -> dict[str, Any]:
+    """What an artifact records about the model it was computed on.
+
+    Returns
+    -------
+    dict
+        ``name_or_path``, ``model_type``, ``num_layers``, ``num_attention_heads``, ``num_key_value_heads``,
+        ``head_dim`` and ``fingerprint``: 16 hex digits of a sha256 over the architecture fields of the config and
+        a weight probe (parameter shapes and the sign bits of leading weights), independent of dtype and attention
+        implementation. Computed once per model object (weights edited in place afterwards are not noticed).
+    """
+    cached = _IDENTITY_CACHE.get(model)
+    if cached is not None:
+        return dict(cached)
+    adapter = ModelAdapter(model)
+    config = adapter.config.to_dict()
+    arch = {key: config[key] for key in _ARCH_KEYS if key in config}
+    digest = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
+    digest.update(_weight_probe(model))
+    identity = {
+        "name_or_path": model_name(model),
+        "model_type": adapter.model_type,
+        "num_layers": adapter.shape.num_layers,
+        "num_attention_heads": adapter.shape.num_attention_heads,
+        "num_key_value_heads": adapter.shape.num_key_value_heads,
+        "head_dim": adapter.shape.head_dim,
+        "fingerprint": digest.hexdigest()[:16],
+    }
+    _IDENTITY_CACHE[model] = identity
+    return dict(identity)
+
+
+def _safe_name(name: str, fallback: str) -> str:
+    if name and os.path.isabs(name):  # a local directory: its last component
+        name = Path(name).name
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
+    return (safe or fallback)[:64]
+
+
+def default_artifact_path(model: nn.Module, method: str) -> Path:
+    """``cache_root()/calibration/<model name>-<fingerprint>/<method>.safetensors``."""
+    _check_method(method)
+    identity = model_identity(model)
+    folder = f"{_safe_name(identity['name_or_path'], identity['model_type'])}-{identity['fingerprint']}"
+    return cache_root() / "calibration" / folder / f"{method}.safetensors"
+
+
+def calibrate_command(model: nn.Module, method: str, path: Path | None = None) -> str:
+    """The CLI command that writes the artifact ``load_artifact`` looks for."""
+    name = model_name(model) or "<model name or path>"
+    command = f"kvsqueeze calibrate --model {name} --method {method}"
+    if path is not None and Path(path) != default_artifact_path(model, method):
+        command += f" --output {path}"
+    return command
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving and loading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of ``tensors``, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass
+class Artifact:
+    """A verified calibration artifact.
+
+    Attributes
+    ----------
+    path : Path
+    method : str
+    identity : dict
+        :func:`model_identity` of the model it was computed on.
+    settings : dict
+        The calibration settings (sequences, tokens, samples, ...).
+    tensors : dict of str to Tensor
+        float32 tensors on the CPU.
+    """
+
+    path: Path
+    method: str
+    identity: dict[str, Any]
+    settings: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    _on_device: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def get(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Tensor ``name`` on ``device`` (copied there once, then reused)."""
+        key = (name, str(torch.device(device)))
+        if key not in self._on_device:
+            self._on_device[key] = self.tensors[name].to(device)
+        return self._on_device[key]
+
+
+def save_artifact(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    model: nn.Module,
+    method: str,
+    settings: dict[str, Any],
+) -> Path:
+    """Write ``tensors`` (as float32) with identity, method, settings and checksum metadata; atomic replace."""
+    from safetensors.torch import save_file
+
+    _check_method(method)
+    path = Path(path)
+    tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in tensors.items()}
+    metadata = {
+        "format": "kvsqueeze-calibration",
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "identity": json.dumps(model_identity(model), sort_keys=True),
+        "settings": json.dumps(settings, sort_keys=True, default=str),
+        "checksum": tensor_checksum(tensors),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _LOADED.clear()  # a rewritten file must be read again
+    return path
+
+
+def _read(path: Path) -> Artifact:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(f"{path} is not a readable safetensors calibration artifact: {exc}") from exc
+    if metadata.get("format") != "kvsqueeze-calibration":
+        raise ValueError(f"{path} is not a kvsqueeze calibration artifact (metadata format={metadata.get('format')!r})")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has artifact format version {metadata.get('format_version')!r}, this kvsqueeze reads "
+            f"{FORMAT_VERSION!r}; recalibrate"
+        )
+    checksum = tensor_checksum(tensors)
+    if checksum != metadata.get("checksum"):
+        raise ValueError(
+            f"{path} is corrupted: checksum of its tensors is {checksum[:12]}…, the file records "
+            f"{str(metadata.get('checksum'))[:12]}…; delete it and recalibrate"
+        )
+    return Artifact(
+        path=path,
+        method=metadata["method"],
+        identity=json.loads(metadata["identity"]),
+        settings=json.loads(metadata["settings"]),
+        tensors=tensors,
+    )
+
+
+def load_artifact(path: str | os.PathLike | None, model: nn.Module, method: str) -> Artifact:
+    """Load and verify the ``method`` artifact for ``model`` (``path=None``: :func:`default_artifact_path`).
+
+    Files are read and checksummed once per (path, size, modification time) and kept in a module-level cache;
+    the method and model identity are checked on every call.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist; the message gives the ``kvsqueeze calibrate`` command that creates it.
+    ValueError
+        The file is not an artifact, is corrupted, holds another method, or was computed on another model.
+    """
+    _check_method(method)
+    path = default_artifact_path(model, method) if path is None else Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {method} calibration artifact at {path}; create it with: {calibrate_command(model, method, path)}"
+        )
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    artifact = _LOADED.get(key)
+    if artifact is None:
+        artifact = _read(path)
+        _LOADED[key] = artifact
+    if artifact.method != method:
+        raise ValueError(f"{path} holds a {artifact.method!r} artifact, not {method!r}")
+    identity = model_identity(model)
+    theirs = artifact.identity
+    mismatched = [k for k in identity if k != "name_or_path" and theirs.get(k) != identity[k]]
+    if mismatched:
+        details = ", ".join(f"{k}: artifact {theirs.get(k)!r} vs model {identity[k]!r}" for k in mismatched)
+        raise ValueError(
+            f"{path} was calibrated on another model ({theirs.get('name_or_path') or 'unnamed'}; {details}); "
+            f"calibrate this one with: {calibrate_command(model, method)}"
+        )
+    return artifact
+
+
+def check_artifact_field(value: Any) -> None:
+    """Validate a press's ``artifact`` field: a path (str or PathLike) or None (the model's default location)."""
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"artifact must be a path (str) or None for the model's default location, got {value!r}")
+    if isinstance(value, str) and not value.strip():
+        raise ValueError(f"artifact must be a non-empty path or None, got {value!r}")

@@ -1,0 +1,225 @@
+"""Run calibration text through a model, capture its queries with forward hooks, and save the artifact.
+
+``calibrate`` is what ``kvsqueeze calibrate`` calls. The text defaults to the Paul Graham essays shipped with the
+package; pre-tokenized ``input_ids`` can be given instead (tests calibrate tiny random models that way).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvsqueeze.adapter import ModelAdapter
+from kvsqueeze.calibration.artifacts import _check_method, default_artifact_path, save_artifact
+from kvsqueeze.calibration.qfilters import QFilterCollector
+from kvsqueeze.calibration.query_stats import QueryMomentCollector
+
+
+def essays_dir() -> Path:
+    """Directory of the essays shipped as package data."""
+    return Path(str(resources.files("kvsqueeze") / "data" / "essays"))
+
+
+def default_texts() -> list[str]:
+    """The shipped Paul Graham essays, sorted by file name (the default calibration text)."""
+    paths = sorted(essays_dir().glob("*.txt"))
+    if not paths:
+        raise FileNotFoundError(f"no essays in {essays_dir()}: the package data is missing; reinstall kvsqueeze")
+    return [p.read_text(encoding="utf-8") for p in paths]
+
+
+def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def text_sequences(tokenizer, texts: Sequence[str], n_sequences: int, seq_len: int) -> list[torch.Tensor]:
+    """Up to ``n_sequences`` token sequences ``(1, <= seq_len)`` cut from ``texts``.
+
+    Each text is tokenized and cut into consecutive chunks; chunks are taken round-robin (the first chunk of
+    every text, then the second, ...) so a few sequences already span many texts. A chunk that does not start its
+    text still gets the special prefix tokens (BOS) the tokenizer puts in front of a text.
+    """
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a list of strings")
+    probe = tokenizer("a", add_special_tokens=True).input_ids
+    bare = tokenizer("a", add_special_tokens=False).input_ids
+    prefix = probe[: len(probe) - len(bare)] if probe[len(probe) - len(bare) :] == bare else []
+    body = seq_len - len(prefix)
+    if body < 1:
+        raise ValueError(f"seq_len={seq_len} leaves no room after the {len(prefix)} special prefix tokens")
+    per_text = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        per_text.append([prefix + ids[i : i + body] for i in range(0, len(ids), body)])
+    chunks = []
+    for round_ in range(max((len(c) for c in per_text), default=0)):
+        chunks.extend(c[round_] for c in per_text if round_ < len(c))
+    chunks = [c for c in chunks if len(c) > len(prefix)][:n_sequences]
+    if not chunks:
+        raise ValueError("the calibration texts produced no tokens")
+    return [torch.tensor([c], dtype=torch.long) for c in chunks]
+
+
+def _check_input_ids(batches: Any) -> list[torch.Tensor]:
+    if isinstance(batches, torch.Tensor):
+        batches = [batches]
+    if not isinstance(batches, (list, tuple)) or not batches:
+        raise TypeError("input_ids_batches must be a LongTensor (bsz, seq_len) or a non-empty list of them")
+    out = []
+    for i, ids in enumerate(batches):
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.long, torch.int):
+            raise TypeError(f"input_ids_batches[{i}] must be an integer tensor, got {type(ids).__name__}")
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise ValueError(f"input_ids_batches[{i}] must be (bsz, seq_len) and non-empty, got {tuple(ids.shape)}")
+        out.append(ids.long())
+    return out
+
+
+@torch.inference_mode()
+def calibrate(
+    model: nn.Module,
+    tokenizer,
+    method: str,
+    texts: Sequence[str] | None = None,
+    n_sequences: int = 16,
+    seq_len: int = 1024,
+    n_samples: int = 3000,
+    output: str | os.PathLike | None = None,
+    progress: bool = True,
+    input_ids_batches: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    n_sink: int = 4,
+    seed: int = 0,
+) -> Path:
+    """Compute and save the calibration artifact ``method`` for ``model``.
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        A causal LM of a supported architecture; every attention layer is calibrated (sliding-window layers of
+        hybrid models too, although presses only use the full-attention ones).
+    tokenizer : PreTrainedTokenizer or None
+        Needed unless ``input_ids_batches`` is given (then pass None).
+    method : str
+        One of :data:`METHODS`: ``"qfilters"`` (filters ``(num_layers, num_kv_heads, head_dim)`` from the
+        first right singular vector of post-RoPE queries) or ``"expected_attention_stats"`` (mean and covariance
+        of pre-RoPE queries per layer and query head).
+    texts : list of str or None, default None
+        Calibration text; None uses :func:`default_texts` (the shipped essays).
+    n_sequences : int, default 16
+        Sequences cut from ``texts``. The Q-Filters paper uses 20 of 2,048 tokens; 16 of 1,024 keep a CPU run
+        to minutes and still give >5x more tokens than the 3,000 samples the SVD needs.
+    seq_len : int, default 1024
+        Tokens per sequence (at most; the last chunk of a text may be shorter).
+    n_samples : int, default 3000
+        ``qfilters``: query vectors sampled per head (uniformly over all calibration positions) for the SVD.
+    output : path or None, default None
+        Where to write; None is :func:`default_artifact_path` (where the presses look by default).
+    progress : bool, default True
+        Show a tqdm bar over the forward passes.
+    input_ids_batches : LongTensor or list of LongTensor, optional
+        Pre-tokenized ``(bsz, seq_len)`` batches used as given, instead of ``texts`` (no padding allowed).
+    n_sink : int, default 4
+        ``expected_attention_stats``: leading positions of each sequence left out of the statistics.
+    seed : int, default 0
+        Seed of the Q-filter sample positions.
+
+    Returns
+    -------
+    Path
+        The written artifact.
+    """
+    _check_method(method)
+    n_sequences = _positive_int(n_sequences, "n_sequences")
+    seq_len = _positive_int(seq_len, "seq_len", 2)
+    n_samples = _positive_int(n_samples, "n_samples")
+    n_sink = _positive_int(n_sink, "n_sink", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    adapter = ModelAdapter(model)
+    if input_ids_batches is not None:
+        if texts is not None:
+            raise ValueError("give either texts or input_ids_batches, not both")
+        batches, source = _check_input_ids(input_ids_batches), "input_ids"
+    else:
+        if tokenizer is None:
+            raise ValueError("calibrating from text needs a tokenizer (or pass input_ids_batches)")
+        source = "essays" if texts is None else "texts"
+        batches = text_sequences(tokenizer, default_texts() if texts is None else texts, n_sequences, seq_len)
+
+    shape = adapter.shape
+    if method == "qfilters":
+        collector: QFilterCollector | QueryMomentCollector = QFilterCollector(
+            shape.num_layers, shape.num_key_value_heads
+        )
+        # The same positions for every layer and head: n_samples drawn uniformly over all (batch, row, token).
+        sizes = [b.numel() for b in batches]
+        total = sum(sizes)
+        picked = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[: min(n_samples, total)]
+        picked = picked.sort().values
+        offsets = torch.tensor([0, *sizes]).cumsum(0)
+        sample_index = [picked[(picked >= lo) & (picked < hi)] - lo for lo, hi in zip(offsets[:-1], offsets[1:])]
+    else:
+        collector = QueryMomentCollector(shape.num_layers, shape.num_attention_heads, shape.head_dim)
+        if all(b.shape[1] <= n_sink for b in batches):
+            raise ValueError(f"every calibration sequence is at most n_sink={n_sink} tokens long")
+
+    current: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        hidden = adapter.hidden_states_from_call(args, kwargs)
+        if collector.rope:
+            q = adapter.query_states(module, hidden, kwargs["position_embeddings"])  # (bsz, heads, n, head_dim)
+            q = q.transpose(0, 1).flatten(1, 2)  # (heads, bsz * n, head_dim), the flat order of input_ids
+            idx = current["index"]
+            if idx.numel():
+                collector.add(module.layer_idx, q[:, idx.to(q.device)])
+        else:
+            q = adapter.query_states(module, hidden)[:, :, n_sink:]  # pre-RoPE, sinks left out
+            if q.shape[2]:
+                collector.add(module.layer_idx, q.transpose(0, 1).flatten(1, 2))
+
+    device = next(model.parameters()).device
+    handles = adapter.register_attention_hooks(hook, layers=list(range(shape.num_layers)))
+    try:
+        from tqdm.auto import tqdm
+
+        for i, ids in enumerate(tqdm(batches, desc=f"calibrating {method}", unit="seq", disable=not progress)):
+            if method == "qfilters":
+                current["index"] = sample_index[i]
+                if not sample_index[i].numel():
+                    continue
+            model(input_ids=ids.to(device), use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    tensors = collector.finish()
+
+    import transformers
+
+    import kvsqueeze
+
+    settings = {
+        "source": source,
+        "n_sequences": sum(b.shape[0] for b in batches),
+        "seq_len": max(b.shape[1] for b in batches),
+        "n_tokens": sum(b.numel() for b in batches),
+        "dtype": str(next(model.parameters()).dtype),
+        "kvsqueeze_version": kvsqueeze.__version__,
+        "transformers_version": transformers.__version__,
+    }
+    if method == "qfilters":
+        settings.update(n_samples=int(picked.numel()), seed=seed, queries="post-rope")
+    else:
+        settings.update(n_sink=n_sink, queries="pre-rope", covariance="divided by N")
+    path = default_artifact_path(model, method) if output is None else Path(output)
+    return save_artifact(path, tensors, model, method, settings)

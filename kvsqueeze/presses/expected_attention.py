@@ -1,0 +1,195 @@
+"""Expected Attention: score each KV pair by the attention that future queries are expected to give it.
+
+The functions here (query moments → RoPE averaged over future positions → closed-form expected attention) are
+shared with :mod:`kvsqueeze.presses.expected_attention_stats`, which takes the moments from a calibration
+artifact instead of the context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvsqueeze.adapter import ModelAdapter
+from kvsqueeze.presses.base import LayerInputs, ScorerPress
+from kvsqueeze.presses.registry import register_press
+
+
+def query_moments(queries: torch.Tensor, use_covariance: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean ``(bsz, heads, head_dim)`` and covariance ``(bsz, heads, head_dim, head_dim)`` (divided by N) of
+    ``queries`` ``(bsz, heads, n, head_dim)``, in float32; the covariance is None unless ``use_covariance``."""
+    q = queries.float()
+    mean = q.mean(dim=2)
+    if not use_covariance:
+        return mean, None
+    centered = q - mean.unsqueeze(2)
+    cov = centered.transpose(-1, -2) @ centered / q.shape[2]  # (bsz, heads, head_dim, head_dim)
+    return mean, cov
+
+
+def average_rotation(
+    adapter: ModelAdapter, layer_idx: int, start: int, n_positions: int, device: torch.device
+) -> torch.Tensor:
+    """The RoPE rotation of layer ``layer_idx`` averaged over positions ``[start, start + n_positions)``.
+
+    transformers applies RoPE as ``x·cos + rotate_half(x)·sin``, i.e. the matrix ``diag(cos) + diag(sin)·P`` with
+    ``P = [[0, -I], [I, 0]]`` on the first ``rotary_dim`` channels (identity on the rest, for partial rotary).
+    The average over positions is ``diag(mean cos) + diag(mean sin)·P``: not a rotation any more (it shrinks
+    the fast-turning channels towards zero). ``cos``/``sin`` come from the model's own rotary module, so RoPE
+    scaling (Llama-3, YaRN attention factor) and per-layer-type frequencies (Gemma-3) are included.
+
+    Returns
+    -------
+    Tensor
+        ``(head_dim, head_dim)`` float32 matrix ``R̄`` acting on column vectors.
+    """
+    positions = torch.arange(start, start + n_positions, device=device).unsqueeze(0)
+    like = torch.zeros(1, dtype=torch.float32, device=device)
+    cos, sin = adapter.rope(layer_idx, positions, like)  # (1, n_positions, rotary_dim)
+    mean_cos, mean_sin = cos[0].float().mean(dim=0), sin[0].float().mean(dim=0)
+    rot, half, head_dim = mean_cos.shape[0], mean_cos.shape[0] // 2, adapter.shape.head_dim
+    eye = torch.eye(half, device=device)
+    swap = torch.zeros(rot, rot, device=device)
+    swap[:half, half:] = -eye  # rotate_half(x) = (-x2, x1)
+    swap[half:, :half] = eye
+    rotation = torch.eye(head_dim, device=device)
+    rotation[:rot, :rot] = torch.diag(mean_cos) + mean_sin.unsqueeze(1) * swap
+    return rotation
+
+
+def rotate_moments(
+    rotation: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``R̄μ`` and ``R̄ΣR̄ᵀ`` for moments of shapes ``(..., head_dim)`` and ``(..., head_dim, head_dim)``."""
+    mean = mean @ rotation.T
+    if cov is not None:
+        cov = rotation @ cov @ rotation.T
+    return mean, cov
+
+
+def expected_attention(
+    keys: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """Expected attention of a Gaussian query on each key, averaged over the query heads of each GQA group.
+
+    For ``q ~ N(μ, Σ)`` the expected unnormalised weight is ``E[exp(s·qᵀk)] = exp(s·μᵀk + s²·kᵀΣk / 2)`` (the
+    Gaussian moment-generating function) with ``s`` the attention scaling; a softmax over keys normalises it.
+
+    Parameters
+    ----------
+    keys : Tensor
+        ``(bsz, num_key_value_heads, n, head_dim)`` post-RoPE keys.
+    mean : Tensor
+        ``(bsz, num_heads, head_dim)`` query mean (already RoPE-averaged).
+    cov : Tensor or None
+        ``(bsz, num_heads, head_dim, head_dim)`` query covariance, or None for the mean-query term only.
+    scaling : float
+        The attention module's logit scaling (``1/√head_dim``, or Gemma's ``query_pre_attn_scalar**-0.5``).
+
+    Returns
+    -------
+    Tensor
+        ``(bsz, num_key_value_heads, n)`` float32, each query head's distribution summing to one before the
+        group mean.
+    """
+    bsz, num_kv, _, head_dim = keys.shape
+    group = mean.shape[1] // num_kv
+    k = keys.float()
+    mu = mean.reshape(bsz, num_kv, group, head_dim)  # query head h reads KV head h // group
+    logits = torch.einsum("bknd,bkgd->bkgn", k, mu) * scaling
+    if cov is not None:
+        sigma = cov.reshape(bsz, num_kv, group, head_dim, head_dim)
+        k_sigma = torch.einsum("bknd,bkgde->bkgne", k, sigma)  # (bsz, num_kv, group, n, head_dim)
+        logits = logits + (k_sigma * k.unsqueeze(2)).sum(dim=-1) * (scaling**2 / 2)
+    return logits.softmax(dim=-1).mean(dim=2)
+
+
+def expected_attention_scores(
+    layer: LayerInputs,
+    mean: torch.Tensor,
+    cov: torch.Tensor | None,
+    n_sink: int,
+    n_future_positions: int,
+    use_vnorm: bool,
+    epsilon: float,
+) -> torch.Tensor:
+    """Expected Attention scores ``(bsz, num_key_value_heads, seq_len)`` of one layer from pre-RoPE query moments.
+
+    The moments are rotated by the RoPE average over ``[seq_len, seq_len + n_future_positions)``, the expected
+    attention is computed over the keys after the first ``n_sink``, multiplied by ``(a + epsilon)·‖v‖`` when
+    ``use_vnorm``, and the sinks get the maximum score + 1 so they are always kept.
+    """
+    seq_len = layer.seq_len
+    rotation = average_rotation(layer.adapter, layer.layer_idx, seq_len, n_future_positions, layer.keys.device)
+    mean, cov = rotate_moments(rotation, mean, cov)
+    scaling = layer.adapter.scaling(layer.module)
+    scores = expected_attention(layer.keys[:, :, n_sink:], mean, cov, scaling)
+    if use_vnorm:
+        scores = (scores + epsilon) * layer.values[:, :, n_sink:].float().norm(dim=-1)
+    if n_sink:
+        top = scores.amax(dim=-1, keepdim=True) + 1  # on device: no host sync
+        scores = torch.cat([top.expand(*scores.shape[:2], n_sink), scores], dim=-1)
+    return scores
+
+
+def check_expected_attention_fields(press: ScorerPress) -> None:
+    """Validation shared by the Expected Attention presses."""
+    for name in ("n_future_positions", "n_sink"):
+        value = getattr(press, name)
+        minimum = 1 if name == "n_future_positions" else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    for name in ("use_covariance", "use_vnorm"):
+        if not isinstance(getattr(press, name), bool):
+            raise TypeError(f"{name} must be a bool, got {getattr(press, name)!r}")
+    eps = press.epsilon
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"epsilon must be a number >= 0, got {eps!r}")
+    if not eps >= 0:
+        raise ValueError(f"epsilon must be >= 0, got {eps!r}")
+
+
+@register_press("expected_attention")
+@dataclass
+class ExpectedAttentionPress(ScorerPress):
+    """Keep the KV pairs that future queries, modelled as a Gaussian, are expected to attend to most.
+
+    Paper: "Expected Attention: KV Cache Compression by Estimating Attention from Future Queries Distribution",
+    https://arxiv.org/abs/2510.00636
+
+    Score: ``(â_i + epsilon)·‖v_i‖``, where ``â_i = softmax_i(s·μ̄ᵀk_i + s²·k_iᵀΣ̄k_i/2)`` averaged over the query
+    heads of each GQA group. ``μ`` and ``Σ`` (divided by N) are the moments of the pre-RoPE queries (QK-norm
+    applied) of the context tokens after the first ``n_sink``; ``μ̄ = R̄μ`` and ``Σ̄ = R̄ΣR̄ᵀ`` with ``R̄`` the RoPE
+    matrix averaged over the next ``n_future_positions`` positions; ``s`` is the module's scaling (``1/√d`` in the
+    paper; Gemma uses ``query_pre_attn_scalar``). The ``n_sink`` first tokens are always kept.
+
+    Where this differs from the paper: the paper uses ``‖W_o v_i‖`` in its formula but ``‖v_i‖`` in its
+    experiments (as here); it uses epsilon = 0.02 in all experiments except needle-in-a-haystack (epsilon = 0,
+    the default here, as in kvpress); and it ranks scores across the heads of a layer (AdaKV head-adaptive
+    budgets) — wrap this press in a head-adaptive press for that. The paper derives the query Gaussian from
+    Gaussian hidden states through the linear ``W_Q``; with QK-norm (Qwen3, Gemma3) the queries are not linear in
+    the hidden states, and the moments are taken from the normalised queries directly. Softcapped logits are not
+    modelled. A context of at most ``n_sink`` tokens treats its first ``seq_len - 1`` tokens as sinks.
+
+    Fields: ``compression_ratio`` (0.0), ``budget`` (None), ``n_future_positions`` (512), ``n_sink`` (4),
+    ``use_covariance`` (True), ``use_vnorm`` (True), ``epsilon`` (0.0).
+    """
+
+    n_future_positions: int = 512
+    n_sink: int = 4
+    use_covariance: bool = True
+    use_vnorm: bool = True
+    epsilon: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_expected_attention_fields(self)
+
+    def score(self, layer: LayerInputs) -> torch.Tensor:
+        n_sink = min(self.n_sink, layer.seq_len - 1)
+        queries = layer.adapter.query_states(layer.module, layer.hidden_states[:, n_sink:])  # pre-RoPE
+        mean, cov = query_moments(queries, self.use_covariance)
+        return expected_attention_scores(
+            layer, mean, cov, n_sink, self.n_future_positions, self.use_vnorm, self.epsilon
+        )
