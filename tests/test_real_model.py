@@ -1,0 +1,159 @@
+"""Real-model tests on the embedded default model (SmolLM2-135M-Instruct): needles in ~1.5k tokens of essays.
+
+These run offline on the CPU. The per-press table is printed to the terminal (not asserted) because a 135M
+model is fragile; what is asserted is that the uncompressed model finds the needle and that the calibrated
+Q-filters and Expected Attention keep it more often than Random on the same cases.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvsqueeze
+from kvsqueeze.needles import needle_cases
+
+pytestmark = pytest.mark.real_model
+
+N_CASES = 12
+N_TOKENS = 1500
+MAX_NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    model, tokenizer = kvsqueeze.load_model()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def calibrated(smollm):
+    """Calibrate the default model's artifacts once (reused from the user cache on later runs)."""
+    from kvsqueeze import calibration
+
+    model, tokenizer = smollm
+    paths = {}
+    for method in ("qfilters", "expected_attention_stats"):
+        path = calibration.default_artifact_path(model, method)
+        if not path.exists():
+            calibration.calibrate(model, tokenizer, method, progress=False)
+        paths[method] = path
+    return paths
+
+
+@pytest.fixture(scope="module")
+def cases(smollm):
+    return needle_cases(smollm[1], n_cases=N_CASES, n_tokens=N_TOKENS, seed=0)
+
+
+def _answers(pipe, case, presses: dict[str, kvsqueeze.Press]) -> dict[str, str]:
+    recorded = pipe.record(case.context)
+    return {
+        name: pipe.from_recorded(recorded, press).answer(case.question, max_new_tokens=MAX_NEW_TOKENS, answer_prefix=case.answer_prefix)
+        for name, press in presses.items()
+    }
+
+
+def test_needle_found_uncompressed(smollm, cases):
+    pipe = kvsqueeze.Pipeline(*smollm)
+    case = cases[0]
+    ctx = pipe.compress(case.context)
+    assert 1200 <= ctx.n_tokens <= 1700, ctx.n_tokens
+    answer = ctx.answer(case.question, max_new_tokens=MAX_NEW_TOKENS, answer_prefix=case.answer_prefix)
+    assert case.is_correct(answer), f"expected {case.answer} in {answer!r}"
+
+
+def test_which_presses_keep_the_needle_at_half(smollm, calibrated, cases, capsys):
+    """Report (in the test output) which registered presses still answer at r = 0.5."""
+    model, tokenizer = smollm
+    pipe = kvsqueeze.Pipeline(model, tokenizer)
+    case = cases[0]
+    recorded = pipe.record(case.context)
+    rows = []
+    for name in kvsqueeze.list_presses():
+        press = _default_press(name, 0.5)
+        if press.capabilities.needs_attention_weights:
+            rows.append((name, "(needs eager attention: see test_observed_attention_on_eager_model)", None))
+            continue
+        ctx = pipe.from_recorded(recorded, press)
+        answer = ctx.answer(case.question, max_new_tokens=MAX_NEW_TOKENS, answer_prefix=case.answer_prefix)
+        rows.append((name, answer, case.is_correct(answer)))
+        assert ctx.cache_bytes < ctx.full_cache_bytes, name
+    with capsys.disabled():
+        print(f"\nneedle {case.answer} at r=0.5 ({recorded.n_tokens} tokens):")
+        for name, answer, ok in rows:
+            mark = "-" if ok is None else ("KEEPS" if ok else "loses")
+            print(f"  {name:<26} {mark:<6} {answer!r}")
+    assert any(ok for _, _, ok in rows), "no press keeps the needle at r=0.5"
+
+
+def test_observed_attention_on_eager_model(cases):
+    model, tokenizer = kvsqueeze.load_model(attn_implementation="eager")
+    pipe = kvsqueeze.Pipeline(model, tokenizer)
+    case = cases[0]
+    ctx = pipe.compress(case.context, press=kvsqueeze.make_press("observed_attention", compression_ratio=0.5))
+    assert ctx.cache_bytes < ctx.full_cache_bytes
+    answer = ctx.answer(case.question, max_new_tokens=MAX_NEW_TOKENS, answer_prefix=case.answer_prefix)
+    print(f"observed_attention r=0.5: {answer!r} (needle {case.answer})")
+
+
+def _default_press(name: str, ratio: float) -> kvsqueeze.Press:
+    if name == "composed":
+        keep = 1 - ratio
+        inner = 1 - keep**0.5
+        return kvsqueeze.make_press(
+            name,
+            presses=[
+                kvsqueeze.make_press("expected_attention", compression_ratio=inner),
+                kvsqueeze.make_press("knorm", compression_ratio=inner),
+            ],
+        )
+    if name == "key_rerotation":
+        return kvsqueeze.make_press(name, press=kvsqueeze.make_press("streaming_llm", compression_ratio=ratio))
+    return kvsqueeze.make_press(name, compression_ratio=ratio)
+
+
+RATIOS = (0.25, 0.5)
+COMPARED = ("random", "qfilters", "expected_attention")
+
+
+@pytest.fixture(scope="module")
+def needle_hits(smollm, calibrated, cases):
+    """Needles kept per press and ratio over the same cases; each case is prefilled once for all of them."""
+    pipe = kvsqueeze.Pipeline(*smollm)
+    presses = {
+        (name, ratio): kvsqueeze.make_press(name, compression_ratio=ratio) for name in COMPARED for ratio in RATIOS
+    }
+    hits = dict.fromkeys(presses, 0)
+    for case in cases:
+        for key, answer in _answers(pipe, case, presses).items():
+            hits[key] += case.is_correct(answer)
+    return hits
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_calibrated_qfilters_and_expected_attention_beat_random(needle_hits, ratio, capsys):
+    hits = {name: needle_hits[name, ratio] for name in COMPARED}
+    with capsys.disabled():
+        print(f"\nneedles kept over {N_CASES} cases at r={ratio}: {hits}")
+    assert hits["qfilters"] > hits["random"], hits
+    assert hits["expected_attention"] > hits["random"], hits
+
+
+def test_generate_under_press_matches_positions(smollm, cases):
+    """``with press(model): model.generate(...)`` compresses the prompt and keeps logical positions."""
+    model, tokenizer = smollm
+    pipe = kvsqueeze.Pipeline(model, tokenizer)
+    case = cases[1]
+    ids = torch.cat([pipe.context_ids(case.context), pipe.question_ids(case.question)], dim=1)
+    press = kvsqueeze.make_press("knorm", compression_ratio=0.5)
+    with torch.inference_mode(), press(model) as report:
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    n_prompt, n_new = ids.shape[1], out.sequences.shape[1] - ids.shape[1]
+    # The last generated token is not fed back, so the cache has seen prompt + n_new - 1 tokens ...
+    assert cache.get_seq_length() == n_prompt + n_new - 1
+    # ... but stores only the kept half of the prompt plus the appended tokens.
+    kept = int(n_prompt * 0.5)
+    assert report.kept and all(k == kept for k in report.kept.values())
+    assert kvsqueeze.adapter.layer_lengths(cache) == [kept + n_new - 1] * len(cache.layers)
