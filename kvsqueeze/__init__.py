@@ -9,6 +9,7 @@ from kvsqueeze.adapter import ModelAdapter, UnsupportedModelError
 from kvsqueeze.presses import Capabilities, LayerInputs, Press, ScorerPress, list_presses, make_press, register_press
 from kvsqueeze.pipeline import CompressedContext, Pipeline
 from kvsqueeze.models import load_model
+from kvsqueeze import hf_pipeline as _hf_pipeline  # noqa: F401  registers the "kv-compression" pipeline task
 
 __version__ = "0.1.0"
 

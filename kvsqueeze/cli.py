@@ -1,0 +1,504 @@
+"""The ``kvsqueeze`` command line: list presses, compress a context and answer, run the offline demo, calibrate.
+
+Subcommands: ``ls`` (the press registry with fields and capabilities), ``models`` (embedded models), ``run``
+(compress one context file, answer one question, report measured cache bytes and timings), ``demo`` (a shipped
+document at several ratios) and ``calibrate`` (write a calibration artifact). Bad input prints one
+``error: ...`` line on stderr and exits with status 2; set ``KVSQUEEZE_DEBUG=1`` to get the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, NoReturn
+
+#: The question asked about ``kvsqueeze/data/demo.txt`` (Paul Graham's "Life is Short" with one added paragraph,
+#: at 40% of the text, stating a 7-digit access code), the start of the answer, and the code itself.
+DEMO_QUESTION = "What is the access code for the archive room? Answer with the 7-digit code only."
+DEMO_ANSWER_PREFIX = "The access code for the archive room is"
+DEMO_ANSWER = "4738215"
+#: On SmolLM2-135M at ratio 0.5, TOVA keeps the code (so do keydiff and lagkv); knorm, expected_attention and
+#: snapkv lose it, and streaming_llm keeps it only while the code lies in the recent part it keeps.
+DEMO_PRESS = "tova"
+DEMO_RATIOS = "0,0.25,0.5,0.75"
+
+_MB = 1e6
+
+
+class CLIError(Exception):
+    """A user error the CLI reports as one ``error: ...`` line (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one ``error: ...`` line like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument checks (all run before any model is loaded)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_ratio(text: str, flag: str = "--ratio") -> float:
+    """``text`` as a compression ratio in ``[0, 1)`` (the fraction of KV entries removed)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise CLIError(f"{flag} must be a number in [0, 1) (fraction of KV entries removed), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise CLIError(f"{flag} must be in [0, 1) (fraction of KV entries removed), got {text!r}")
+    return value
+
+
+def parse_ratios(text: str) -> list[float]:
+    """A comma-separated list of ratios, e.g. ``"0,0.25,0.5"``; duplicates are refused."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not parts or any(not p for p in parts):
+        raise CLIError(f"--ratios must be comma-separated numbers in [0, 1), e.g. {DEMO_RATIOS!r}; got {text!r}")
+    ratios = [parse_ratio(p, "--ratios") for p in parts]
+    if len(set(ratios)) != len(ratios):
+        raise CLIError(f"--ratios has duplicates: {text!r}")
+    return ratios
+
+
+def parse_press_options(items: Sequence[str] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; values are Python literals (``8``, ``0.5``, ``True``, ``None``) or plain strings."""
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise CLIError(f"--press-option takes KEY=VALUE (e.g. n_sink=8), got {item!r}")
+        if key in ("compression_ratio",):
+            raise CLIError("set the compression ratio with --ratio, not --press-option")
+        try:
+            options[key] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            options[key] = raw.strip()
+    return options
+
+
+def read_context(path: str) -> str:
+    """The text of ``path`` (``-`` reads stdin); a missing, unreadable or blank file is refused."""
+    if path == "-":
+        text = sys.stdin.read()
+    else:
+        file = Path(path)
+        if not file.exists():
+            raise CLIError(f"context file not found: {path}")
+        if not file.is_file():
+            raise CLIError(f"context path is not a file: {path}")
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise CLIError(f"context file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not text.strip():
+        raise CLIError(f"context is empty: {path} holds no text to compress")
+    return text
+
+
+def _positive(value: int, flag: str) -> int:
+    if value < 1:
+        raise CLIError(f"{flag} must be a positive integer, got {value}")
+    return value
+
+
+def build_press(name: str, ratio: float | None, options: dict[str, Any] | None = None):
+    """A fresh press from the registry, or None for ``none`` (no compression); validates before any model loads."""
+    from kvsqueeze.presses import make_press, press_class
+
+    options = options or {}
+    if name.strip().lower() == "none":
+        if ratio:
+            raise CLIError(f"--press none keeps every entry; it takes no --ratio (got {ratio})")
+        if options:
+            raise CLIError(f"--press none takes no --press-option (got {sorted(options)})")
+        return None
+    press_class(name)  # unknown name: KeyError with close matches
+    if ratio is None:
+        raise CLIError(f"--ratio is required with --press {name} (fraction of KV entries removed, e.g. 0.5)")
+    kwargs = dict(options)
+    if ratio:
+        kwargs["compression_ratio"] = ratio
+    return make_press(name, **kwargs)
+
+
+def load_for(model_name: str | None, press) -> tuple[Any, Any]:
+    """Load ``model_name`` with the attention implementation ``press`` needs (eager for attention weights)."""
+    from kvsqueeze.models import load_model
+
+    needs_eager = press is not None and press.capabilities.needs_attention_weights
+    return load_model(model_name, attn_implementation="eager" if needs_eager else "sdpa")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Formatting
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table with left-aligned columns."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _short(text: str, width: int = 48) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _jsonable(value: Any) -> Any:
+    """Field values as JSON: presses become ``{"type": registry name, fields...}``, the rest stays or is ``str``."""
+    from kvsqueeze.presses import Press
+
+    if isinstance(value, Press):
+        return press_config(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def press_config(press) -> dict[str, Any] | None:
+    """``{"type": name, <field>: value, ...}`` for a press (None for no press)."""
+    if press is None:
+        return None
+    out: dict[str, Any] = {"type": getattr(type(press), "registry_name", type(press).__name__)}
+    for f in dataclasses.fields(press):
+        out[f.name] = _jsonable(getattr(press, f.name))
+    return out
+
+
+def _default_repr(f: dataclasses.Field) -> tuple[bool, Any]:
+    """``(required, default)`` of a dataclass field; factories are called to show what they produce."""
+    if f.default is not dataclasses.MISSING:
+        return False, f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return False, f.default_factory()  # type: ignore[misc]
+    return True, None
+
+
+def press_info(name: str) -> dict[str, Any]:
+    """Everything ``kvsqueeze ls`` shows about one registered press."""
+    from kvsqueeze.presses import press_class
+    from kvsqueeze.presses.registry import press_fields
+
+    cls = press_class(name)
+    fields = []
+    for f in press_fields(name):
+        required, default = _default_repr(f)
+        fields.append(
+            {"name": f.name, "type": f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)),
+             "required": required, "default": None if required else _jsonable(default)}
+        )
+    # Read the raw class attribute: wrappers define ``capabilities`` as a property of the wrapped presses.
+    caps = next(k.__dict__["capabilities"] for k in cls.__mro__ if "capabilities" in k.__dict__)
+    if isinstance(caps, property):
+        capabilities = None
+    else:
+        capabilities = {
+            f.name: sorted(v) if isinstance(v := getattr(caps, f.name), frozenset) else v
+            for f in dataclasses.fields(caps)
+        }
+    doc = (cls.__doc__ or "").strip().splitlines()
+    return {
+        "name": name,
+        "class": cls.__name__,
+        "module": cls.__module__,
+        "base": cls.__mro__[1].__name__,
+        "summary": doc[0].strip() if doc else "",
+        "fields": fields,
+        "capabilities": capabilities,
+    }
+
+
+def _format_press_info(info: dict[str, Any]) -> str:
+    fields = ", ".join(
+        f"{f['name']}: {f['type']}" + (" (required)" if f["required"] else f" = {f['default']!r}")
+        for f in info["fields"]
+    )
+    if info["capabilities"] is None:
+        caps = "computed from the wrapped press(es)"
+    else:
+        caps = " ".join(
+            f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in info["capabilities"].items()
+        )
+    return (
+        f"{info['name']}  ({info['class']}, a {info['base']})\n"
+        f"  {info['summary']}\n"
+        f"  fields:       {fields}\n"
+        f"  capabilities: {caps}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Subcommands
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """List every registered press with its fields (and defaults) and capabilities."""
+    from kvsqueeze.presses import list_presses
+
+    infos = [press_info(n) for n in list_presses()]
+    if args.json:
+        print(json.dumps({"presses": infos}, default=str))
+        return 0
+    print(f"{len(infos)} registered presses (kvsqueeze ls --json for machine-readable output)\n")
+    print("\n\n".join(_format_press_info(i) for i in infos))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the embedded models ``--model`` accepts by short name."""
+    from kvsqueeze.models import DEFAULT_MODEL, list_models
+
+    models = list_models()
+    if args.json:
+        print(json.dumps({"default": DEFAULT_MODEL, "models": models}))
+        return 0
+    rows = [(n + (" (default)" if n == DEFAULT_MODEL else ""), d) for n, d in models.items()]
+    print(format_table(["name", "description"], rows))
+    print("\nAlso accepted: a local model directory, or a hub id (needs network access).")
+    return 0
+
+
+def _bytes_summary(ctx) -> dict[str, Any]:
+    before, after = ctx.full_cache_bytes, ctx.cache_bytes
+    return {
+        "cache_bytes_before": before,
+        "cache_bytes_after": after,
+        "saved_fraction": 1.0 - after / before if before else 0.0,
+        "measured_ratio": ctx.report.measured_ratio,
+    }
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Compress one context with one press, answer one question, report measured bytes and timings."""
+    from kvsqueeze.pipeline import Pipeline
+
+    ratio = None if args.ratio is None else parse_ratio(args.ratio)
+    press = build_press(args.press, ratio, parse_press_options(args.press_option))
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    if not args.question.strip():
+        raise CLIError("--question is empty")
+    context = read_context(args.context)
+
+    model, tokenizer = load_for(args.model, press)
+    pipe = Pipeline(model, tokenizer)
+    ctx = pipe.compress(context, press=press)
+    answer = ctx.answer(args.question, max_new_tokens=args.max_new_tokens, answer_prefix=args.answer_prefix)
+
+    compression = ctx.compression_seconds
+    result = {
+        "model": model.name_or_path,
+        "attn_implementation": pipe.adapter.attn_implementation,
+        "press": press_config(press),
+        "context_tokens": ctx.n_tokens,
+        "question": args.question,
+        "answer": answer,
+        **_bytes_summary(ctx),
+        "prefill_seconds": ctx.prefill_seconds - compression,
+        "compression_seconds": compression,
+        "prefill_and_compression_seconds": ctx.prefill_seconds,
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    press_text = "none (no compression)" if press is None else f"{args.press}: {press!r}"
+    print(f"answer: {answer}\n")
+    print(f"model:        {result['model']} ({result['attn_implementation']} attention)")
+    print(f"press:        {press_text}")
+    print(f"context:      {ctx.n_tokens} tokens")
+    print(
+        f"cache:        {result['cache_bytes_before'] / _MB:.2f} MB -> {result['cache_bytes_after'] / _MB:.2f} MB "
+        f"({100 * result['saved_fraction']:.1f}% saved, measured; "
+        f"{100 * result['measured_ratio']:.1f}% of the entries of the compressed layers removed)"
+    )
+    print(f"prefill:      {result['prefill_seconds']:.3f} s")
+    print(f"compression:  {compression:.3f} s (inside the prefill; total {ctx.prefill_seconds:.3f} s)")
+    return 0
+
+
+def demo_text() -> str:
+    """The shipped demo document (``kvsqueeze/data/demo.txt``): essay text with one access code in it."""
+    return (resources.files("kvsqueeze") / "data" / "demo.txt").read_text(encoding="utf-8")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Compress the shipped document at several ratios and answer the same question from each."""
+    from tqdm.auto import tqdm
+
+    from kvsqueeze.pipeline import Pipeline
+    from kvsqueeze.presses import press_class
+
+    ratios = parse_ratios(args.ratios)
+    press_name = args.press
+    if press_name.strip().lower() == "none":
+        if any(ratios):
+            raise CLIError("--press none cannot compress; use --ratios 0 or pick a press (kvsqueeze ls)")
+    else:
+        press_class(press_name)  # unknown name: KeyError with close matches
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    presses = [build_press(press_name, r) if r else None for r in ratios]
+    pressed = [p for p in presses if p is not None]
+    caps = pressed[0].capabilities if pressed else None
+
+    model, tokenizer = load_for(args.model, pressed[0] if pressed else None)
+    pipe = Pipeline(model, tokenizer)
+    text = demo_text()
+    # One shared prefill when the press can work from recorded layer inputs; otherwise one prefill per ratio.
+    shared = caps is None or not (caps.extra_passes or caps.needs_attention_weights)
+    recorded = pipe.record(text) if shared else None
+
+    rows, results = [], []
+    steps = tqdm(list(zip(ratios, presses, strict=True)), desc=f"demo ({press_name})", unit="ratio", file=sys.stderr)
+    for ratio, press in steps:
+        ctx = pipe.from_recorded(recorded, press) if shared else pipe.compress(text, press=press)
+        answer = ctx.answer(DEMO_QUESTION, max_new_tokens=args.max_new_tokens, answer_prefix=DEMO_ANSWER_PREFIX)
+        sizes = _bytes_summary(ctx)
+        compression = ctx.compression_seconds
+        correct = DEMO_ANSWER in answer
+        results.append(
+            {"ratio": ratio, "answer": answer, "correct": correct, **sizes,
+             "prefill_seconds": ctx.prefill_seconds - compression, "compression_seconds": compression}
+        )
+        rows.append(
+            (f"{ratio:.2f}", "yes" if correct else "NO", _short(answer), f"{sizes['cache_bytes_after'] / _MB:.2f}",
+             f"{100 * sizes['saved_fraction']:.1f}", f"{ctx.prefill_seconds - compression:.2f}", f"{compression:.3f}")
+        )
+    summary = {
+        "model": model.name_or_path,
+        "press": press_name,
+        "context_tokens": recorded.n_tokens if recorded is not None else pipe.context_ids(text).shape[1],
+        "question": DEMO_QUESTION,
+        "answer_prefix": DEMO_ANSWER_PREFIX,
+        "expected": DEMO_ANSWER,
+        "shared_prefill": shared,
+        "results": results,
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"model {summary['model']}, press {press_name}, {summary['context_tokens']} context tokens")
+    print(f"question: {DEMO_QUESTION}\nanswer starts with: {DEMO_ANSWER_PREFIX!r}  (expected: {DEMO_ANSWER})\n")
+    print(format_table(["ratio", "correct", "answer", "cache MB", "saved %", "prefill s", "compress s"], rows))
+    note = "one prefill shared by every ratio" if shared else "one prefill per ratio"
+    print(f"\ncache MB and saved % are measured tensor bytes of the KV cache; {note}.")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Compute a calibration artifact with ``kvsqueeze.calibration.calibrate`` and print where it was written."""
+    _positive(args.n_sequences, "--n-sequences")
+    _positive(args.seq_len, "--seq-len")
+    _positive(args.n_samples, "--n-samples")
+    from kvsqueeze.calibration import METHODS, calibrate  # the heavy part, imported only for this command
+
+    if args.method not in METHODS:
+        raise CLIError(f"unknown calibration method {args.method!r}; known methods: {', '.join(METHODS)}")
+    from kvsqueeze.models import load_model
+
+    model, tokenizer = load_model(args.model)
+    path = calibrate(
+        model,
+        tokenizer,
+        args.method,
+        n_sequences=args.n_sequences,
+        seq_len=args.seq_len,
+        n_samples=args.n_samples,
+        output=args.output,
+        progress=True,
+    )
+    print(path)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parser and entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``kvsqueeze`` command."""
+    parser = _Parser(prog="kvsqueeze", description="Compress the KV cache of Hugging Face causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    model_help = "embedded model name (kvsqueeze models), local directory or hub id; default: smollm2-135m"
+
+    p = sub.add_parser("ls", help="list registered presses with their fields and capabilities")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("models", help="list the embedded models")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("run", help="compress a context file and answer a question from the compressed cache")
+    p.add_argument("--press", required=True, help="press name (kvsqueeze ls), or 'none' for no compression")
+    p.add_argument("--ratio", help="compression ratio in [0, 1): fraction of KV entries removed")
+    p.add_argument("--context", required=True, metavar="FILE", help="UTF-8 text file to compress ('-': stdin)")
+    p.add_argument("--question", required=True, help="question answered from the compressed context")
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32)")
+    p.add_argument("--answer-prefix", default="", help="text the answer starts with (e.g. 'The code is')")
+    p.add_argument(
+        "--press-option", action="append", metavar="KEY=VALUE", help="set another press field, e.g. n_sink=8"
+    )
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="offline demo: one shipped document at several compression ratios")
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--press", default=DEMO_PRESS, help=f"press name (default {DEMO_PRESS})")
+    p.add_argument("--ratios", default=DEMO_RATIOS, help=f"comma-separated ratios (default {DEMO_RATIOS})")
+    p.add_argument("--max-new-tokens", type=int, default=12, help="answer length limit (default 12)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("calibrate", help="compute a calibration artifact (Q-filters, query statistics)")
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--method", required=True, help="qfilters or expected_attention_stats")
+    p.add_argument("--output", default=None, help="where to write (default: where the presses look for it)")
+    p.add_argument("--n-sequences", type=int, default=20, help="calibration sequences (default 20)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--n-samples", type=int, default=3000, help="qfilters: queries sampled per head (default 3000)")
+    p.set_defaults(func=cmd_calibrate)
+    return parser
+
+
+def _message(exc: BaseException) -> str:
+    # KeyError's str() is the repr of its argument; show the message itself.
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(str(text).split()) or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``kvsqueeze`` command line; returns the exit status (0 on success, 2 on a user error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, TypeError, KeyError, OSError, ImportError) as exc:
+        if os.environ.get("KVSQUEEZE_DEBUG"):
+            raise
+        print(f"error: {_message(exc)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

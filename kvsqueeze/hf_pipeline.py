@@ -1,0 +1,167 @@
+"""The ``"kv-compression"`` task for ``transformers.pipeline``, delegating to :class:`kvsqueeze.Pipeline`.
+
+Importing this module registers the task in transformers' ``PIPELINE_REGISTRY`` (an added registry entry; no
+transformers function is patched)::
+
+    import kvsqueeze  # registers "kv-compression"
+    from transformers import pipeline
+
+    pipe = pipeline("kv-compression", model=model, tokenizer=tokenizer)
+    pipe(context, question="What is the code?", press=make_press("knorm", compression_ratio=0.5))
+    # {"answer": "..."}; several questions (question=[...]) give [{"answer": ...}, ...]
+
+The context is prefilled and compressed once per call, then every question is answered from that one compressed
+cache (see :class:`kvsqueeze.pipeline.CompressedContext`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoModelForCausalLM
+from transformers import Pipeline as _HFPipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from kvsqueeze.pipeline import Pipeline
+from kvsqueeze.presses.base import Press
+
+TASK = "kv-compression"
+
+# Keyword arguments forwarded to CompressedContext.answer, with their expected types.
+_ANSWER_KWARGS = {
+    "max_new_tokens": int,
+    "answer_prefix": str,
+    "do_sample": bool,
+    "temperature": (int, float),
+    "top_p": (int, float),
+    "seed": int,
+}
+
+
+class KVCompressionPipeline(_HFPipeline):
+    """Answer questions about a context from its compressed KV cache.
+
+    Call it as ``pipe(context, question=..., press=..., max_new_tokens=...)``.
+
+    Parameters (of the call)
+    ------------------------
+    context : str
+        The text that is prefilled and compressed (a list of strings runs each one in turn).
+    question : str or list of str
+        One question (returns ``{"answer": str}``) or several (returns ``[{"answer": str}, ...]``, all
+        answered from the same compressed cache). ``questions=`` is accepted as an alias.
+    press : kvsqueeze.Press or None, default None
+        The compression method (``kvsqueeze.make_press(...)``); None keeps the whole cache.
+    max_new_tokens : int, default 32
+    answer_prefix : str, default ""
+        Text the answer starts with (not part of the returned answer).
+    do_sample, temperature, top_p, seed
+        Sampling settings of :meth:`kvsqueeze.pipeline.CompressedContext.answer` (greedy by default).
+    use_chat_template : bool or None, default None
+        Given when building the pipeline: wrap context and question in the tokenizer's chat template (None: when
+        the tokenizer has one).
+
+    Notes
+    -----
+    Batching (``batch_size > 1``) is not supported: each context is compressed on its own. A press that needs
+    attention weights requires a model loaded with ``attn_implementation="eager"``; the press says so when it
+    is not.
+    """
+
+    _load_tokenizer = True
+    _load_processor = False
+    _load_image_processor = False
+    _load_video_processor = False
+    _load_feature_extractor = False
+    _pipeline_calls_generate = False
+
+    def __init__(self, *args: Any, use_chat_template: bool | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.tokenizer is None:
+            raise ValueError(f"the {TASK!r} pipeline needs a tokenizer; pass tokenizer=... to transformers.pipeline")
+        self.kv_pipeline = Pipeline(self.model, self.tokenizer, use_chat_template=use_chat_template)
+
+    def __call__(self, context: str | list[str], **kwargs: Any) -> dict[str, str] | list:
+        """Answer ``question`` about ``context`` (see the class docstring for the parameters)."""
+        batch_size = kwargs.get("batch_size") or self._batch_size
+        if batch_size not in (None, 1):
+            raise ValueError(f"the {TASK!r} pipeline compresses one context at a time; got batch_size={batch_size}")
+        return super().__call__(context, **kwargs)
+
+    def _sanitize_parameters(
+        self,
+        question: str | list[str] | None = None,
+        questions: str | list[str] | None = None,
+        press: Press | None = None,
+        **answer_kwargs: Any,
+    ) -> tuple[dict, dict, dict]:
+        forward: dict[str, Any] = {}
+        if question is not None and questions is not None:
+            raise ValueError("give either question= or questions=, not both")
+        asked = question if question is not None else questions
+        if asked is not None:
+            forward["questions"] = _check_questions(asked)
+        if press is not None:
+            if not isinstance(press, Press):
+                raise TypeError(
+                    f"press must be a kvsqueeze Press (kvsqueeze.make_press(...)) or None, got {type(press).__name__}"
+                )
+            forward["press"] = press
+        for key, value in answer_kwargs.items():
+            expected = _ANSWER_KWARGS.get(key)
+            if expected is None:
+                raise TypeError(
+                    f"unexpected argument {key!r} for the {TASK!r} pipeline; it takes question, press and "
+                    f"{', '.join(_ANSWER_KWARGS)}"
+                )
+            if value is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
+                raise TypeError(f"{key} has the wrong type: got {value!r}")
+            if value is not None:  # one forward parameter each, so call-time values override init-time ones
+                forward[key] = value
+        return {}, forward, {}
+
+    def preprocess(self, context: str) -> dict[str, Any]:
+        if not isinstance(context, str):
+            raise TypeError(f"context must be a string, got {type(context).__name__}")
+        if not context.strip():
+            raise ValueError(f"context is empty ({context!r}); there is nothing to compress")
+        return {"context": context}
+
+    def _forward(
+        self,
+        model_inputs: dict[str, Any],
+        questions: str | list[str] | None = None,
+        press: Press | None = None,
+        **answer_kwargs: Any,
+    ) -> dict[str, Any]:
+        if questions is None:
+            raise ValueError(f"the {TASK!r} pipeline needs a question: pipe(context, question='...')")
+        ctx = self.kv_pipeline.compress(model_inputs["context"], press=press)
+        asked = [questions] if isinstance(questions, str) else questions
+        answers = [ctx.answer(q, **answer_kwargs) for q in asked]
+        return {"answers": answers, "single": isinstance(questions, str)}
+
+    def postprocess(self, model_outputs: dict[str, Any]) -> dict[str, str] | list[dict[str, str]]:
+        answers = [{"answer": a} for a in model_outputs["answers"]]
+        return answers[0] if model_outputs["single"] else answers
+
+
+def _check_questions(questions: Any) -> str | list[str]:
+    if isinstance(questions, str):
+        return questions
+    if isinstance(questions, (list, tuple)) and questions and all(isinstance(q, str) for q in questions):
+        return list(questions)
+    raise TypeError(f"question must be a string or a non-empty list of strings, got {questions!r}")
+
+
+def register() -> None:
+    """Register the ``"kv-compression"`` task (idempotent; done when :mod:`kvsqueeze` is imported)."""
+    impl = PIPELINE_REGISTRY.supported_tasks.get(TASK)
+    if impl is not None and impl.get("impl") is KVCompressionPipeline:
+        return
+    PIPELINE_REGISTRY.register_pipeline(
+        TASK, pipeline_class=KVCompressionPipeline, pt_model=AutoModelForCausalLM, type="text"
+    )
+
+
+register()
