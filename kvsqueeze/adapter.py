@@ -232,13 +232,37 @@ class ModelAdapter:
         return {self.cache_kwarg: cache}
 
     # -- query / key recomputation -----------------------------------------------------------------------------
-    def _project_queries(self, module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def query_projection(module: nn.Module) -> nn.Module:
+        """The linear layer whose output holds the queries (``q_proj``, or Phi-3's fused ``qkv_proj``)."""
+        return module.q_proj if hasattr(module, "q_proj") else module.qkv_proj
+
+    def register_query_capture(self, store: dict[int, torch.Tensor], layers: list[int] | None = None) -> list[Any]:
+        """Keep each layer's query-projection output in ``store[layer_idx]`` during a forward pass.
+
+        Presses that need the context's queries then reuse the ones the model computed instead of projecting the
+        hidden states a second time (a full ``q_proj`` pass per layer).
+        """
+        layers = self.compressible_layers if layers is None else layers
+
+        def make_hook(idx: int):
+            def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+                store[idx] = output
+
+            return hook
+
+        return [
+            self.query_projection(self.attention_modules[i]).register_forward_hook(make_hook(i)) for i in layers
+        ]
+
+    def _project_queries(
+        self, module: nn.Module, hidden_states: torch.Tensor, projected: torch.Tensor | None = None
+    ) -> torch.Tensor:
         bsz, q_len, _ = hidden_states.shape
         d, h = self.shape.head_dim, self.shape.num_attention_heads
-        if hasattr(module, "q_proj"):
-            q = module.q_proj(hidden_states)
-        else:  # phi3: fused qkv projection, queries first
-            q = module.qkv_proj(hidden_states)[..., : h * d]
+        q = self.query_projection(module)(hidden_states) if projected is None else projected
+        if not hasattr(module, "q_proj"):  # phi3: fused qkv projection, queries first
+            q = q[..., : h * d]
         q = q.view(bsz, q_len, h, d)
         if hasattr(module, "q_norm"):  # qwen3 / gemma3 QK-norm, applied before RoPE
             q = module.q_norm(q)
@@ -262,12 +286,14 @@ class ModelAdapter:
         module: nn.Module,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        projected: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Queries ``(bsz, num_heads, q_len, head_dim)`` for ``hidden_states`` (the attention input).
 
-        Pre-RoPE (QK-norm applied) when ``position_embeddings`` is None, post-RoPE otherwise.
+        Pre-RoPE (QK-norm applied) when ``position_embeddings`` is None, post-RoPE otherwise. ``projected`` is the
+        query projection's output for these hidden states when it was captured during the forward pass.
         """
-        q = self._project_queries(module, hidden_states)
+        q = self._project_queries(module, hidden_states, projected)
         if position_embeddings is not None:
             q = apply_rope(q, *position_embeddings)
         return q

@@ -74,6 +74,7 @@ def record_prefill(model: nn.Module, input_ids: torch.Tensor, keep_attentions: b
         )
     cache = adapter.new_cache()
     recorded: dict[int, LayerInputs] = {}
+    queries: dict[int, torch.Tensor] = {}
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         idx = module.layer_idx
@@ -88,9 +89,10 @@ def record_prefill(model: nn.Module, input_ids: torch.Tensor, keep_attentions: b
             values=values,
             position_embeddings=kwargs["position_embeddings"],
             attentions=attentions,
+            projected_queries=queries.pop(idx, None),
         )
 
-    handles = adapter.register_attention_hooks(hook)
+    handles = adapter.register_query_capture(queries) + adapter.register_attention_hooks(hook)
     start = time.perf_counter()
     try:
         model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **adapter.model_call_kwargs(cache))

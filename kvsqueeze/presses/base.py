@@ -96,6 +96,9 @@ class LayerInputs:
         ``cos, sin`` used at this layer, ``(bsz, seq_len, rotary_dim)``.
     attentions : Tensor or None
         Attention weights ``(bsz, num_heads, seq_len, seq_len)`` when the model ran eager attention.
+    projected_queries : Tensor or None
+        The query projection's output ``(bsz, seq_len, out_features)`` captured during the forward pass, so
+        :meth:`queries` does not project the hidden states again.
     """
 
     adapter: A.ModelAdapter
@@ -106,6 +109,7 @@ class LayerInputs:
     values: torch.Tensor
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
     attentions: torch.Tensor | None = None
+    projected_queries: torch.Tensor | None = None
 
     @property
     def seq_len(self) -> int:
@@ -115,14 +119,20 @@ class LayerInputs:
     def num_layers(self) -> int:
         return self.adapter.shape.num_layers
 
-    def queries(self, rope: bool = True, last: int | None = None) -> torch.Tensor:
-        """Recomputed queries ``(bsz, num_heads, n, head_dim)`` of the last ``last`` tokens (all by default)."""
-        hidden = self.hidden_states if last is None else self.hidden_states[:, -last:]
+    def queries(self, rope: bool = True, last: int | None = None, first: int = 0) -> torch.Tensor:
+        """Queries ``(bsz, num_heads, n, head_dim)`` of tokens ``first …`` (or of the last ``last`` tokens).
+
+        Post-RoPE by default, pre-RoPE (QK-norm applied) with ``rope=False``. Reuses the projection captured
+        during the forward pass when there is one.
+        """
+        span = slice(-last, None) if last is not None else slice(first, None)
+        hidden = self.hidden_states[:, span]
+        projected = None if self.projected_queries is None else self.projected_queries[:, span]
         pe = None
         if rope:
             cos, sin = self.position_embeddings
-            pe = (cos, sin) if last is None else (cos[:, -last:], sin[:, -last:])
-        return self.adapter.query_states(self.module, hidden, pe)
+            pe = (cos[:, span], sin[:, span])
+        return self.adapter.query_states(self.module, hidden, pe, projected)
 
     def replace(self, **changes: Any) -> LayerInputs:
         """A copy with some fields changed (used by wrappers that chain presses)."""
@@ -240,12 +250,13 @@ class Press:
             report.seen[layer.layer_idx] = layer.seq_len
             report.bytes_before[layer.layer_idx] = bytes_before
 
-    def _hook(self, adapter: A.ModelAdapter, report: CompressionReport):
+    def _hook(self, adapter: A.ModelAdapter, report: CompressionReport, queries: dict[int, torch.Tensor]):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            idx = module.layer_idx
+            projected = queries.pop(idx, None)
             cache = adapter.cache_from_call(kwargs)
             if cache is None:
                 return
-            idx = module.layer_idx
             hidden = adapter.hidden_states_from_call(args, kwargs)
             # Compress once: in the forward that filled this layer from empty (its prefill).
             if A.is_compressed_layer(cache, idx) or A.layer_logical_length(cache, idx) != hidden.shape[1]:
@@ -261,6 +272,7 @@ class Press:
                 values=values,
                 position_embeddings=kwargs["position_embeddings"],
                 attentions=attentions,
+                projected_queries=projected,
             )
             self.apply(layer, cache, report)
 
@@ -271,7 +283,9 @@ class Press:
         adapter = A.ModelAdapter(model)
         self.validate(adapter)
         report = CompressionReport()
-        handles = adapter.register_attention_hooks(self._hook(adapter, report))
+        queries: dict[int, torch.Tensor] = {}
+        handles = adapter.register_query_capture(queries)
+        handles += adapter.register_attention_hooks(self._hook(adapter, report, queries))
         try:
             with adapter.aligned_masks():
                 yield report

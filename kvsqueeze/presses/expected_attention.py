@@ -188,7 +188,7 @@ class ExpectedAttentionPress(ScorerPress):
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
         n_sink = min(self.n_sink, layer.seq_len - 1)
-        queries = layer.adapter.query_states(layer.module, layer.hidden_states[:, n_sink:])  # pre-RoPE
+        queries = layer.queries(rope=False, first=n_sink)  # pre-RoPE, QK-norm applied
         mean, cov = query_moments(queries, self.use_covariance)
         return expected_attention_scores(
             layer, mean, cov, n_sink, self.n_future_positions, self.use_vnorm, self.epsilon
