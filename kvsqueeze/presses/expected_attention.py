@@ -28,43 +28,42 @@ def query_moments(queries: torch.Tensor, use_covariance: bool = True) -> tuple[t
     return mean, cov
 
 
-def average_rotation(
+def average_rope(
     adapter: ModelAdapter, layer_idx: int, start: int, n_positions: int, device: torch.device
-) -> torch.Tensor:
-    """The RoPE rotation of layer ``layer_idx`` averaged over positions ``[start, start + n_positions)``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``cos`` and ``sin`` ``(rotary_dim,)`` of layer ``layer_idx`` over positions ``[start, start + n)``.
 
     transformers applies RoPE as ``x·cos + rotate_half(x)·sin``, i.e. the matrix ``diag(cos) + diag(sin)·P`` with
     ``P = [[0, -I], [I, 0]]`` on the first ``rotary_dim`` channels (identity on the rest, for partial rotary).
-    The average over positions is ``diag(mean cos) + diag(mean sin)·P``: not a rotation any more (it shrinks
-    the fast-turning channels towards zero). ``cos``/``sin`` come from the model's own rotary module, so RoPE
-    scaling (Llama-3, YaRN attention factor) and per-layer-type frequencies (Gemma-3) are included.
-
-    Returns
-    -------
-    Tensor
-        ``(head_dim, head_dim)`` float32 matrix ``R̄`` acting on column vectors.
+    The average rotation ``R̄`` over positions is therefore ``diag(mean cos) + diag(mean sin)·P``: not a rotation
+    any more (it shrinks the fast-turning channels towards zero). ``cos``/``sin`` come from the model's own rotary
+    module, so RoPE scaling (Llama-3, YaRN attention factor) and per-layer-type frequencies (Gemma-3) are included.
     """
     positions = torch.arange(start, start + n_positions, device=device).unsqueeze(0)
     like = torch.zeros(1, dtype=torch.float32, device=device)
     cos, sin = adapter.rope(layer_idx, positions, like)  # (1, n_positions, rotary_dim)
-    mean_cos, mean_sin = cos[0].float().mean(dim=0), sin[0].float().mean(dim=0)
-    rot, half, head_dim = mean_cos.shape[0], mean_cos.shape[0] // 2, adapter.shape.head_dim
-    eye = torch.eye(half, device=device)
-    swap = torch.zeros(rot, rot, device=device)
-    swap[:half, half:] = -eye  # rotate_half(x) = (-x2, x1)
-    swap[half:, :half] = eye
-    rotation = torch.eye(head_dim, device=device)
-    rotation[:rot, :rot] = torch.diag(mean_cos) + mean_sin.unsqueeze(1) * swap
-    return rotation
+    return cos[0].float().mean(dim=0), sin[0].float().mean(dim=0)
+
+
+def _apply_average_rope(x: torch.Tensor, mean_cos: torch.Tensor, mean_sin: torch.Tensor) -> torch.Tensor:
+    """``x R̄ᵀ`` for ``x`` ``(..., head_dim)``: ``R̄`` applied to every vector along the last dim, without building
+    the matrix (channels past ``rotary_dim`` pass through)."""
+    rot = mean_cos.shape[0]
+    x_rot = x[..., :rot]
+    half = rot // 2
+    turned = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)  # rotate_half
+    out = x_rot * mean_cos + turned * mean_sin
+    return torch.cat([out, x[..., rot:]], dim=-1) if x.shape[-1] > rot else out
 
 
 def rotate_moments(
-    rotation: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor | None
+    mean_cos: torch.Tensor, mean_sin: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``R̄μ`` and ``R̄ΣR̄ᵀ`` for moments of shapes ``(..., head_dim)`` and ``(..., head_dim, head_dim)``."""
-    mean = mean @ rotation.T
+    mean = _apply_average_rope(mean, mean_cos, mean_sin)
     if cov is not None:
-        cov = rotation @ cov @ rotation.T
+        left = _apply_average_rope(cov.transpose(-1, -2), mean_cos, mean_sin).transpose(-1, -2)  # R̄Σ
+        cov = _apply_average_rope(left, mean_cos, mean_sin)  # (R̄Σ)R̄ᵀ
     return mean, cov
 
 
@@ -99,9 +98,11 @@ def expected_attention(
     mu = mean.reshape(bsz, num_kv, group, head_dim)  # query head h reads KV head h // group
     logits = torch.einsum("bknd,bkgd->bkgn", k, mu) * scaling
     if cov is not None:
-        sigma = cov.reshape(bsz, num_kv, group, head_dim, head_dim)
-        k_sigma = torch.einsum("bknd,bkgde->bkgne", k, sigma)  # (bsz, num_kv, group, n, head_dim)
-        logits = logits + (k_sigma * k.unsqueeze(2)).sum(dim=-1) * (scaling**2 / 2)
+        # One matmul per KV head against its group's covariances side by side: (n, d) @ (d, group·d).
+        sigma = cov.reshape(bsz, num_kv, group, head_dim, head_dim).permute(0, 1, 3, 2, 4)
+        k_sigma = k @ sigma.reshape(bsz, num_kv, head_dim, group * head_dim)  # (bsz, num_kv, n, group·d)
+        quad = (k_sigma.view(*k.shape[:3], group, head_dim) * k.unsqueeze(3)).sum(dim=-1)  # kᵀΣk (.., n, group)
+        logits = logits + quad.transpose(-1, -2) * (scaling**2 / 2)
     return logits.softmax(dim=-1).mean(dim=2)
 
 
@@ -121,8 +122,8 @@ def expected_attention_scores(
     ``use_vnorm``, and the sinks get the maximum score + 1 so they are always kept.
     """
     seq_len = layer.seq_len
-    rotation = average_rotation(layer.adapter, layer.layer_idx, seq_len, n_future_positions, layer.keys.device)
-    mean, cov = rotate_moments(rotation, mean, cov)
+    mean_cos, mean_sin = average_rope(layer.adapter, layer.layer_idx, seq_len, n_future_positions, layer.keys.device)
+    mean, cov = rotate_moments(mean_cos, mean_sin, mean, cov)
     scaling = layer.adapter.scaling(layer.module)
     scores = expected_attention(layer.keys[:, :, n_sink:], mean, cov, scaling)
     if use_vnorm:
