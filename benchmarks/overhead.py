@@ -25,7 +25,6 @@ import platform
 import statistics
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -33,25 +32,19 @@ import torch
 from tqdm.auto import tqdm
 
 import kvsqueeze
-from kvsqueeze import Pipeline, load_model, make_press
+from kvsqueeze import Pipeline, corpus, load_model, make_press
 from kvsqueeze.models import cache_root, resolve_name
 from kvsqueeze.presses import ScorerPress, list_presses, press_class
 
 #: The issue's target for the presses that need no attention weights.
 TARGET_RATIO = 1.05
 TARGET_PRESSES = ("knorm", "expected_attention", "qfilters", "keydiff")
-#: Essays checked into the shared workspace, used when the package data is missing.
-FALLBACK_ESSAYS = Path("/work/shared/data/paul_graham_essays")
-
-
 def essays_dir(explicit: str | None = None) -> Path:
-    """The essay folder: ``explicit``, else the package data (``kvsqueeze/data/essays``), else the fallback."""
-    candidates = [Path(explicit)] if explicit else [Path(str(resources.files("kvsqueeze") / "data" / "essays")),
-                                                    FALLBACK_ESSAYS]
-    for folder in candidates:
-        if folder.is_dir() and any(folder.glob("*.txt")):
-            return folder
-    raise FileNotFoundError(f"no essays (*.txt) in {', '.join(map(str, candidates))}")
+    """The essay folder: ``explicit``, else the essays shipped as package data."""
+    folder = Path(explicit) if explicit else corpus.essays_dir()
+    if not (folder.is_dir() and any(folder.glob("*.txt"))):
+        raise FileNotFoundError(f"no essays (*.txt) in {folder}")
+    return folder
 
 
 def essay_context(tokenizer, n_tokens: int, folder: Path) -> str:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
+
+from kvsqueeze.corpus import essays
 
 NEEDLE = "The special magic number for {key} is {value}."
 QUESTION = "What is the special magic number for {key}? Answer with the number only."
@@ -31,19 +31,6 @@ class NeedleCase:
 
     def is_correct(self, prediction: str) -> bool:
         return self.answer in prediction
-
-
-def essay_dir() -> Path:
-    """Directory of the shipped essays (package data)."""
-    return Path(str(resources.files("kvsqueeze") / "data" / "essays"))
-
-
-def essays() -> list[str]:
-    """The shipped essays, sorted by file name."""
-    paths = sorted(essay_dir().glob("*.txt"))
-    if not paths:
-        raise FileNotFoundError(f"no essays found in {essay_dir()} (package data missing?)")
-    return [p.read_text(encoding="utf-8") for p in paths]
 
 
 def haystack(tokenizer, n_tokens: int, seed: int = 0) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +15,15 @@ import torch
 from torch import nn
 
 from kvsqueeze.adapter import ModelAdapter
+from kvsqueeze.corpus import essays, essays_dir  # noqa: F401  essays_dir is re-exported
 from kvsqueeze.calibration.artifacts import _check_method, default_artifact_path, save_artifact
 from kvsqueeze.calibration.qfilters import QFilterCollector
 from kvsqueeze.calibration.query_stats import QueryMomentCollector
 
 
-def essays_dir() -> Path:
-    """Directory of the essays shipped as package data."""
-    return Path(str(resources.files("kvsqueeze") / "data" / "essays"))
-
-
 def default_texts() -> list[str]:
     """The shipped Paul Graham essays, sorted by file name (the default calibration text)."""
-    paths = sorted(essays_dir().glob("*.txt"))
-    if not paths:
-        raise FileNotFoundError(f"no essays in {essays_dir()}: the package data is missing; reinstall kvsqueeze")
-    return [p.read_text(encoding="utf-8") for p in paths]
+    return essays()
 
 
 def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
