@@ -24,9 +24,9 @@ from typing import Any, NoReturn
 DEMO_QUESTION = "What is the access code for the archive room? Answer with the 7-digit code only."
 DEMO_ANSWER_PREFIX = "The access code for the archive room is"
 DEMO_ANSWER = "4738215"
-#: On SmolLM2-135M at ratio 0.5, TOVA keeps the code (so do keydiff and lagkv); knorm, expected_attention and
-#: snapkv lose it, and streaming_llm keeps it only while the code lies in the recent part it keeps.
-DEMO_PRESS = "tova"
+#: KeyDiff is the press that keeps needles best on SmolLM2-135M (9/12 at ratio 0.5 in benchmarks/needles.py) and
+#: keeps this document's code up to ratio 0.5; knorm, expected_attention and snapkv lose it at 0.5.
+DEMO_PRESS = "keydiff"
 DEMO_RATIOS = "0,0.25,0.5,0.75"
 
 _MB = 1e6
