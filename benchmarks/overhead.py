@@ -90,8 +90,8 @@ def select_presses(requested: list[str] | None, model, tokenizer, args) -> tuple
     skipped: dict[str, str] = {}
     for name in requested or list_presses():
         cls = press_class(name)
-        caps = next(k.__dict__["capabilities"] for k in cls.__mro__ if "capabilities" in k.__dict__)
-        if not issubclass(cls, ScorerPress) or isinstance(caps, property):
+        caps = cls.capabilities  # None for wrappers
+        if not issubclass(cls, ScorerPress) or caps is None:
             skipped[name] = "not a score-based press (a wrapper or composition)"
         elif caps.needs_attention_weights:
             skipped[name] = "needs eager attention weights (timed against sdpa it would not be comparable)"

@@ -204,9 +204,8 @@ def press_info(name: str) -> dict[str, Any]:
             {"name": f.name, "type": f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)),
              "required": required, "default": None if required else _jsonable(default)}
         )
-    # Read the raw class attribute: wrappers define ``capabilities`` as a property of the wrapped presses.
-    caps = next(k.__dict__["capabilities"] for k in cls.__mro__ if "capabilities" in k.__dict__)
-    if isinstance(caps, property):
+    caps = cls.capabilities  # None for wrappers: their capabilities come from the wrapped presses
+    if caps is None:
         capabilities = None
     else:
         capabilities = {

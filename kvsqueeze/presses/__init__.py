@@ -7,6 +7,7 @@ from kvsqueeze.presses.base import (
     LayerInputs,
     Press,
     ScorerPress,
+    derived_capabilities,
     gather_kv,
     keep_top,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "LayerInputs",
     "Press",
     "ScorerPress",
+    "derived_capabilities",
     "gather_kv",
     "keep_top",
     "list_presses",

@@ -76,6 +76,21 @@ class Capabilities:
         )
 
 
+class derived_capabilities:
+    """Decorator for wrappers whose capabilities come from the presses they wrap.
+
+    On an instance it calls the decorated method; on the class (``press_class(name).capabilities``) it returns
+    None, meaning "depends on the wrapped presses" — a property would return the property object itself.
+    """
+
+    def __init__(self, method):
+        self.method = method
+        self.__doc__ = method.__doc__
+
+    def __get__(self, instance, owner=None) -> Capabilities | None:
+        return None if instance is None else self.method(instance)
+
+
 @dataclass
 class LayerInputs:
     """Everything a press may read about one attention layer at the end of the prefill.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvsqueeze.presses.base import KV, Capabilities, LayerInputs, Press
+from kvsqueeze.presses.base import KV, Capabilities, LayerInputs, Press, derived_capabilities
 from kvsqueeze.presses.registry import register_press
 
 
@@ -48,7 +48,7 @@ class ComposedPress(Press):
                     "first press of a composition"
                 )
 
-    @property
+    @derived_capabilities
     def capabilities(self) -> Capabilities:  # type: ignore[override]
         caps = self.presses[0].capabilities
         for p in self.presses[1:]:

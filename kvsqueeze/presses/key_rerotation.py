@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvsqueeze import adapter as A
-from kvsqueeze.presses.base import KV, Capabilities, LayerInputs, Press, ScorerPress, gather_kv
+from kvsqueeze.presses.base import KV, Capabilities, LayerInputs, Press, ScorerPress, derived_capabilities, gather_kv
 from kvsqueeze.presses.registry import register_press
 
 
@@ -45,7 +45,7 @@ class KeyRerotationPress(Press):
                 "same on every layer (positions are shared across layers)"
             )
 
-    @property
+    @derived_capabilities
     def capabilities(self) -> Capabilities:  # type: ignore[override]
         return self.press.capabilities.merge(Capabilities(changes_positions=True))
 
