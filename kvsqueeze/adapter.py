@@ -1,7 +1,7 @@
 """The one module that touches transformers internals.
 
 Everything kvsqueeze needs from a Hugging Face model goes through here: finding the attention modules and their
-layer types, recomputing queries (pre- or post-RoPE, QK-norm included), rotary embeddings, the output projection,
+layer types, recomputing queries and keys (pre- or post-RoPE, QK-norm included), rotary embeddings, softcapping,
 reading and writing cache layers, the cache-layer class that keeps logical positions after eviction, and the
 attention-mask alignment for caches whose layers hold different numbers of entries. When transformers changes,
 this is the file to fix.
@@ -79,11 +79,6 @@ class CompressedLayer(DynamicLayer):
         if n:
             self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
             self.cumulative_length -= n
-
-
-def cache_layers(cache: Cache) -> list[Any]:
-    """The per-layer objects of ``cache``."""
-    return cache.layers
 
 
 def layer_kv(cache: Cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,10 +298,6 @@ class ModelAdapter:
         """Pre-RoPE keys ``(bsz, num_kv_heads, q_len, head_dim)`` (QK-norm applied)."""
         return self._project_keys(module, hidden_states)
 
-    def output_weight(self, module: nn.Module) -> torch.Tensor:
-        """``W_o`` as ``(hidden_size, num_heads * head_dim)``."""
-        return module.o_proj.weight
-
     def scaling(self, module: nn.Module) -> float:
         return float(getattr(module, "scaling", self.shape.head_dim**-0.5))
 
@@ -357,20 +348,20 @@ class ModelAdapter:
         return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
     @contextmanager
-    def aligned_masks(self, cache: Cache | None = None) -> Iterator[None]:
+    def aligned_masks(self) -> Iterator[None]:
         """Fix 4-D attention masks for layers whose stored length differs from the layer the mask was built for.
 
         transformers builds one mask per attention type from a single layer's sizes. After a per-layer budget
         (PyramidKV) the other layers store a different number of entries; for them the mask is rebuilt as "every
         stored context entry visible, the original mask's columns for the new tokens". Padded batches are not
-        supported after compression (the pipeline rejects them).
+        supported after compression (the pipeline compresses one unpadded context at a time).
         """
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
             mask = kwargs.get("attention_mask")
             if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
                 return None
-            c = self.cache_from_call(kwargs) if cache is None else cache
+            c = self.cache_from_call(kwargs)
             if c is None or module.layer_idx >= len(c.layers):
                 return None
             hidden = self.hidden_states_from_call(args, kwargs)

@@ -8,6 +8,7 @@ on request) until EOS or ``max_new_tokens``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -262,7 +263,10 @@ class CompressedContext:
         eos = pipe.eos_token_ids
         kwargs = pipe.adapter.model_call_kwargs(cache)
         out: list[int] = []
-        with pipe.adapter.aligned_masks():
+        lengths = {A.layer_physical_length(cache, i) for i in pipe.adapter.compressible_layers}
+        # Realign masks only when compressed layers store different counts (PyramidKV); otherwise skip the hooks.
+        align = pipe.adapter.aligned_masks() if len(lengths) > 1 else contextlib.nullcontext()
+        with align:
             logits = pipe.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
             for _ in range(max_new_tokens):
                 token = _next_token(logits, do_sample, temperature, top_p, generator)

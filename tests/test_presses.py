@@ -707,3 +707,22 @@ def test_matrix_handles_unlisted_presses(scratch_registry):
     assert error is not None and "tests/press_matrix.py" in error and "required must be given" in error
     with pytest.raises(AssertionError, match="press_matrix"):
         cases["scratch_needs_kwargs"].build(0.5)
+
+
+@pytest.mark.parametrize(
+    "name, field, value, error",
+    [
+        ("streaming_llm", "n_sink", -1, ValueError),
+        ("streaming_llm", "n_sink", "4", TypeError),
+        ("snapkv", "window_size", 0, ValueError),
+        ("snapkv", "kernel_size", 2.0, TypeError),
+        ("lagkv", "lag_size", 1, ValueError),
+        ("expected_attention", "n_future_positions", 0, ValueError),
+        ("expected_attention", "n_sink", True, TypeError),
+        ("random", "seed", "0", TypeError),
+        ("knorm", "budget", 0, ValueError),
+    ],
+)
+def test_bad_integer_fields_name_the_field_and_value(name, field, value, error):
+    with pytest.raises(error, match=rf"{field}.*{value!r}"):
+        kvsqueeze.make_press(name, **{field: value})

@@ -179,6 +179,15 @@ class CompressionReport:
         return 1.0 - sum(self.kept.values()) / total if total else 0.0
 
 
+def check_int(value: Any, name: str, minimum: int | None = None) -> None:
+    """Validate an integer press field: TypeError when it is not an int (bools refused), ValueError below
+    ``minimum``; both name the field and the bad value."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 def _check_ratio(value: Any, name: str = "compression_ratio") -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number in [0, 1), got {value!r}")
@@ -216,10 +225,7 @@ class Press:
     def __post_init__(self) -> None:
         _check_ratio(self.compression_ratio)
         if self.budget is not None:
-            if isinstance(self.budget, bool) or not isinstance(self.budget, int):
-                raise TypeError(f"budget must be a positive int (entries kept per head), got {self.budget!r}")
-            if self.budget < 1:
-                raise ValueError(f"budget must be >= 1 entry kept per head, got {self.budget}")
+            check_int(self.budget, "budget (entries kept per head)", minimum=1)
             if self.compression_ratio:
                 raise ValueError(
                     f"give either compression_ratio ({self.compression_ratio}) or budget ({self.budget}), not both"
@@ -302,8 +308,11 @@ class Press:
         handles = adapter.register_query_capture(queries)
         handles += adapter.register_attention_hooks(self._hook(adapter, report, queries))
         try:
-            with adapter.aligned_masks():
+            if self.capabilities.uniform_layers:  # every compressed layer stores the same count: masks fit as built
                 yield report
+            else:
+                with adapter.aligned_masks():
+                    yield report
         finally:
             for h in handles:
                 h.remove()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kvsqueeze.adapter import ModelAdapter
-from kvsqueeze.presses.base import LayerInputs, ScorerPress
+from kvsqueeze.presses.base import LayerInputs, ScorerPress, check_int
 from kvsqueeze.presses.registry import register_press
 
 
@@ -136,11 +136,8 @@ def expected_attention_scores(
 
 def check_expected_attention_fields(press: ScorerPress) -> None:
     """Validation shared by the Expected Attention presses."""
-    for name in ("n_future_positions", "n_sink"):
-        value = getattr(press, name)
-        minimum = 1 if name == "n_future_positions" else 0
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    check_int(press.n_future_positions, "n_future_positions", minimum=1)
+    check_int(press.n_sink, "n_sink", minimum=0)
     for name in ("use_covariance", "use_vnorm"):
         if not isinstance(getattr(press, name), bool):
             raise TypeError(f"{name} must be a bool, got {getattr(press, name)!r}")

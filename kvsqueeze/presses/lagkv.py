@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsqueeze.presses.base import LayerInputs, ScorerPress
+from kvsqueeze.presses.base import LayerInputs, ScorerPress, check_int
 from kvsqueeze.presses.registry import register_press
 
 
@@ -50,10 +50,8 @@ class LagKVPress(ScorerPress):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or self.n_sink < 0:
-            raise ValueError(f"n_sink must be a non-negative int, got {self.n_sink!r}")
-        if isinstance(self.lag_size, bool) or not isinstance(self.lag_size, int) or self.lag_size < 2:
-            raise ValueError(f"lag_size must be an int >= 2 (tokens per partition), got {self.lag_size!r}")
+        check_int(self.n_sink, "n_sink", minimum=0)
+        check_int(self.lag_size, "lag_size (tokens per partition)", minimum=2)
         if not isinstance(self.cross_scoring, bool):
             raise TypeError(f"cross_scoring must be a bool, got {self.cross_scoring!r}")
 

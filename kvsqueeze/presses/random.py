@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsqueeze.presses.base import LayerInputs, ScorerPress
+from kvsqueeze.presses.base import LayerInputs, ScorerPress, check_int
 from kvsqueeze.presses.registry import register_press
 
 
@@ -26,8 +26,7 @@ class RandomPress(ScorerPress):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        check_int(self.seed, "seed")
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed + layer.layer_idx)

@@ -7,16 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from kvsqueeze.presses.base import LayerInputs, ScorerPress
+from kvsqueeze.presses.base import LayerInputs, ScorerPress, check_int
 from kvsqueeze.presses.registry import register_press
 from kvsqueeze.presses.utils import group_mean, last_queries_attention, pool_scores, protect_last
-
-
-def _check_positive_int(value: object, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 @register_press("snapkv")
@@ -48,8 +41,8 @@ class SnapKVPress(ScorerPress):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive_int(self.window_size, "window_size")
-        _check_positive_int(self.kernel_size, "kernel_size")
+        check_int(self.window_size, "window_size", minimum=1)
+        check_int(self.kernel_size, "kernel_size", minimum=1)
         if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd so pooling keeps the sequence length, got {self.kernel_size}")
         if self.pooling not in ("avg", "max"):

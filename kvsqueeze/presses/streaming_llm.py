@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsqueeze.presses.base import LayerInputs, ScorerPress
+from kvsqueeze.presses.base import LayerInputs, ScorerPress, check_int
 from kvsqueeze.presses.registry import register_press
 
 
@@ -27,8 +27,7 @@ class StreamingLLMPress(ScorerPress):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or self.n_sink < 0:
-            raise ValueError(f"n_sink must be a non-negative int, got {self.n_sink!r}")
+        check_int(self.n_sink, "n_sink", minimum=0)
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
         seq_len = layer.seq_len
