@@ -81,9 +81,111 @@ class CompressedLayer(DynamicLayer):
             self.cumulative_length -= n
 
 
+class RaggedLayer(DynamicLayer):
+    """A full-attention cache layer where every (sequence, KV head) keeps its own number of context entries.
+
+    Storage holds only what was kept:
+
+    * ``ctx_keys``/``ctx_values`` ``(n_total, head_dim)`` — the kept context entries of every (sequence, head)
+      pair, packed one segment after the other (sequence-major, then head, positions ascending);
+    * ``lengths`` ``(bsz, num_key_value_heads)`` — the segment sizes (the only index; offsets are their cumsum);
+    * ``keys``/``values`` ``(bsz, num_key_value_heads, n_appended, head_dim)`` — tokens appended after compression
+      (questions, generated tokens), the same count for every head, stored densely.
+
+    ``update`` returns the context padded to the longest segment followed by the appended tokens, with the
+    per-head validity attached to the returned key tensor (``kvsqueeze_valid``, see :func:`ragged_valid`). The
+    padding is a temporary of one attention call, never stored. The attention function registered by
+    :func:`ragged_attention` reads the validity and masks the padding exactly; with any other attention function
+    the padding would be attended to, so :func:`ragged_attention` must be active whenever this layer is used.
+    Logical positions are kept as in :class:`CompressedLayer`: ``cumulative_length`` counts every token seen.
+    """
+
+    def __init__(
+        self, ctx_keys: torch.Tensor, ctx_values: torch.Tensor, lengths: torch.Tensor, logical_length: int
+    ):
+        super().__init__()
+        bsz, heads = lengths.shape
+        self.ctx_keys, self.ctx_values = ctx_keys, ctx_values
+        self.lengths = lengths.to(torch.int64)
+        self.device = ctx_keys.device
+        self.keys = ctx_keys.new_empty(bsz, heads, 0, ctx_keys.shape[-1])
+        self.values = ctx_values.new_empty(bsz, heads, 0, ctx_values.shape[-1])
+        self.is_initialized = True
+        self.cumulative_length = int(logical_length)
+        self.max_kept = int(self.lengths.max())
+
+    def padded_context(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Context keys/values padded to the longest segment ``(bsz, heads, max_kept, d)`` and their validity
+        ``(bsz, heads, max_kept)`` (a temporary: nothing here is stored)."""
+        bsz, heads = self.lengths.shape
+        flat = self.lengths.reshape(-1)
+        starts = flat.cumsum(0) - flat
+        slots = torch.arange(self.max_kept, device=flat.device)
+        valid = slots[None, :] < flat[:, None]
+        index = (starts[:, None] + slots[None, :]).clamp_(max=max(self.ctx_keys.shape[0] - 1, 0))
+        keys = self.ctx_keys[index].view(bsz, heads, self.max_kept, -1)
+        values = self.ctx_values[index].view(bsz, heads, self.max_kept, -1)
+        return keys, values, valid.view(bsz, heads, self.max_kept)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        self.cumulative_length += key_states.shape[-2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        ctx_k, ctx_v, valid = self.padded_context()
+        keys = torch.cat([ctx_k, self.keys], dim=-2)
+        values = torch.cat([ctx_v, self.values], dim=-2)
+        tail = torch.ones(*valid.shape[:2], self.keys.shape[-2], dtype=torch.bool, device=valid.device)
+        keys.kvsqueeze_valid = torch.cat([valid, tail], dim=-1)  # (bsz, heads, max_kept + n_appended)
+        keys.kvsqueeze_tail = self.keys.shape[-2]
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        physical = self.max_kept + self.keys.shape[-2]
+        return physical + query_length, self.cumulative_length - physical
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
+        n = -tokens_to_remove
+        appended = self.keys.shape[-2]
+        if n > appended:
+            raise ValueError(
+                f"cannot crop {n} tokens: only {appended} were appended after compression; "
+                "the compressed context itself cannot be cropped"
+            )
+        if n:
+            self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
+            self.cumulative_length -= n
+
+    def _unsupported(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            "a head-wise (ragged) compressed cache cannot be reordered or expanded across the batch "
+            "(beam search, num_return_sequences > 1); decode greedily or by sampling one sequence per context"
+        )
+
+    reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
+
+    def nbytes(self) -> int:
+        tensors = (self.ctx_keys, self.ctx_values, self.lengths, self.keys, self.values)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def ragged_valid(keys: torch.Tensor) -> torch.Tensor | None:
+    """Per-head validity ``(bsz, kv_heads, kv_len)`` attached by :meth:`RaggedLayer.update`, or None."""
+    return getattr(keys, "kvsqueeze_valid", None)
+
+
 def layer_kv(cache: Cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored keys and values of one layer, ``(bsz, num_key_value_heads, n_stored, head_dim)``."""
+    """Stored keys and values of one uniform layer, ``(bsz, num_key_value_heads, n_stored, head_dim)``."""
     layer = cache.layers[layer_idx]
+    if isinstance(layer, RaggedLayer):
+        raise TypeError(
+            f"layer {layer_idx} is head-wise compressed (ragged); its heads hold different numbers of entries "
+            "and it has no dense keys/values"
+        )
     return layer.keys, layer.values
 
 
@@ -92,14 +194,35 @@ def layer_logical_length(cache: Cache, layer_idx: int) -> int:
 
 
 def layer_physical_length(cache: Cache, layer_idx: int) -> int:
+    """Entries stored per head (for a ragged layer: the longest head, appended tokens included)."""
     layer = cache.layers[layer_idx]
+    if isinstance(layer, RaggedLayer):
+        return layer.max_kept + layer.keys.shape[-2]
     if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
         return 0
     return layer.keys.shape[-2]
 
 
+def layer_head_lengths(cache: Cache, layer_idx: int) -> torch.Tensor:
+    """Entries stored by each (sequence, KV head) of one layer, ``(bsz, num_key_value_heads)``."""
+    layer = cache.layers[layer_idx]
+    if isinstance(layer, RaggedLayer):
+        return layer.lengths + layer.keys.shape[-2]
+    if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
+        return torch.zeros(0, 0, dtype=torch.int64)
+    return torch.full(layer.keys.shape[:2], layer.keys.shape[-2], dtype=torch.int64)
+
+
 def is_compressed_layer(cache: Cache, layer_idx: int) -> bool:
-    return isinstance(cache.layers[layer_idx], CompressedLayer)
+    return isinstance(cache.layers[layer_idx], (CompressedLayer, RaggedLayer))
+
+
+def is_ragged_layer(cache: Cache, layer_idx: int) -> bool:
+    return isinstance(cache.layers[layer_idx], RaggedLayer)
+
+
+def has_ragged_layers(cache: Cache) -> bool:
+    return any(isinstance(layer, RaggedLayer) for layer in cache.layers)
 
 
 def write_layer(cache: Cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, logical_length: int) -> None:
@@ -107,9 +230,24 @@ def write_layer(cache: Cache, layer_idx: int, keys: torch.Tensor, values: torch.
     cache.layers[layer_idx] = CompressedLayer(keys, values, logical_length)
 
 
+def write_ragged_layer(
+    cache: Cache,
+    layer_idx: int,
+    ctx_keys: torch.Tensor,
+    ctx_values: torch.Tensor,
+    lengths: torch.Tensor,
+    logical_length: int,
+) -> None:
+    """Replace one layer's storage by packed per-head entries (see :class:`RaggedLayer`)."""
+    cache.layers[layer_idx] = RaggedLayer(ctx_keys, ctx_values, lengths, logical_length)
+
+
 def layer_nbytes(cache: Cache, layer_idx: int) -> int:
-    """Bytes held by one layer's key and value tensors (measured from the tensors, not estimated)."""
+    """Bytes held by one layer's stored tensors (keys, values and, for ragged layers, the length index);
+    measured from the tensors, not estimated."""
     layer = cache.layers[layer_idx]
+    if isinstance(layer, RaggedLayer):
+        return layer.nbytes()
     total = 0
     for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
         if isinstance(t, torch.Tensor):
@@ -123,7 +261,7 @@ def cache_nbytes(cache: Cache) -> int:
 
 
 def layer_lengths(cache: Cache) -> list[int]:
-    """Physical (stored) entries per layer."""
+    """Physical (stored) entries per layer (the longest head for ragged layers)."""
     return [layer_physical_length(cache, i) for i in range(len(cache.layers))]
 
 
@@ -136,6 +274,235 @@ def fork_cache(cache: Cache) -> Cache:
     forked = copy.copy(cache)
     forked.layers = [copy.copy(layer) for layer in cache.layers]
     return forked
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention over ragged (head-wise compressed) layers
+# ----------------------------------------------------------------------------------------------------------------
+
+#: The attention implementation kvsqueeze registers for each base implementation it wraps.
+RAGGED_IMPLEMENTATIONS = {
+    "sdpa": "kvsqueeze_sdpa",
+    "eager": "kvsqueeze_eager",
+    "flash_attention_2": "kvsqueeze_flash_attention_2",
+}
+_BASE_OF = {v: k for k, v in RAGGED_IMPLEMENTATIONS.items()}
+
+
+def _tail_visibility(
+    attention_mask: torch.Tensor | None, q_len: int, n_tail: int, device: torch.device
+) -> torch.Tensor:
+    """Which appended tokens each query sees, boolean ``(b, h, q_len, n_tail)`` (``b``, ``h`` may be 1).
+
+    Taken from the last ``n_tail`` columns of the mask transformers built (so padding and causality of the new
+    tokens are kept), or causal when the mask was skipped (sdpa leaves it out when it is all-visible/causal).
+    """
+    if attention_mask is None or attention_mask.dim() != 4:
+        i = torch.arange(q_len, device=device)[:, None]
+        j = torch.arange(n_tail, device=device)[None, :]
+        return (j <= (n_tail - q_len) + i)[None, None]
+    tail = attention_mask[..., -n_tail:]
+    if tail.dtype != torch.bool:  # additive float mask: 0 where visible, the dtype's minimum where hidden
+        tail = tail > torch.finfo(tail.dtype).min / 2
+    return tail
+
+
+def ragged_attention_forward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    valid: torch.Tensor,
+    n_tail: int,
+    attention_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Exact attention of ``query`` over keys whose per-head validity differs (torch ops; CPU or GPU).
+
+    Parameters
+    ----------
+    query : Tensor
+        ``(bsz, num_heads, q_len, head_dim)``.
+    key, value : Tensor
+        ``(bsz, num_kv_heads, kv_len, head_dim)``: a padded context followed by ``n_tail`` appended tokens.
+    valid : Tensor
+        Boolean ``(bsz, num_kv_heads, kv_len)``; False marks padding that must receive no attention.
+    n_tail : int
+        Appended tokens at the end of ``key`` (the question/generated tokens, causal among themselves).
+    attention_mask : Tensor or None
+        The 4-D mask transformers built for this step; only its last ``n_tail`` columns are used.
+
+    Returns
+    -------
+    ``(bsz, q_len, num_heads, head_dim)`` output and, when ``need_weights``, ``(bsz, num_heads, q_len, kv_len)``
+    attention weights.
+
+    GQA without copying keys: the query heads of one group are stacked along the query axis, so every KV head
+    attends once with its own validity mask.
+    """
+    bsz, n_heads, q_len, head_dim = query.shape
+    n_kv = key.shape[1]
+    if n_heads % n_kv:
+        raise ValueError(f"{n_heads} query heads are not a multiple of {n_kv} key/value heads")
+    groups = n_heads // n_kv
+    kv_len = key.shape[-2]
+    n_ctx = kv_len - n_tail
+    tail = _tail_visibility(attention_mask, q_len, n_tail, query.device)  # (b, h, q, n_tail)
+    if tail.shape[1] == 1:
+        tail = tail.unsqueeze(2).expand(tail.shape[0], n_kv, groups, q_len, n_tail)
+    else:  # one mask per query head
+        tail = tail.reshape(tail.shape[0], n_kv, groups, q_len, n_tail)
+    tail = tail.expand(bsz, n_kv, groups, q_len, n_tail).reshape(bsz, n_kv, groups * q_len, n_tail)
+    ctx = valid[..., :n_ctx].unsqueeze(2).expand(bsz, n_kv, groups * q_len, n_ctx)
+    mask = torch.cat([ctx, tail], dim=-1)  # (bsz, kv_heads, groups * q_len, kv_len)
+    packed = query.reshape(bsz, n_kv, groups * q_len, head_dim)
+    scale = head_dim**-0.5 if scaling is None else scaling
+    if softcap is None and not need_weights:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            packed, key, value, attn_mask=mask, dropout_p=dropout, scale=scale
+        )
+        weights = None
+    else:
+        logits = torch.matmul(packed, key.transpose(-1, -2)) * scale
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        logits = logits.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+        if dropout:
+            probs = torch.nn.functional.dropout(probs, p=dropout)
+        out = torch.matmul(probs, value)
+        weights = probs.reshape(bsz, n_heads, q_len, kv_len) if need_weights else None
+    out = out.reshape(bsz, n_heads, q_len, value.shape[-1]).transpose(1, 2).contiguous()
+    return out, weights
+
+
+def _flash_varlen_available(query: torch.Tensor) -> bool:
+    if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def ragged_flash_forward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    valid: torch.Tensor,
+    n_tail: int,
+    scaling: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """The same attention through flash-attention's variable-length kernel: each (sequence, KV head) is its own
+    sequence of ``kept + n_tail`` keys, queried by the ``groups × q_len`` query rows of its group.
+
+    Causality uses the kernel's bottom-right alignment: query ``i`` of ``q_len`` sees every context key and the
+    appended keys up to its own position, which is exactly the rule of :func:`ragged_attention_forward` when
+    no padding mask applies (one unpadded sequence per context, as the pipeline runs it).
+    """
+    from flash_attn import flash_attn_varlen_func
+
+    bsz, n_heads, q_len, head_dim = query.shape
+    n_kv = key.shape[1]
+    groups = n_heads // n_kv
+    keep = valid.reshape(-1, key.shape[-2])  # (bsz * kv_heads, kv_len), padding False
+    lengths_k = keep.sum(-1, dtype=torch.int32)
+    k_flat = key.reshape(-1, key.shape[-2], head_dim)[keep].unsqueeze(1)  # (total_k, 1, d)
+    v_flat = value.reshape(-1, value.shape[-2], value.shape[-1])[keep].unsqueeze(1)
+    # Queries: per (sequence, kv head), q_len rows with `groups` heads each (GQA handled by the kernel).
+    q_flat = query.reshape(bsz, n_kv, groups, q_len, head_dim).permute(0, 1, 3, 2, 4).reshape(-1, groups, head_dim)
+    zero = torch.zeros(1, dtype=torch.int32, device=query.device)
+    cu_k = torch.cat([zero, lengths_k.cumsum(0, dtype=torch.int32)])
+    cu_q = torch.arange(0, (bsz * n_kv + 1) * q_len, q_len, dtype=torch.int32, device=query.device)
+    out = flash_attn_varlen_func(
+        q_flat, k_flat, v_flat, cu_q, cu_k, q_len, int(lengths_k.max()),
+        softmax_scale=scaling, causal=True, softcap=softcap or 0.0,
+    )  # (bsz * kv_heads * q_len, groups, d)
+    # rows were (sequence, kv head, query) with `groups` heads each; query head h = kv_head * groups + g
+    return out.reshape(bsz, n_kv, q_len, groups, -1).permute(0, 2, 1, 3, 4).reshape(bsz, q_len, n_heads, -1)
+
+
+def _base_attention(base: str, module: nn.Module) -> Callable:
+    """The attention function transformers would have used for ``base`` in ``module``'s model."""
+    import sys
+
+    if base == "eager":
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if fn is None:
+            raise UnsupportedModelError(f"{type(module).__name__} has no eager_attention_forward")
+        return fn
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _make_ragged_attention(base: str) -> Callable:
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        valid = ragged_valid(key)
+        if valid is None:  # a uniform layer (or the prefill): exactly what the base implementation does
+            return _base_attention(base, module)(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
+        n_tail = key.kvsqueeze_tail
+        softcap = kwargs.get("softcap")
+        # The varlen kernel takes no padding mask: use it only when transformers built none (unpadded batch).
+        if base == "flash_attention_2" and attention_mask is None and not dropout and _flash_varlen_available(query):
+            return ragged_flash_forward(query, key, value, valid, n_tail, scaling, softcap), None
+        return ragged_attention_forward(
+            query, key, value, valid, n_tail, attention_mask, scaling, dropout, softcap, need_weights=base == "eager"
+        )
+
+    attention.__name__ = f"{RAGGED_IMPLEMENTATIONS[base]}_attention"
+    return attention
+
+
+_REGISTERED = False
+
+
+def register_ragged_attention() -> None:
+    """Register kvsqueeze's attention implementations (and their mask builders) with transformers, once."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, flash_attention_mask, sdpa_mask
+
+    masks = {"sdpa": sdpa_mask, "eager": eager_mask, "flash_attention_2": flash_attention_mask}
+    for base, name in RAGGED_IMPLEMENTATIONS.items():
+        AttentionInterface.register(name, _make_ragged_attention(base))
+        AttentionMaskInterface.register(name, masks[base])
+    _REGISTERED = True
+
+
+@contextmanager
+def ragged_attention(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` with attention that understands head-wise (ragged) cache layers, then restore it.
+
+    The model's implementation (``sdpa``, ``eager`` or ``flash_attention_2``) is swapped for kvsqueeze's
+    registered wrapper of it: uniform layers run exactly the original function; ragged layers run exact attention
+    over each head's own entries (flash-attention's variable-length kernel on CUDA when installed, torch ops
+    otherwise). Nested use is a no-op.
+    """
+    register_ragged_attention()
+    config = model.config
+    current = getattr(config, "_attn_implementation", None) or "eager"
+    if current in _BASE_OF:
+        yield
+        return
+    if current not in RAGGED_IMPLEMENTATIONS:
+        raise UnsupportedModelError(
+            f"head-wise compressed caches need attn_implementation 'sdpa', 'eager' or 'flash_attention_2'; "
+            f"the model runs {current!r}"
+        )
+    model.set_attn_implementation(RAGGED_IMPLEMENTATIONS[current])
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(current)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -265,8 +265,11 @@ class CompressedContext:
         out: list[int] = []
         lengths = {A.layer_physical_length(cache, i) for i in pipe.adapter.compressible_layers}
         # Realign masks only when compressed layers store different counts (PyramidKV); otherwise skip the hooks.
-        align = pipe.adapter.aligned_masks() if len(lengths) > 1 else contextlib.nullcontext()
-        with align:
+        with contextlib.ExitStack() as stack:
+            if len(lengths) > 1:
+                stack.enter_context(pipe.adapter.aligned_masks())
+            if A.has_ragged_layers(cache):  # head-wise budgets: attention over each head's own entries
+                stack.enter_context(A.ragged_attention(pipe.model))
             logits = pipe.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
             for _ in range(max_new_tokens):
                 token = _next_token(logits, do_sample, temperature, top_p, generator)

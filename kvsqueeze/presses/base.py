@@ -14,6 +14,7 @@ Conventions, stated once:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -163,12 +164,46 @@ class KV(NamedTuple):
     values: torch.Tensor
 
 
+@dataclass(frozen=True)
+class RaggedKV:
+    """A layer's kept entries when heads keep different numbers of them (head-wise budgets).
+
+    ``keys``/``values`` are ``(n_total, head_dim)``: the kept entries of every (sequence, KV head) pair packed
+    one segment after the other (sequence-major, then head, positions ascending); ``lengths`` is
+    ``(bsz, num_key_value_heads)``, the segment sizes. Build it from a keep-mask with :meth:`from_mask`.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    lengths: torch.Tensor
+
+    @classmethod
+    def from_mask(cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> RaggedKV:
+        """The entries where ``keep`` ``(bsz, kv_heads, seq_len)`` is True, in positional order per head."""
+        if keep.shape != keys.shape[:3] or keep.dtype != torch.bool:
+            raise ValueError(f"keep must be a bool mask of shape {tuple(keys.shape[:3])}, got {keep.dtype} {tuple(keep.shape)}")
+        lengths = keep.sum(-1)
+        if bool((lengths == 0).any()):
+            raise ValueError("every head must keep at least one entry")
+        return cls(keys[keep], values[keep], lengths)
+
+    @property
+    def uniform(self) -> bool:
+        return bool((self.lengths == self.lengths.reshape(-1)[0]).all())
+
+    def dense(self) -> KV:
+        """``(bsz, kv_heads, n, head_dim)`` tensors (only when every head keeps the same count)."""
+        bsz, heads = self.lengths.shape
+        n = int(self.lengths.reshape(-1)[0])
+        return KV(self.keys.view(bsz, heads, n, -1), self.values.view(bsz, heads, n, -1))
+
+
 @dataclass
 class CompressionReport:
     """What one ``with press(model)`` block did. Created per block; the press itself stays stateless."""
 
     seconds: float = 0.0
-    kept: dict[int, int] = field(default_factory=dict)  # layer -> entries kept per head (max over heads)
+    kept: dict[int, float] = field(default_factory=dict)  # layer -> entries kept per head (mean over heads)
     seen: dict[int, int] = field(default_factory=dict)  # layer -> entries before compression
     bytes_before: dict[int, int] = field(default_factory=dict)  # layer -> measured K+V bytes before compression
 
@@ -243,8 +278,8 @@ class Press:
         return self.n_kept(layer.seq_len)
 
     # -- the contract ---------------------------------------------------------------------------------------------
-    def compress(self, layer: LayerInputs) -> KV:
-        """Return the kept keys and values of one layer."""
+    def compress(self, layer: LayerInputs) -> KV | RaggedKV:
+        """Return the kept keys and values of one layer (:class:`RaggedKV` when heads keep different counts)."""
         raise NotImplementedError
 
     def validate(self, adapter: A.ModelAdapter) -> None:
@@ -263,11 +298,18 @@ class Press:
         start = time.perf_counter()
         bytes_before = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
         kept = self.compress(layer)
+        if isinstance(kept, RaggedKV) and kept.uniform:  # heads agree: the dense layout needs no index
+            kept = kept.dense()
         # The logical length never changes: even position-changing presses keep the context's end fixed.
-        A.write_layer(cache, layer.layer_idx, kept.keys, kept.values, layer.seq_len)
+        if isinstance(kept, RaggedKV):
+            A.write_ragged_layer(cache, layer.layer_idx, kept.keys, kept.values, kept.lengths, layer.seq_len)
+            n_kept: float = float(kept.lengths.double().mean())
+        else:
+            A.write_layer(cache, layer.layer_idx, kept.keys, kept.values, layer.seq_len)
+            n_kept = kept.keys.shape[-2]
         if report is not None:
             report.seconds += time.perf_counter() - start
-            report.kept[layer.layer_idx] = kept.keys.shape[-2]
+            report.kept[layer.layer_idx] = n_kept
             report.seen[layer.layer_idx] = layer.seq_len
             report.bytes_before[layer.layer_idx] = bytes_before
 
@@ -308,11 +350,12 @@ class Press:
         handles = adapter.register_query_capture(queries)
         handles += adapter.register_attention_hooks(self._hook(adapter, report, queries))
         try:
-            if self.capabilities.uniform_layers:  # every compressed layer stores the same count: masks fit as built
+            with contextlib.ExitStack() as stack:
+                if not self.capabilities.uniform_layers:  # layers store different counts: realign their masks
+                    stack.enter_context(adapter.aligned_masks())
+                if self.capabilities.headwise:  # heads store different counts: attention over ragged layers
+                    stack.enter_context(A.ragged_attention(model))
                 yield report
-            else:
-                with adapter.aligned_masks():
-                    yield report
         finally:
             for h in handles:
                 h.remove()

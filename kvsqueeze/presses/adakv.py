@@ -1,0 +1,117 @@
+"""AdaKV: head-wise budgets for any scorer press — the layer's budget goes to the heads whose scores need it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvsqueeze.presses.base import (
+    KV,
+    Capabilities,
+    LayerInputs,
+    Press,
+    RaggedKV,
+    ScorerPress,
+    derived_capabilities,
+)
+from kvsqueeze.presses.expected_attention import ExpectedAttentionPress
+from kvsqueeze.presses.registry import register_press
+
+
+def check_wrapped_budget(wrapper: Press, inner: Press) -> None:
+    """A wrapper takes its ratio/budget either itself or from the press it wraps, not from both."""
+    own = bool(wrapper.compression_ratio) or wrapper.budget is not None
+    inner_set = bool(inner.compression_ratio) or inner.budget is not None
+    if own and inner_set:
+        raise ValueError(
+            f"set the compression ratio/budget on {type(wrapper).__name__} or on the wrapped "
+            f"{type(inner).__name__}, not both (got {wrapper.compression_ratio!r}/{wrapper.budget!r} and "
+            f"{inner.compression_ratio!r}/{inner.budget!r})"
+        )
+
+
+def own_budget(wrapper: Press) -> bool:
+    """Whether a wrapper's own ratio/budget applies (otherwise the wrapped press's does)."""
+    return bool(wrapper.compression_ratio) or wrapper.budget is not None
+
+
+def adaptive_head_budgets(scores: torch.Tensor, n_kept: int, alpha: float) -> torch.Tensor:
+    """AdaKV's selection: keep mask ``(bsz, heads, seq_len)`` with ``heads × n_kept`` entries per sequence.
+
+    Every head first keeps its own top ``int(alpha · n_kept)`` entries (the safeguard); the rest of the layer's
+    budget goes to the highest remaining scores across all heads, so heads whose scores are concentrated give
+    entries to heads whose scores are spread out.
+    """
+    bsz, heads, seq_len = scores.shape
+    s = scores.float().clone()
+    floor = int(alpha * n_kept)
+    if floor > 0:
+        s.scatter_(-1, s.topk(floor, dim=-1).indices, float("inf"))
+    chosen = s.reshape(bsz, heads * seq_len).topk(heads * n_kept, dim=-1).indices
+    keep = torch.zeros(bsz, heads * seq_len, dtype=torch.bool, device=scores.device)
+    keep.scatter_(-1, chosen, True)
+    keep = keep.view(bsz, heads, seq_len)
+    # A head can only end up empty with alpha·n_kept < 1; give it its best entry (one more than the budget).
+    empty = ~keep.any(-1)
+    if bool(empty.any()):
+        best = scores.argmax(-1, keepdim=True)
+        keep.scatter_(-1, best, keep.gather(-1, best) | empty.unsqueeze(-1))
+    return keep
+
+
+@register_press("adakv")
+@dataclass
+class AdaKVPress(Press):
+    """Wrap a scorer press with AdaKV's head-wise budget allocation.
+
+    Paper: "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation", https://arxiv.org/abs/2407.11550
+
+    The wrapped press scores every entry; instead of the top ``n_kept`` per head, the layer keeps the top
+    ``heads × n_kept`` across all its heads, after guaranteeing each head its own top ``alpha_safeguard ·
+    n_kept``. Heads end up with different numbers of entries and the cache stores exactly those (a ragged
+    layer, see :class:`kvsqueeze.adapter.RaggedLayer`): the memory saving is real, unlike masking
+    implementations that keep the evicted entries in memory. The default wrapped press is Expected Attention,
+    which is how its paper evaluates it (arXiv 2510.00636, §2.2).
+
+    Fields: ``press`` (a ScorerPress, default ExpectedAttentionPress()), ``alpha_safeguard`` (0.2, the official
+    code's value for GQA models), ``compression_ratio``/``budget`` (set here or on the wrapped press).
+    """
+
+    press: ScorerPress = field(default_factory=ExpectedAttentionPress)
+    alpha_safeguard: float = 0.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.press, ScorerPress):
+            raise TypeError(f"press must be a ScorerPress to wrap, got {type(self.press).__name__}")
+        if isinstance(self.alpha_safeguard, bool) or not isinstance(self.alpha_safeguard, (int, float)):
+            raise TypeError(f"alpha_safeguard must be a number in [0, 1], got {self.alpha_safeguard!r}")
+        if not 0.0 <= self.alpha_safeguard <= 1.0:
+            raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard!r}")
+        check_wrapped_budget(self, self.press)
+
+    @derived_capabilities
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        return self.press.capabilities.merge(Capabilities(headwise=True))
+
+    def validate(self, adapter) -> None:
+        self.press.validate(adapter)
+
+    def n_kept(self, seq_len: int) -> int:
+        return super().n_kept(seq_len) if own_budget(self) else self.press.n_kept(seq_len)
+
+    def layer_budget(self, layer: LayerInputs) -> int:
+        return super().layer_budget(layer) if own_budget(self) else self.press.layer_budget(layer)
+
+    def keep_mask(self, layer: LayerInputs) -> torch.Tensor:
+        """Kept entries ``(bsz, kv_heads, seq_len)``: ``kv_heads × n_kept`` per sequence, per-head counts vary."""
+        n_kept = self.layer_budget(layer)
+        if n_kept >= layer.seq_len:
+            return torch.ones(layer.keys.shape[:3], dtype=torch.bool, device=layer.keys.device)
+        return adaptive_head_budgets(self.press.score(layer), n_kept, self.alpha_safeguard)
+
+    def compress(self, layer: LayerInputs):
+        if self.layer_budget(layer) >= layer.seq_len:  # nothing to remove: bit-identical
+            return KV(layer.keys, layer.values)
+        return RaggedKV.from_mask(layer.keys, layer.values, self.keep_mask(layer))
