@@ -213,6 +213,23 @@ def layer_head_lengths(cache: Cache, layer_idx: int) -> torch.Tensor:
     return torch.full(layer.keys.shape[:2], layer.keys.shape[-2], dtype=torch.int64)
 
 
+def layer_entries(cache: Cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every stored entry of one layer, any layout: ``(keys, values, lengths)`` with keys/values packed
+    ``(n_total, head_dim)`` per (sequence, head) segment in positional order and ``lengths`` ``(bsz, kv_heads)``.
+    Appended tokens are included after each head's context entries."""
+    layer = cache.layers[layer_idx]
+    if isinstance(layer, RaggedLayer):
+        ctx_k, ctx_v, valid = layer.padded_context()
+        keys = torch.cat([ctx_k, layer.keys], dim=-2)
+        values = torch.cat([ctx_v, layer.values], dim=-2)
+        tail = torch.ones(*valid.shape[:2], layer.keys.shape[-2], dtype=torch.bool, device=valid.device)
+        valid = torch.cat([valid, tail], dim=-1)
+        return keys[valid], values[valid], valid.sum(-1)
+    keys, values = layer.keys, layer.values
+    lengths = torch.full(keys.shape[:2], keys.shape[-2], dtype=torch.int64, device=keys.device)
+    return keys.reshape(-1, keys.shape[-1]), values.reshape(-1, values.shape[-1]), lengths
+
+
 def is_compressed_layer(cache: Cache, layer_idx: int) -> bool:
     return isinstance(cache.layers[layer_idx], (CompressedLayer, RaggedLayer))
 
@@ -440,10 +457,25 @@ def _base_attention(base: str, module: nn.Module) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[base]
 
 
+def _fit_mask(mask: torch.Tensor | None, kv_len: int, q_len: int) -> torch.Tensor | None:
+    """A 4-D mask built for another layer's length, refitted to ``kv_len`` keys: every entry stored before this
+    step visible, the original mask's columns for the ``q_len`` new tokens (as :meth:`ModelAdapter.aligned_masks`).
+    Compressed layers store different counts once heads are ragged, but transformers builds one mask per type."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-1] == kv_len:
+        return mask
+    stored = kv_len - q_len
+    if mask.dtype == torch.bool:
+        visible = torch.ones(*mask.shape[:-1], stored, dtype=torch.bool, device=mask.device)
+    else:
+        visible = torch.zeros(*mask.shape[:-1], stored, dtype=mask.dtype, device=mask.device)
+    return torch.cat([visible, mask[..., -q_len:]], dim=-1)
+
+
 def _make_ragged_attention(base: str) -> Callable:
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         valid = ragged_valid(key)
         if valid is None:  # a uniform layer (or the prefill): exactly what the base implementation does
+            attention_mask = _fit_mask(attention_mask, key.shape[-2], query.shape[2])
             return _base_attention(base, module)(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
@@ -680,6 +712,24 @@ class ModelAdapter:
         if cap is None:
             cap = getattr(self.config, "attn_logit_softcapping", None)
         return float(cap) if cap else None
+
+    @torch.no_grad()
+    def value_output_norms(self, module: nn.Module, values: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        """``‖W_o^h v_i‖₁`` averaged over the query heads ``h`` of each GQA group, ``(bsz, kv_heads, seq_len)``.
+
+        ``W_o^h`` is the block of the output projection that reads query head ``h``'s attention output, so the
+        norm is how much value ``v_i`` can move the layer's output (CriticalKV's perturbation bound).
+        """
+        h, hk, d = self.shape.num_attention_heads, self.shape.num_key_value_heads, values.shape[-1]
+        groups = h // hk
+        weight = module.o_proj.weight  # (hidden, num_heads * head_dim)
+        w = weight.view(weight.shape[0], hk, groups, d).permute(1, 2, 3, 0).to(values.dtype)  # (hk, g, d, hidden)
+        out = []
+        for start in range(0, values.shape[-2], chunk):
+            v = values[..., start : start + chunk, :]  # (bsz, hk, n, d)
+            projected = torch.einsum("bknd,kgdo->bkgno", v, w)
+            out.append(projected.abs().sum(-1).float().mean(2))
+        return torch.cat(out, dim=-1)
 
     # -- rotary embeddings ---------------------------------------------------------------------------------------
     def _find_rotary(self) -> nn.Module | None:

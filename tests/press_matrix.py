@@ -55,6 +55,8 @@ PRESS_KWARGS: dict[str, list[dict[str, Any]]] = {
         {"n_future_positions": 32, "n_sink": 0, "use_covariance": False},
     ],
     "qfilters": [{}],
+    # Threshold 0: every layer is lazy (uniform StreamingLLM budgets); 1.0: almost never lazy.
+    "simlayerkv": [{"lazy_threshold": 0.0}, {"lazy_threshold": 0.0, "n_initial": 0, "n_last": 4}],
 }
 
 
@@ -96,6 +98,55 @@ def _rerotated(name: str, kwargs: dict[str, Any]) -> Callable:
     return build
 
 
+def _headwise(name: str, inner: tuple[str, dict[str, Any]], **fields: Any) -> Callable:
+    """A head-wise wrapper (AdaKV-style) whose ratio/budget is set on the wrapper itself."""
+
+    def build(ratio: float | None, budget: int | None, extra: Callable[[str], dict]) -> tuple[Press, Callable]:
+        size = {"budget": budget} if budget is not None else {"compression_ratio": ratio}
+        inner_press = make_press(inner[0], **inner[1], **extra(inner[0]))
+        return make_press(name, press=inner_press, **fields, **size), _plain_expected(ratio, budget)
+
+    build.uses = {inner[0]}
+    return build
+
+
+def _per_layer(inner: tuple[str, dict[str, Any]]) -> Callable:
+    """Per-layer ratios ``r - 0.1, r, r + 0.1, ...`` (mean ``r``) on every layer of the tiny models."""
+
+    def build(ratio: float | None, budget: int | None, extra: Callable[[str], dict]) -> tuple[Press, Callable]:
+        if budget is not None:
+            ratios = [0.0, 0.0, 0.0]  # a budget has no per-layer form: keep everything, then the budget applies
+            press = make_press(inner[0], **inner[1], **extra(inner[0]))
+            return _BudgetedPerLayer(press, ratios, budget), _plain_expected(None, budget)
+        r = ratio or 0.0
+        ratios = [max(0.0, r - 0.1) if r else 0.0, r, min(0.95, r + 0.1) if r else 0.0]
+        press = make_press("per_layer", press=make_press(inner[0], **inner[1], **extra(inner[0])),
+                           compression_ratios=ratios)
+
+        def expected(seq_len: int) -> int:
+            return _kept(seq_len, r)
+
+        return press, expected
+
+    build.uses = {inner[0]}
+    return build
+
+
+def _BudgetedPerLayer(inner: Press, ratios: list[float], budget: int) -> Press:
+    """PerLayerCompression takes no budget; for budget tests its inner press is budgeted through AdaKV-free
+    composition: per_layer at ratio 0 then the budgeted inner press."""
+    first = make_press("per_layer", press=inner, compression_ratios=ratios)
+    second = make_press(type(inner).registry_name, **{**_fields(inner), "budget": budget})
+    return make_press("composed", presses=[first, second])
+
+
+def _fields(press: Press) -> dict[str, Any]:
+    import dataclasses
+
+    return {f.name: getattr(press, f.name) for f in dataclasses.fields(press)
+            if f.name not in ("compression_ratio", "budget")}
+
+
 #: Wrapper presses: name -> list of builders ``(ratio, budget, extra) -> (press, expected_kept(seq_len))``.
 #: ``extra(name)`` gives the kwargs an inner press needs from the fixtures (a calibration artifact).
 WRAPPERS: dict[str, list[Callable]] = {
@@ -104,6 +155,21 @@ WRAPPERS: dict[str, list[Callable]] = {
         _composed([("observed_attention", {}), ("snapkv", {"window_size": 4, "kernel_size": 3})]),
         _composed([("snapkv", {"window_size": 4, "kernel_size": 3}), ("keydiff", {}), ("random", {"seed": 1})]),
     ],
+    "adakv": [
+        _headwise("adakv", ("knorm", {})),
+        _headwise("adakv", ("snapkv", {"window_size": 4, "kernel_size": 3}), alpha_safeguard=0.5),
+        _headwise("adakv", ("expected_attention", {"n_future_positions": 16, "n_sink": 2}), alpha_safeguard=0.0),
+    ],
+    "critical_adakv": [
+        _headwise("critical_adakv", ("expected_attention", {"n_future_positions": 16, "n_sink": 2, "use_vnorm": False})),
+        _headwise("critical_adakv", ("knorm", {}), first_stage_ratio=0.0),
+    ],
+    "criticalkv": [
+        _headwise("criticalkv", ("snapkv", {"window_size": 4, "kernel_size": 3})),
+        _headwise("criticalkv", ("expected_attention", {"n_future_positions": 16, "n_sink": 2, "use_vnorm": False}),
+                  first_stage_ratio=1.0),
+    ],
+    "per_layer": [_per_layer(("knorm", {})), _per_layer(("keydiff", {}))],
     "key_rerotation": [
         _rerotated("knorm", {}),
         _rerotated("streaming_llm", {"n_sink": 4}),

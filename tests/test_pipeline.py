@@ -141,7 +141,8 @@ def test_generate_inside_press_block_compresses_the_prefill(case, model_name, se
         if caps.uniform_layers:
             assert n_kept == expected(seq_len)
         # The last generated token is never fed back, so new - 1 tokens were appended.
-        assert A.layer_physical_length(cache, i) == n_kept + new - 1, f"layer {i}"
+        stored = float(A.layer_head_lengths(cache, i).double().mean())
+        assert stored == n_kept + new - 1, f"layer {i}: {stored} stored per head, kept {n_kept}"
         # Position-changing presses keep the context's end fixed, so the logical length never changes.
         assert cache.layers[i].get_seq_length() == seq_len + new - 1, f"layer {i}: logical length"
 
@@ -176,9 +177,9 @@ def test_from_recorded_equals_compress(case, model_name, setup):
     other = pipe.from_recorded(recorded, press)
     assert other.n_tokens == ctx.n_tokens
     for i in range(len(ctx.cache.layers)):
-        k1, v1 = A.layer_kv(ctx.cache, i)
-        k2, v2 = A.layer_kv(other.cache, i)
-        assert torch.equal(k1, k2) and torch.equal(v1, v2), f"layer {i}"
+        k1, v1, n1 = A.layer_entries(ctx.cache, i)
+        k2, v2, n2 = A.layer_entries(other.cache, i)
+        assert torch.equal(n1, n2) and torch.equal(k1, k2) and torch.equal(v1, v2), f"layer {i}"
     assert other.report.kept == ctx.report.kept
     assert other.generate_ids(QUESTIONS[1], max_new_tokens=6) == ctx.generate_ids(QUESTIONS[1], max_new_tokens=6)
 
@@ -210,14 +211,16 @@ def test_cache_bytes_are_measured_and_reduced(case, model_name, setup):
     assert ctx.full_cache_bytes == full.cache_bytes, "bytes before compression != bytes of the uncompressed cache"
     assert ctx.cache_bytes < ctx.full_cache_bytes
     # Measured from the tensors: kept entries times the bytes per entry, sliding layers unchanged.
-    want = 0
+    want = index = 0
     for i in range(len(ctx.cache.layers)):
         k, v = A.layer_kv(full.cache, i)
-        per_entry = (k[..., :1, :].numel() * k.element_size() + v[..., :1, :].numel() * v.element_size())
-        want += per_entry * A.layer_physical_length(ctx.cache, i)
+        per_entry = k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size()  # one head, one position
+        want += per_entry * int(A.layer_head_lengths(ctx.cache, i).sum())
+        if A.is_ragged_layer(ctx.cache, i):  # plus the per-head counts, the ragged layout's only index
+            index += ctx.cache.layers[i].lengths.numel() * 8
         if not pipe.adapter.is_compressible(i):
             assert A.layer_nbytes(ctx.cache, i) == A.layer_nbytes(full.cache, i)
-    assert ctx.cache_bytes == want
+    assert ctx.cache_bytes == want + index
     full_layers = pipe.adapter.compressible_layers
     if not press.capabilities.uniform_layers:
         kept = sum(ctx.layer_lengths[i] for i in full_layers)
@@ -225,7 +228,7 @@ def test_cache_bytes_are_measured_and_reduced(case, model_name, setup):
     elif len(full_layers) == len(ctx.cache.layers):
         # Uniform press, every layer compressed: exactly the kept fraction, about half (a composition rounds down
         # once per inner press).
-        assert ctx.cache_bytes * seq_len == ctx.full_cache_bytes * expected(seq_len)
+        assert (ctx.cache_bytes - index) * seq_len == ctx.full_cache_bytes * expected(seq_len)
         assert abs(ctx.cache_bytes / ctx.full_cache_bytes - 0.5) <= 3 / seq_len
     assert ctx.compression_seconds > 0 and ctx.prefill_seconds >= ctx.compression_seconds
 

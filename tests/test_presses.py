@@ -14,6 +14,8 @@ For each press of the matrix (``tests/press_matrix.py``) and each model:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -68,8 +70,9 @@ def prefill(model, ids: torch.Tensor, press: Press | None = None):
 def assert_layers_equal(a, b, layers=None, what: str = "") -> None:
     layers = range(len(a.layers)) if layers is None else layers
     for i in layers:
-        ka, va = A.layer_kv(a, i)
-        kb, vb = A.layer_kv(b, i)
+        ka, va, la = A.layer_entries(a, i)
+        kb, vb, lb = A.layer_entries(b, i)
+        assert torch.equal(la, lb), f"{what}layer {i}: entries per head {la.tolist()} vs {lb.tolist()}"
         assert ka.shape == kb.shape, f"{what}layer {i}: keys {tuple(ka.shape)} vs {tuple(kb.shape)}"
         assert torch.equal(ka, kb), f"{what}layer {i}: keys differ"
         assert torch.equal(va, vb), f"{what}layer {i}: values differ"
@@ -162,15 +165,20 @@ def check_lengths(case, press, expected_kept, model, cache, base, report, seq_le
     assert len(base.layers) == n_layers
     counts = {}
     for i in range(n_layers):
-        k, v = A.layer_kv(cache, i)
         if i not in full:  # sliding-window layer: the very same tensors as without a press
             assert_layers_equal(cache, base, [i], what=f"{case.id} sliding ")
             assert type(cache.layers[i]) is type(base.layers[i])
             continue
+        k, v, lengths = A.layer_entries(cache, i)
         kb, _ = A.layer_kv(base, i)
-        n = A.layer_physical_length(cache, i)
+        if caps.headwise:  # heads keep different counts: the layer's mean per head is the budget
+            n = float(lengths.double().mean())
+            assert bool((lengths >= 1).all()), f"{case.id} layer {i}: a head kept nothing ({lengths.tolist()})"
+        else:
+            assert bool((lengths == lengths.reshape(-1)[0]).all()), f"{case.id} layer {i}: ragged {lengths.tolist()}"
+            n = A.layer_physical_length(cache, i)
         counts[i] = n
-        assert k.shape[:2] == kb.shape[:2] and k.shape[-1] == kb.shape[-1] and v.shape == k.shape[:-1] + v.shape[-1:]
+        assert tuple(lengths.shape) == tuple(kb.shape[:2]) and k.shape[-1] == kb.shape[-1] and v.shape[0] == k.shape[0]
         assert k.dtype == kb.dtype and k.device == kb.device
         logical = cache.layers[i].get_seq_length()
         assert logical == seq_len, f"{case.id} layer {i}: logical length {logical}, stored {n}, context {seq_len}"
@@ -207,7 +215,8 @@ def test_kept_count_per_layer(case, model_name, ratio, setup):
     # Physically smaller: the kept entries own their storage (memory is really freed, not a view of the full cache).
     for i, n in counts.items():
         if n < seq_len:
-            k, v = A.layer_kv(cache, i)
+            layer = cache.layers[i]
+            k, v = (layer.ctx_keys, layer.ctx_values) if A.is_ragged_layer(cache, i) else A.layer_kv(cache, i)
             assert k.untyped_storage().nbytes() == k.numel() * k.element_size(), f"layer {i}: keys are a view"
             assert v.untyped_storage().nbytes() == v.numel() * v.element_size(), f"layer {i}: values are a view"
 
@@ -308,8 +317,11 @@ def _check_selection(case, press, ratio, recorded, cache) -> int:
     checked = 0
     for layer in recorded.layers:
         i = layer.layer_idx
-        kept_k, kept_v = A.layer_kv(cache, i)
         what = f"{case.id} ratio {ratio} layer {i}"
+        if caps.headwise:
+            checked += _check_headwise_selection(press, layer, cache, what)
+            continue
+        kept_k, kept_v = A.layer_kv(cache, i)
         if caps.changes_positions:
             # Values are not moved: they identify the kept entries; keys must be the pre-RoPE keys re-rotated to
             # the last n positions of the context, seq_len - n … seq_len - 1.
@@ -335,11 +347,59 @@ def _check_selection(case, press, ratio, recorded, cache) -> int:
             assert scores.shape == layer.keys.shape[:-1], f"{what}: scores {tuple(scores.shape)}"
             assert_top_scored(idx, scores, what)
             checked += 1
+        elif hasattr(press, "lazy_mass"):  # SimLayerKV: lazy layers keep sinks + recent, the others everything
+            n = press.layer_budget(layer)
+            lazy = n < layer.seq_len and bool((press.lazy_mass(layer, n) >= press.lazy_threshold).all())
+            want = press.kept_positions(layer.seq_len, n) if lazy else torch.arange(layer.seq_len)
+            assert torch.equal(idx, want.expand_as(idx)), f"{what}: lazy={lazy}, kept {idx[0, 0].tolist()}"
+            checked += 1
         elif isinstance(getattr(press, "presses", None), list):
             chained = _chain_indices(press.presses, layer)
             assert torch.equal(idx, chained), f"{what}: kept entries differ from chaining the inner presses"
             checked += 1
     return checked
+
+
+def _check_headwise_selection(press, layer, cache, what: str) -> int:
+    """Head-wise presses: the cache stores exactly ``keys[keep_mask]`` (hence in positional order), the layer keeps
+    ``heads × n_kept`` entries per sequence, and the mask follows the press's selection rule."""
+    from kvsqueeze.presses.criticalkv import base_scores
+
+    keys, values, lengths = A.layer_entries(cache, layer.layer_idx)
+    keep = press.keep_mask(layer)
+    assert torch.equal(lengths, keep.sum(-1)), f"{what}: stored {lengths.tolist()} vs mask {keep.sum(-1).tolist()}"
+    assert torch.equal(keys, layer.keys[keep]) and torch.equal(values, layer.values[keep]), f"{what}: entries"
+    n = min(press.layer_budget(layer), layer.seq_len)
+    heads = layer.keys.shape[1]
+    assert keep.sum((1, 2)).tolist() == [heads * n] * keep.shape[0], f"{what}: layer total {keep.sum((1, 2))}"
+    if n >= layer.seq_len:
+        return 1
+    scores = base_scores(press.press, layer) if hasattr(press, "epsilon") else press.press.score(layer).float()
+    floor = max(1, int(press.alpha_safeguard * n))
+    per_head_top = keep_top(scores, floor)
+    assert bool((keep.sum(-1) >= floor).all()), f"{what}: a head kept fewer than the safeguard's {floor}"
+    if hasattr(press, "epsilon"):  # CriticalAdaKV: two stages inside each head's budget
+        vnorm = layer.adapter.value_output_norms(layer.module, layer.values)
+        for b in range(keep.shape[0]):
+            for h in range(heads):
+                n_h = int(keep[b, h].sum())
+                n1 = int(n_h * press.first_stage_ratio)
+                stage1 = scores[b, h].topk(n1).indices if n1 else torch.empty(0, dtype=torch.long)
+                assert keep[b, h, stage1].all(), f"{what} head {h}: stage-1 entry dropped"
+                rest = torch.ones(layer.seq_len, dtype=torch.bool)
+                rest[stage1] = False
+                critical = (scores[b, h] + press.epsilon) * vnorm[b, h]
+                kept_rest, dropped = critical[keep[b, h] & rest], critical[~keep[b, h]]
+                if kept_rest.numel() and dropped.numel():
+                    assert kept_rest.min() >= dropped.max(), f"{what} head {h}: stage 2 is not the top critical"
+    else:  # AdaKV: each head keeps its own top entries, then the layer's highest scores across heads
+        assert keep.gather(-1, per_head_top).all(), f"{what}: a head lost one of its top {floor} (safeguard)"
+        guarded = torch.zeros_like(keep).scatter(-1, per_head_top, True)
+        free_kept = scores[keep & ~guarded]
+        dropped = scores[~keep]
+        if free_kept.numel() and dropped.numel():
+            assert free_kept.min() >= dropped.max(), f"{what}: a dropped entry outscores a kept one across heads"
+    return 1
 
 
 def _scores_without_weights(case: PressCase) -> bool:
@@ -478,7 +538,8 @@ def test_next_token_position_after_compression(case, model_name, setup):
     assert set(logical) == {position}, f"{case.id}: layers disagree on the next position: {logical}"
 
     step = torch.tensor([[42]])
-    with torch.inference_mode(), adapter.aligned_masks():
+    ragged = A.has_ragged_layers(cache)
+    with torch.inference_mode(), adapter.aligned_masks(), (A.ragged_attention(model) if ragged else nullcontext()):
         implicit = model(input_ids=step, use_cache=True, **adapter.model_call_kwargs(A.fork_cache(cache))).logits
         explicit = model(
             input_ids=step,
@@ -492,7 +553,8 @@ def test_next_token_position_after_compression(case, model_name, setup):
             use_cache=True,
             **adapter.model_call_kwargs(A.fork_cache(cache)),
         ).logits
-        plain = model(
+        # Ragged layers have no plain-layer equivalent; tests/test_ragged.py compares them with masked dense attention.
+        plain = None if ragged else model(
             input_ids=step,
             position_ids=torch.tensor([[position]]),
             use_cache=True,
@@ -501,7 +563,8 @@ def test_next_token_position_after_compression(case, model_name, setup):
     torch.testing.assert_close(implicit, explicit, rtol=0, atol=0)
     # The same kept entries in plain layers (every one visible, position given): the compressed layer's mask sizes
     # and offsets let the new token see every kept entry and nothing else.
-    torch.testing.assert_close(implicit, plain, rtol=1e-5, atol=1e-5)
+    if plain is not None:
+        torch.testing.assert_close(implicit, plain, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(implicit, elsewhere, atol=1e-4), "the position of the next token has no effect"
 
 
@@ -551,11 +614,20 @@ def test_batch_rows_are_compressed_independently(case, model_name, setup):
     for row in range(2):
         alone, _, _ = prefill(model, ids[row : row + 1], press)
         for i in range(len(alone.layers)):
-            k1, v1 = A.layer_kv(batched, i)
-            k2, v2 = A.layer_kv(alone, i)
-            assert k1.shape[1:] == k2.shape[1:], f"layer {i}"
-            torch.testing.assert_close(k1[row : row + 1], k2, rtol=1e-4, atol=1e-5, msg=f"row {row} layer {i}")
-            torch.testing.assert_close(v1[row : row + 1], v2, rtol=1e-4, atol=1e-5, msg=f"row {row} layer {i}")
+            k1, v1, n1 = _row_entries(batched, i, row)
+            k2, v2, n2 = _row_entries(alone, i, 0)
+            assert torch.equal(n1, n2), f"row {row} layer {i}: entries per head {n1.tolist()} vs {n2.tolist()}"
+            torch.testing.assert_close(k1, k2, rtol=1e-4, atol=1e-5, msg=f"row {row} layer {i}")
+            torch.testing.assert_close(v1, v2, rtol=1e-4, atol=1e-5, msg=f"row {row} layer {i}")
+
+
+def _row_entries(cache, layer_idx: int, row: int):
+    """Packed entries and per-head counts of one batch row (rows are contiguous in the packed layout)."""
+    keys, values, lengths = A.layer_entries(cache, layer_idx)
+    per_row = lengths.sum(-1)
+    start = int(per_row[:row].sum())
+    end = start + int(per_row[row])
+    return keys[start:end], values[start:end], lengths[row]
 
 
 @pytest.mark.parametrize("model_name", ["llama", "gemma3"])

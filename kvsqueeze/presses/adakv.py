@@ -39,25 +39,20 @@ def own_budget(wrapper: Press) -> bool:
 def adaptive_head_budgets(scores: torch.Tensor, n_kept: int, alpha: float) -> torch.Tensor:
     """AdaKV's selection: keep mask ``(bsz, heads, seq_len)`` with ``heads × n_kept`` entries per sequence.
 
-    Every head first keeps its own top ``int(alpha · n_kept)`` entries (the safeguard); the rest of the layer's
+    Every head first keeps its own top ``max(1, int(alpha · n_kept))`` entries (the safeguard; at least one, so no
+    head is left empty); the rest of the layer's
     budget goes to the highest remaining scores across all heads, so heads whose scores are concentrated give
     entries to heads whose scores are spread out.
     """
     bsz, heads, seq_len = scores.shape
     s = scores.float().clone()
-    floor = int(alpha * n_kept)
-    if floor > 0:
-        s.scatter_(-1, s.topk(floor, dim=-1).indices, float("inf"))
+    # At least one entry per head even for alpha·n_kept < 1: an empty head would have nothing to attend to.
+    floor = max(1, int(alpha * n_kept))
+    s.scatter_(-1, s.topk(floor, dim=-1).indices, float("inf"))
     chosen = s.reshape(bsz, heads * seq_len).topk(heads * n_kept, dim=-1).indices
     keep = torch.zeros(bsz, heads * seq_len, dtype=torch.bool, device=scores.device)
     keep.scatter_(-1, chosen, True)
-    keep = keep.view(bsz, heads, seq_len)
-    # A head can only end up empty with alpha·n_kept < 1; give it its best entry (one more than the budget).
-    empty = ~keep.any(-1)
-    if bool(empty.any()):
-        best = scores.argmax(-1, keepdim=True)
-        keep.scatter_(-1, best, keep.gather(-1, best) | empty.unsqueeze(-1))
-    return keep
+    return keep.view(bsz, heads, seq_len)
 
 
 @register_press("adakv")

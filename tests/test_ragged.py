@@ -1,0 +1,285 @@
+"""Head-wise (ragged) caches: exact attention over per-head entry sets, equal to dense attention with the evicted
+entries masked, through the attention function, the tiny models and the default model.
+
+The reference everywhere is the *masked dense* computation: the uncompressed cache, with a 4-D mask per layer
+that hides, for each (sequence, KV head), the entries the press evicted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from kvsqueeze import adapter as A
+from kvsqueeze import make_press
+from kvsqueeze.pipeline import Pipeline
+from kvsqueeze.presses.base import LayerInputs, Press, RaggedKV
+from kvsqueeze.record import record_prefill
+
+from conftest import MODEL_NAMES, hook_counts, token_ids
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The attention function alone
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _random_valid(bsz: int, kv_heads: int, n_ctx: int, gen: torch.Generator) -> torch.Tensor:
+    """Per-head validity of a padded context: head (b, h) keeps a random count in [1, n_ctx], padding after it."""
+    counts = torch.randint(1, n_ctx + 1, (bsz, kv_heads), generator=gen)
+    return torch.arange(n_ctx)[None, None, :] < counts[..., None]
+
+
+def _dense_masked(query, key, value, valid, n_tail, scaling):
+    """Reference: repeat KV heads, hide invalid context entries and future tail entries, softmax in float64."""
+    bsz, n_heads, q_len, _ = query.shape
+    groups = n_heads // key.shape[1]
+    k = key.repeat_interleave(groups, dim=1).double()
+    v = value.repeat_interleave(groups, dim=1).double()
+    logits = query.double() @ k.transpose(-1, -2) * scaling
+    kv_len = key.shape[-2]
+    n_ctx = kv_len - n_tail
+    visible = valid.repeat_interleave(groups, dim=1)[:, :, None, :].expand(bsz, n_heads, q_len, kv_len).clone()
+    i = torch.arange(q_len)[:, None]
+    j = torch.arange(n_tail)[None, :]
+    visible[..., n_ctx:] &= (j <= n_tail - q_len + i)
+    logits = logits.masked_fill(~visible, float("-inf"))
+    return (logits.softmax(-1) @ v).transpose(1, 2).float()
+
+
+@pytest.mark.parametrize("bsz", [1, 3])
+@pytest.mark.parametrize("heads", [(4, 2), (6, 1), (4, 4)])  # (query heads, KV heads): GQA, MQA, MHA
+@pytest.mark.parametrize("q_len", [1, 5])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ragged_attention_equals_masked_dense(bsz, heads, q_len, seed):
+    gen = torch.Generator().manual_seed(seed)
+    n_heads, n_kv = heads
+    n_ctx, n_prev, d = 37, 3, 16
+    n_tail = n_prev + q_len
+    query = torch.randn(bsz, n_heads, q_len, d, generator=gen)
+    key = torch.randn(bsz, n_kv, n_ctx + n_tail, d, generator=gen)
+    value = torch.randn(bsz, n_kv, n_ctx + n_tail, d, generator=gen)
+    valid = torch.cat([_random_valid(bsz, n_kv, n_ctx, gen), torch.ones(bsz, n_kv, n_tail, dtype=torch.bool)], -1)
+    # Padding slots hold garbage: they must get exactly zero weight.
+    key = torch.where(valid[..., None], key, torch.full_like(key, 1e3))
+    want = _dense_masked(query, key, value, valid, n_tail, 0.25)
+    for need_weights in (False, True):
+        out, weights = A.ragged_attention_forward(query, key, value, valid, n_tail, None, 0.25, need_weights=need_weights)
+        assert out.shape == (bsz, q_len, n_heads, d)
+        torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
+        if need_weights:
+            groups = n_heads // n_kv
+            hidden = ~valid.repeat_interleave(groups, 1)[:, :, None, :].expand_as(weights)
+            assert weights[hidden].abs().max() == 0
+    # The mask transformers builds for the new tokens (boolean or additive) gives the same result.
+    causal = torch.arange(n_tail)[None, :] <= (n_tail - q_len) + torch.arange(q_len)[:, None]
+    bool_mask = torch.cat([torch.ones(q_len, 11, dtype=torch.bool), causal], -1)[None, None]
+    additive = torch.zeros(bool_mask.shape).masked_fill(~bool_mask, torch.finfo(torch.float32).min)
+    for mask in (bool_mask, additive):
+        out, _ = A.ragged_attention_forward(query, key, value, valid, n_tail, mask, 0.25)
+        torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Through the models: random per-head budgets, then greedy decoding against the masked dense reference
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RandomHeadwisePress(Press):
+    """Test press: every (sequence, KV head) keeps a random subset of random size (at least one entry)."""
+
+    seed: int = 0
+
+    def keep_mask(self, layer: LayerInputs) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1000 + layer.layer_idx)
+        bsz, heads, seq_len = layer.keys.shape[:3]
+        keep = torch.rand(bsz, heads, seq_len, generator=gen) < torch.rand(bsz, heads, 1, generator=gen)
+        keep[..., 0] = True  # never empty
+        return keep
+
+    def compress(self, layer: LayerInputs):
+        return RaggedKV.from_mask(layer.keys, layer.values, self.keep_mask(layer))
+
+
+RandomHeadwisePress.capabilities = RandomHeadwisePress.capabilities.merge(
+    type(RandomHeadwisePress.capabilities)(headwise=True, uniform_layers=False)
+)
+
+
+def _masked_dense_decode(model, ids, keep: dict[int, torch.Tensor], first: torch.Tensor, steps: int) -> list[list[int]]:
+    """Greedy tokens from the uncompressed cache with every evicted entry hidden by a per-layer 4-D mask."""
+    adapter = A.ModelAdapter(model)
+    cache = adapter.new_cache()
+    n_ctx = ids.shape[1]
+    groups = adapter.shape.num_attention_heads // adapter.shape.num_key_value_heads
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))
+
+    def pre_hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        i = module.layer_idx
+        if i not in keep:
+            return None
+        q_len = adapter.hidden_states_from_call(args, kwargs).shape[1]
+        n_tail = cache.layers[i].keys.shape[-2] + q_len - n_ctx
+        bsz = ids.shape[0]
+        ctx = keep[i].repeat_interleave(groups, dim=1)[:, :, None, :].expand(bsz, -1, q_len, n_ctx)
+        tail = torch.arange(n_tail)[None, :] <= (n_tail - q_len) + torch.arange(q_len)[:, None]
+        tail = tail[None, None].expand(bsz, ctx.shape[1], q_len, n_tail)
+        kwargs["attention_mask"] = torch.cat([ctx, tail], dim=-1)
+        return args, kwargs
+
+    handles = [adapter.attention_modules[i].register_forward_pre_hook(pre_hook, with_kwargs=True) for i in keep]
+    tokens = [[] for _ in range(ids.shape[0])]
+    try:
+        step = first
+        with torch.inference_mode():
+            for _ in range(steps):
+                logits = model(input_ids=step, use_cache=True, **adapter.model_call_kwargs(cache)).logits[:, -1]
+                nxt = logits.argmax(-1)
+                for b, t in enumerate(nxt.tolist()):
+                    tokens[b].append(t)
+                step = nxt[:, None]
+    finally:
+        for h in handles:
+            h.remove()
+    return tokens
+
+
+def _ragged_decode(model, cache, first: torch.Tensor, steps: int) -> list[list[int]]:
+    adapter = A.ModelAdapter(model)
+    tokens = [[] for _ in range(first.shape[0])]
+    with torch.inference_mode(), A.ragged_attention(model):
+        step = first
+        for _ in range(steps):
+            logits = model(input_ids=step, use_cache=True, **adapter.model_call_kwargs(cache)).logits[:, -1]
+            nxt = logits.argmax(-1)
+            for b, t in enumerate(nxt.tolist()):
+                tokens[b].append(t)
+            step = nxt[:, None]
+    return tokens
+
+
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+@pytest.mark.parametrize("bsz", [1, 2])
+@pytest.mark.parametrize("press_name", ["random_headwise", "adakv"])
+def test_decoding_20_tokens_equals_masked_dense(model_name, bsz, press_name, tiny_model):
+    model = tiny_model(model_name)
+    ids = token_ids(60, seed=21, batch=bsz)
+    question = token_ids(7, seed=22, batch=bsz)[:, 1:]  # no BOS in the middle
+    if press_name == "random_headwise":
+        press = RandomHeadwisePress(seed=3)
+    else:
+        press = make_press("adakv", press=make_press("keydiff"), compression_ratio=0.6)
+    recorded = record_prefill(model, ids)
+    cache, _ = recorded.compress(press)
+    keep = {layer.layer_idx: press.keep_mask(layer) for layer in recorded.layers}
+    if press_name == "random_headwise":
+        assert all(A.is_ragged_layer(cache, i) for i in keep), "the press produced no ragged layer"
+    hooks = hook_counts(model)
+    # Logits of the question tokens first (q_len > 1 over the ragged context), then 20 greedy tokens.
+    adapter = A.ModelAdapter(model)
+    with torch.inference_mode(), A.ragged_attention(model):
+        ragged_logits = model(input_ids=question, use_cache=True, **adapter.model_call_kwargs(A.fork_cache(cache))).logits
+    assert model.config._attn_implementation == "sdpa", "ragged_attention did not restore the implementation"
+    got = _ragged_decode(model, A.fork_cache(cache), question, 20)
+    want = _masked_dense_decode(model, ids, keep, question, 20)
+    assert got == want
+    assert hook_counts(model) == hooks
+    # Logits too, within float32 tolerance.
+    torch.testing.assert_close(ragged_logits, _masked_dense_logits(model, ids, keep, question), rtol=1e-5, atol=1e-5)
+
+
+def _masked_dense_logits(model, ids, keep, question) -> torch.Tensor:
+    adapter = A.ModelAdapter(model)
+    cache = adapter.new_cache()
+    groups = adapter.shape.num_attention_heads // adapter.shape.num_key_value_heads
+    n_ctx, q_len, bsz = ids.shape[1], question.shape[1], ids.shape[0]
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))
+
+    def pre_hook(module, args, kwargs):
+        i = module.layer_idx
+        ctx = keep[i].repeat_interleave(groups, dim=1)[:, :, None, :].expand(bsz, -1, q_len, n_ctx)
+        tail = torch.tril(torch.ones(q_len, q_len, dtype=torch.bool))[None, None].expand(bsz, ctx.shape[1], q_len, q_len)
+        kwargs["attention_mask"] = torch.cat([ctx, tail], dim=-1)
+        return args, kwargs
+
+    handles = [adapter.attention_modules[i].register_forward_pre_hook(pre_hook, with_kwargs=True) for i in keep]
+    try:
+        with torch.inference_mode():
+            return model(input_ids=question, use_cache=True, **adapter.model_call_kwargs(cache)).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+def test_pipeline_and_generate_agree_on_a_ragged_cache(model_name, tiny_model, tokenizer):
+    """The pipeline answers from the ragged cache, leaves it unchanged, and matches ``model.generate`` under the
+    same press; the model's attention implementation is restored after every block."""
+    model = tiny_model(model_name)
+    pipe = Pipeline(model, tokenizer)
+    press = make_press("adakv", press=make_press("knorm"), compression_ratio=0.5)
+    context = "the quick brown fox jumps over the lazy dog while the cat sleeps in the sun. " * 2
+    ctx = pipe.compress(context, press=press)
+    assert any(A.is_ragged_layer(ctx.cache, i) for i in pipe.adapter.compressible_layers)
+    before = {i: A.layer_entries(ctx.cache, i) for i in range(len(ctx.cache.layers))}
+    answers = [ctx.generate_ids(q, max_new_tokens=8) for q in ("what?", "who sleeps?", "what?")]
+    assert answers[0] == answers[2]
+    for i, (k, v, n) in before.items():
+        k2, v2, n2 = A.layer_entries(ctx.cache, i)
+        assert torch.equal(k, k2) and torch.equal(v, v2) and torch.equal(n, n2), f"layer {i} changed"
+        assert ctx.cache.layers[i].get_seq_length() == ctx.n_tokens
+    assert model.config._attn_implementation == "sdpa"
+    # model.generate inside the press block compresses the prompt in its prefill and decodes over the ragged
+    # cache: the same greedy tokens as compressing the prompt and decoding by hand.
+    ids = pipe.context_ids(context)
+    with torch.inference_mode(), press(model):
+        out = model.generate(input_ids=ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert model.config._attn_implementation == "sdpa"
+    generated = out[0, ids.shape[1]:].tolist()
+    cache, _ = record_prefill(model, ids).compress(press)
+    with torch.inference_mode():
+        first = model(input_ids=ids, logits_to_keep=1).logits[:, -1].argmax(-1)  # the prefill's own next token
+    assert generated[0] == int(first)
+    assert generated[1:] == _ragged_decode(model, cache, first[:, None], 7)[0]
+
+
+def test_ragged_cache_bytes_and_refusals(tiny_model):
+    model = tiny_model("llama")
+    ids = token_ids(64, seed=5)
+    press = make_press("adakv", press=make_press("knorm"), compression_ratio=0.75)
+    recorded = record_prefill(model, ids)
+    cache, report = recorded.compress(press)
+    full = A.cache_nbytes(recorded.cache)
+    kept = sum(int(A.layer_head_lengths(cache, i).sum()) for i in range(len(cache.layers)))
+    total = sum(int(A.layer_head_lengths(recorded.cache, i).sum()) for i in range(len(cache.layers)))
+    assert kept == int(total * 0.25)
+    assert A.cache_nbytes(cache) / full <= 0.25 + 0.02
+    ragged = [i for i in range(len(cache.layers)) if A.is_ragged_layer(cache, i)]
+    assert ragged, "AdaKV at 0.75 left every layer with equal heads"
+    layer = cache.layers[ragged[0]]
+    with pytest.raises(NotImplementedError, match="beam search"):
+        layer.reorder_cache(torch.tensor([0]))
+    with pytest.raises(TypeError, match="head-wise"):
+        A.layer_kv(cache, ragged[0])
+    with pytest.raises(ValueError, match="only 0 were appended"):
+        layer.crop(-1)
+
+
+def test_ragged_attention_refuses_unknown_implementation(tiny_model):
+    model = tiny_model("llama")
+    model.config._attn_implementation_internal = "flex_attention"
+    try:
+        with pytest.raises(A.UnsupportedModelError, match="flex_attention"):
+            with A.ragged_attention(model):
+                pass
+    finally:
+        model.config._attn_implementation_internal = "sdpa"
