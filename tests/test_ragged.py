@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from kvsqueeze import adapter as A
 from kvsqueeze import make_press
@@ -20,6 +19,7 @@ from kvsqueeze.presses.base import LayerInputs, Press, RaggedKV
 from kvsqueeze.record import record_prefill
 
 from conftest import MODEL_NAMES, hook_counts, token_ids
+from ragged_reference import masked_dense_decode, masked_dense_logits, ragged_decode
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -112,60 +112,6 @@ RandomHeadwisePress.capabilities = RandomHeadwisePress.capabilities.merge(
 )
 
 
-def _masked_dense_decode(model, ids, keep: dict[int, torch.Tensor], first: torch.Tensor, steps: int) -> list[list[int]]:
-    """Greedy tokens from the uncompressed cache with every evicted entry hidden by a per-layer 4-D mask."""
-    adapter = A.ModelAdapter(model)
-    cache = adapter.new_cache()
-    n_ctx = ids.shape[1]
-    groups = adapter.shape.num_attention_heads // adapter.shape.num_key_value_heads
-    with torch.inference_mode():
-        model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))
-
-    def pre_hook(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        i = module.layer_idx
-        if i not in keep:
-            return None
-        q_len = adapter.hidden_states_from_call(args, kwargs).shape[1]
-        n_tail = cache.layers[i].keys.shape[-2] + q_len - n_ctx
-        bsz = ids.shape[0]
-        ctx = keep[i].repeat_interleave(groups, dim=1)[:, :, None, :].expand(bsz, -1, q_len, n_ctx)
-        tail = torch.arange(n_tail)[None, :] <= (n_tail - q_len) + torch.arange(q_len)[:, None]
-        tail = tail[None, None].expand(bsz, ctx.shape[1], q_len, n_tail)
-        kwargs["attention_mask"] = torch.cat([ctx, tail], dim=-1)
-        return args, kwargs
-
-    handles = [adapter.attention_modules[i].register_forward_pre_hook(pre_hook, with_kwargs=True) for i in keep]
-    tokens = [[] for _ in range(ids.shape[0])]
-    try:
-        step = first
-        with torch.inference_mode():
-            for _ in range(steps):
-                logits = model(input_ids=step, use_cache=True, **adapter.model_call_kwargs(cache)).logits[:, -1]
-                nxt = logits.argmax(-1)
-                for b, t in enumerate(nxt.tolist()):
-                    tokens[b].append(t)
-                step = nxt[:, None]
-    finally:
-        for h in handles:
-            h.remove()
-    return tokens
-
-
-def _ragged_decode(model, cache, first: torch.Tensor, steps: int) -> list[list[int]]:
-    adapter = A.ModelAdapter(model)
-    tokens = [[] for _ in range(first.shape[0])]
-    with torch.inference_mode(), A.ragged_attention(model):
-        step = first
-        for _ in range(steps):
-            logits = model(input_ids=step, use_cache=True, **adapter.model_call_kwargs(cache)).logits[:, -1]
-            nxt = logits.argmax(-1)
-            for b, t in enumerate(nxt.tolist()):
-                tokens[b].append(t)
-            step = nxt[:, None]
-    return tokens
-
-
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 @pytest.mark.parametrize("bsz", [1, 2])
 @pytest.mark.parametrize("press_name", ["random_headwise", "adakv"])
@@ -188,36 +134,12 @@ def test_decoding_20_tokens_equals_masked_dense(model_name, bsz, press_name, tin
     with torch.inference_mode(), A.ragged_attention(model):
         ragged_logits = model(input_ids=question, use_cache=True, **adapter.model_call_kwargs(A.fork_cache(cache))).logits
     assert model.config._attn_implementation == "sdpa", "ragged_attention did not restore the implementation"
-    got = _ragged_decode(model, A.fork_cache(cache), question, 20)
-    want = _masked_dense_decode(model, ids, keep, question, 20)
+    got = ragged_decode(model, A.fork_cache(cache), question, 20)
+    want = masked_dense_decode(model, ids, keep, question, 20)
     assert got == want
     assert hook_counts(model) == hooks
     # Logits too, within float32 tolerance.
-    torch.testing.assert_close(ragged_logits, _masked_dense_logits(model, ids, keep, question), rtol=1e-5, atol=1e-5)
-
-
-def _masked_dense_logits(model, ids, keep, question) -> torch.Tensor:
-    adapter = A.ModelAdapter(model)
-    cache = adapter.new_cache()
-    groups = adapter.shape.num_attention_heads // adapter.shape.num_key_value_heads
-    n_ctx, q_len, bsz = ids.shape[1], question.shape[1], ids.shape[0]
-    with torch.inference_mode():
-        model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))
-
-    def pre_hook(module, args, kwargs):
-        i = module.layer_idx
-        ctx = keep[i].repeat_interleave(groups, dim=1)[:, :, None, :].expand(bsz, -1, q_len, n_ctx)
-        tail = torch.tril(torch.ones(q_len, q_len, dtype=torch.bool))[None, None].expand(bsz, ctx.shape[1], q_len, q_len)
-        kwargs["attention_mask"] = torch.cat([ctx, tail], dim=-1)
-        return args, kwargs
-
-    handles = [adapter.attention_modules[i].register_forward_pre_hook(pre_hook, with_kwargs=True) for i in keep]
-    try:
-        with torch.inference_mode():
-            return model(input_ids=question, use_cache=True, **adapter.model_call_kwargs(cache)).logits
-    finally:
-        for h in handles:
-            h.remove()
+    torch.testing.assert_close(ragged_logits, masked_dense_logits(model, ids, keep, question), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
@@ -249,7 +171,7 @@ def test_pipeline_and_generate_agree_on_a_ragged_cache(model_name, tiny_model, t
     with torch.inference_mode():
         first = model(input_ids=ids, logits_to_keep=1).logits[:, -1].argmax(-1)  # the prefill's own next token
     assert generated[0] == int(first)
-    assert generated[1:] == _ragged_decode(model, cache, first[:, None], 7)[0]
+    assert generated[1:] == ragged_decode(model, cache, first[:, None], 7)[0]
 
 
 def test_ragged_cache_bytes_and_refusals(tiny_model):
