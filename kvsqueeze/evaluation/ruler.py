@@ -391,6 +391,7 @@ def _qa(task: RulerTask, seed: str, n: int, fill: int, data: _QaData, index: int
         take = words[: n - used]
         distractors.append(" ".join(take))
         used += len(take)
+    exhausted = used < n  # the pool has fewer words than asked: the fitter treats this as too long
     docs = list(row.gold) + distractors
     rng.shuffle(docs)
     body = "\n\n".join(f"Document {i}:\n{doc}" for i, doc in enumerate(docs, 1))
@@ -399,7 +400,7 @@ def _qa(task: RulerTask, seed: str, n: int, fill: int, data: _QaData, index: int
         f"The following are the given documents.\n\n{body}"
     )
     question = f"Answer the question using the documents above. Give only the answer, with no other words.\n\nQuestion: {row.question}"
-    return _Built(context, question, row.answers, "Answer:", {"n_documents": len(docs), "row": index % len(data.rows)})
+    return _Built(context, question, row.answers, "Answer:", {"n_documents": len(docs), "row": index % len(data.rows), **({"exhausted": True} if exhausted else {})})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -499,7 +500,8 @@ def fit_length(
 
     def measure(n: int, fill: int = 0) -> int:
         if (n, fill) not in cache:
-            cache[(n, fill)] = _n_tokens(tokenizer, build(n, fill))
+            built = build(n, fill)
+            cache[(n, fill)] = 1 << 62 if built.metadata.get("exhausted") else _n_tokens(tokenizer, built)
         return cache[(n, fill)]
 
     n = _largest_fitting(measure, target)
@@ -514,8 +516,8 @@ def fit_length(
     tokens = measure(n, fill)
     if not (1 - TOLERANCE) * target <= tokens <= target:
         raise ValueError(
-            f"RULER task {task!r} could not be fitted to {target} tokens (got {tokens}); the tokenizer's units are "
-            "too coarse for this length"
+            f"RULER task {task!r} could not be fitted to {target} tokens (got {tokens}): the tokenizer's units are "
+            "too coarse for this length, or (qa) there are too few distractor documents"
         )
     return built, tokens
 
