@@ -471,7 +471,7 @@ def _n_tokens(tokenizer, built: _Built) -> int:
     return count
 
 
-def _largest_fitting(measure: Callable[[int], int], target: int, start: int = 0) -> int:
+def largest_fitting(measure: Callable[[int], int], target: int, start: int = 0) -> int:
     """Largest ``n >= start`` with ``measure(n) <= target`` (``measure`` is close to increasing), or ``start - 1``
     when even ``start`` is too long."""
     if measure(start) > target:
@@ -504,14 +504,14 @@ def fit_length(
             cache[(n, fill)] = 1 << 62 if built.metadata.get("exhausted") else _n_tokens(tokenizer, built)
         return cache[(n, fill)]
 
-    n = _largest_fitting(measure, target)
+    n = largest_fitting(measure, target)
     if n < 0:
         raise ValueError(
             f"length={target} is too short for RULER task {task!r}: its fixed parts alone take {measure(0)} tokens"
         )
     fill = 0
     if fillable and measure(n) < (1 - TOLERANCE) * target:
-        fill = max(_largest_fitting(lambda f: measure(n, f), target), 0)
+        fill = max(largest_fitting(lambda f: measure(n, f), target), 0)
     built = build(n, fill)
     tokens = measure(n, fill)
     if not (1 - TOLERANCE) * target <= tokens <= target:
