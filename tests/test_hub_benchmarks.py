@@ -103,6 +103,13 @@ def test_offline_fails_fast_naming_the_dataset(name, unreachable_hub):
     assert bench.DATASET in str(info.value) and "data_files=" in str(info.value)
 
 
+def test_dataset_mirror_is_named_in_errors(unreachable_hub):
+    bench = make_benchmark("math500", dataset="someone/MATH-500-parquet")
+    assert bench.config()["dataset"] == "someone/MATH-500-parquet"
+    with pytest.raises(hub.HubDataUnavailable, match="someone/MATH-500-parquet"):
+        list(bench.samples(None))
+
+
 def test_missing_datasets_names_the_pip_command(monkeypatch):
     import builtins
 

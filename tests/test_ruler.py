@@ -153,6 +153,11 @@ def test_lengths_within_tolerance_real_tokenizer(smollm_tokenizer, qa_files, len
             assert ref in s.context
 
 
+def test_a_tokenizer_is_required():
+    with pytest.raises(TypeError, match="tokenizer"):
+        next(iter(Ruler(length=1024, tasks=["fwe"]).samples(None)))
+
+
 def test_too_short_a_length_is_a_clear_error(tokenizer):
     with pytest.raises(ValueError, match="too short for RULER task 'vt'"):
         _samples(tokenizer, 300, tasks=["vt"], n=1)

@@ -135,9 +135,12 @@ def load_rows(dataset_id: str, config: str | None, split: str, data_files: str |
         )
     try:
         ds = datasets.load_dataset(dataset_id, config, split=split)
-    except (ConnectionError, OSError, ValueError, FileNotFoundError) as exc:
-        where = "offline mode: not in the datasets cache" if offline else "download failed"
-        raise HubDataUnavailable(f"cannot load {label} ({where}): {exc}") from exc
+    except (ConnectionError, OSError, ValueError, RuntimeError) as exc:
+        where = "offline mode, and not in the datasets cache" if offline else "loading failed"
+        raise HubDataUnavailable(
+            f"cannot load {label} ({where}: {type(exc).__name__}: {exc}). Pass data_files= pointing at a downloaded "
+            "copy, or dataset= naming a mirror in parquet/json form"
+        ) from exc
     return [dict(row) for row in ds]
 
 
@@ -189,6 +192,9 @@ class HubBenchmark(Benchmark):
         Local copy: one file (one task only), a directory of ``<task>.jsonl`` files, or ``{task: file}``.
     max_new_tokens : int, optional
         Overrides every task's published generation budget.
+    dataset : str, optional
+        Another hub id with the same schema and configs (a mirror, e.g. a parquet conversion), instead of
+        ``DATASET``.
     """
 
     DATASET: ClassVar[str] = ""
@@ -203,7 +209,11 @@ class HubBenchmark(Benchmark):
         tasks: Sequence[str] | None = None,
         data_files: str | os.PathLike | Mapping[str, str | os.PathLike] | None = None,
         max_new_tokens: int | None = None,
+        dataset: str | None = None,
     ):
+        if dataset is not None and (not isinstance(dataset, str) or not dataset.strip()):
+            raise ValueError(f"dataset must be a hub dataset id such as {self.DATASET!r}, got {dataset!r}")
+        self.dataset = dataset.strip() if dataset else self.DATASET
         if tasks is None:
             chosen = tuple(self.TASKS)
         else:
@@ -238,7 +248,8 @@ class HubBenchmark(Benchmark):
         self.data_files = data_files
 
     def config(self) -> dict[str, Any]:
-        return {"tasks": list(self.selected), "data_files": self.data_files, "max_new_tokens": self.max_new_tokens}
+        return {"dataset": self.dataset, "tasks": list(self.selected), "data_files": self.data_files,
+                "max_new_tokens": self.max_new_tokens}
 
     def _files_for(self, task: str):
         if isinstance(self.data_files, Mapping):
@@ -251,7 +262,7 @@ class HubBenchmark(Benchmark):
         files = self._files_for(task)
         if files is not None and Path(files).is_dir():
             return _read_file(_local_file(files, task if spec.config is None else spec.config))
-        return load_rows(self.DATASET, spec.config, spec.split, data_files=files)
+        return load_rows(self.dataset, spec.config, spec.split, data_files=files)
 
     def to_sample(self, task: str, row: Mapping[str, Any], index: int) -> Sample:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -707,7 +718,7 @@ class InfiniteBench(HubBenchmark):
         files = self._files_for(task)
         if files is not None:
             return _read_file(_local_file(files, task))
-        return load_rows(self.DATASET, None, self.TASKS[task].split)
+        return load_rows(self.dataset, None, self.TASKS[task].split)
 
     def to_sample(self, task: str, row: Mapping[str, Any], index: int) -> Sample:
         options = _as_list(row.get("options") or [])

@@ -31,7 +31,11 @@ MAX_NEW_TOKENS = 16  # a 7-digit number after the answer prefix
 
 def cell_key(length: int, depth: float) -> str:
     """Score key of one grid cell: ``niah_<length>_<depth in percent>``, e.g. ``niah_2000_25``."""
-    return f"{TASK}_{length}_{round(depth * 100)}"
+    return f"{TASK}_{length}_{_pct(depth)}"
+
+
+def _pct(depth: float) -> str:
+    return f"{round(depth * 100, 2):g}"
 
 
 def _n_tokens(tokenizer, *texts: str) -> int:
@@ -92,6 +96,8 @@ class NeedleInAHaystack(Benchmark):
             raise ValueError(f"limit must be a positive int or None, got {limit!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
+        if not callable(tokenizer):
+            raise TypeError(f"NIAH measures lengths with the evaluated model's tokenizer; got {tokenizer!r}")
         per_cell = self.n_per_cell if limit is None else min(limit, self.n_per_cell)
         total = len(self.lengths) * len(self.depths) * per_cell
         with tqdm(total=total, desc="NIAH", unit="sample", disable=None) as bar:
@@ -121,7 +127,7 @@ class NeedleInAHaystack(Benchmark):
 
         context = build(largest_fitting(measure, length, start=1))
         return Sample(
-            id=f"niah-{length}-{round(depth * 100)}-{seed}-{index}",
+            id=f"niah-{length}-{_pct(depth)}-{seed}-{index}",
             task=TASK,
             context=context,
             questions=(question,),
@@ -158,7 +164,7 @@ def cell_scores(predictions: Sequence[Prediction]) -> dict[tuple[int, float], fl
     return {cell: round(100 * sum(v) / len(v), 2) for cell, v in cells.items()}
 
 
-_CELL = re.compile(rf"^{TASK}_(\d+)_(\d+)$")
+_CELL = re.compile(rf"^{TASK}_(\d+)_(\d+(?:\.\d+)?)$")
 
 
 def _grid(data) -> dict[tuple[int, float], float]:
@@ -168,7 +174,7 @@ def _grid(data) -> dict[tuple[int, float], float]:
             if isinstance(key, tuple) and len(key) == 2:
                 grid[(int(key[0]), float(key[1]))] = float(value)
             elif isinstance(key, str) and (m := _CELL.match(key)):
-                grid[(int(m.group(1)), int(m.group(2)) / 100)] = float(value)
+                grid[(int(m.group(1)), float(m.group(2)) / 100)] = float(value)
         if not grid:
             raise ValueError("no NIAH cells in the mapping: expected (length, depth) keys or 'niah_<len>_<depth%>'")
         return grid
@@ -206,7 +212,7 @@ def niah_heatmap(predictions_or_scores, path: str | os.PathLike, title: str | No
     ax = fig.subplots()
     image = ax.imshow(values, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{round(d * 100)}%" for d in depths])
+    ax.set_yticks(range(len(depths)), [f"{_pct(d)}%" for d in depths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
     for r, row in enumerate(values):

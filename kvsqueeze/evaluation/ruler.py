@@ -629,6 +629,8 @@ class Ruler(Benchmark):
             _positive_int("limit", limit)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
+        if not callable(tokenizer):
+            raise TypeError(f"RULER measures lengths with the evaluated model's tokenizer; got {tokenizer!r}")
         count = self.n_samples if limit is None else min(limit, self.n_samples)
         qa = self._qa_sources()
         tasks = [t for t in self.selected if TASKS[t].kind != "qa" or t in qa]
