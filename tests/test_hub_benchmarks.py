@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvsqueeze.evaluation import Prediction, list_benchmarks, make_benchmark
-from kvsqueeze.evaluation import hub
+from kvsqueeze.evaluation import Prediction, hub, list_benchmarks, make_benchmark
 from kvsqueeze.evaluation import metrics as M
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hub"

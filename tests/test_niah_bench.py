@@ -18,7 +18,7 @@ def grid_samples(tokenizer):
 
 
 def test_grid_covers_every_cell_with_the_needle_in_context(grid_samples, tokenizer):
-    bench, samples = grid_samples
+    _, samples = grid_samples
     assert len(samples) == len(LENGTHS) * len(DEPTHS) * 2
     assert {(s.metadata["length"], s.metadata["depth"]) for s in samples} == {(n, d) for n in LENGTHS for d in DEPTHS}
     assert len({s.id for s in samples}) == len(samples)

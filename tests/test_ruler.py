@@ -31,14 +31,16 @@ def qa_files(tmp_path_factory) -> dict[str, str]:
     squad = (FIXTURES / "squad.jsonl").read_text().splitlines()
     for i, p in enumerate(paragraphs):
         word = p.split()[3]
-        squad.append(json.dumps({"id": f"x{i}", "title": "essay", "context": p, "question": f"Which is word 4 of {i}?",
-                                 "answers": {"text": [word], "answer_start": [p.index(word)]}}))
+        squad.append(json.dumps({
+            "id": f"x{i}", "title": "essay", "context": p, "question": f"Which is word 4 of {i}?",
+            "answers": {"text": [word], "answer_start": [p.index(word)]},
+        }))
     hotpot = (FIXTURES / "hotpotqa.jsonl").read_text().splitlines()
     for i in range(0, len(paragraphs) - 1, 2):
         titles = [f"Essay part {i}", f"Essay part {i + 1}"]
         hotpot.append(json.dumps({
-            "id": f"y{i}", "question": f"What links part {i} and part {i + 1}?", "answer": paragraphs[i].split()[5], "type": "bridge",
-            "level": "easy", "supporting_facts": {"title": titles, "sent_id": [0, 0]},
+            "id": f"y{i}", "question": f"What links part {i} and part {i + 1}?", "answer": paragraphs[i].split()[5],
+            "type": "bridge", "level": "easy", "supporting_facts": {"title": titles, "sent_id": [0, 0]},
             "context": {"title": titles, "sentences": [[paragraphs[i]], [paragraphs[i + 1]]]},
         }))
     files = {"qa_1": root / "squad.jsonl", "qa_2": root / "hotpotqa.jsonl"}
@@ -106,7 +108,7 @@ def test_cwe_answers_are_the_ten_most_common_words(tokenizer):
     for length in (CHAR_LENGTH, 8000):  # 6 vs 1 below 4096 tokens, 30 vs 3 from there on
         for s in _samples(tokenizer, length, tasks=["cwe"], n=1):
             listing = s.context.rsplit("appear more often than the others.\n\n", 1)[1]
-            counts = Counter(re.findall(r"^\d+\. (\w+)$", listing, flags=re.M))
+            counts = Counter(re.findall(r"^\d+\. (\w+)$", listing, flags=re.MULTILINE))
             top = [w for w, _ in counts.most_common()]
             assert set(top[:10]) == set(s.answers[0])
             assert counts[top[9]] > counts[top[10]] if len(top) > 10 else True

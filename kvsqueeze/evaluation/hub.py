@@ -108,7 +108,9 @@ def _local_file(data_files: str | os.PathLike, config: str | None) -> Path:
     return path
 
 
-def load_rows(dataset_id: str, config: str | None, split: str, data_files: str | os.PathLike | None = None) -> list[dict]:
+def load_rows(
+    dataset_id: str, config: str | None, split: str, data_files: str | os.PathLike | None = None
+) -> list[dict]:
     """Rows (dicts) of ``dataset_id``/``config``/``split``: from ``data_files`` when given, else from the hub.
 
     Raises
@@ -614,7 +616,7 @@ class LongBench(HubBenchmark):
     ``all_classes``. Options: see :class:`HubBenchmark`."""
 
     DATASET = "THUDM/LongBench"
-    TASKS = {
+    TASKS: ClassVar[dict[str, HubTask]] = {
         "narrativeqa": _lb("narrativeqa", "qa_f1", 128, "qa"),
         "qasper": _lb("qasper", "qa_f1", 128, "qa"),
         "multifieldqa_en": _lb("multifieldqa_en", "qa_f1", 64, "qa"),
@@ -637,17 +639,18 @@ class LongBench(HubBenchmark):
         "lcc": _lb("lcc", "code_sim", 64, "code"),
         "repobench-p": _lb("repobench-p", "code_sim", 64, "code"),
     }
-    PROMPTS = {  # family -> (context preface, question template, answer prefix)
-        "qa": ("Read the text below; a question about it follows.\n\n", "Answer the question from the text above "
-               "as briefly as possible, without explanation.\n\nQuestion: {input}", "Answer:"),
+    #: family -> (context preface, question template, answer prefix)
+    PROMPTS: ClassVar[dict[str, tuple[str, str, str]]] = {
+        "qa": ("Read the text below; a question about it follows.\n\n", ("Answer the question from the text above "
+               "as briefly as possible, without explanation.\n\nQuestion: {input}"), "Answer:"),
         "summary": ("", "Write a one-page summary of the text above.", "Summary:"),
-        "query_summary": ("", "Answer the query about the transcript above in one or more sentences.\n\nQuery: "
-                          "{input}", "Answer:"),
+        "query_summary": ("", "Answer the query about the transcript above in one or more sentences.\n\nQuery: {input}",
+                          "Answer:"),
         "few_shot": ("Here are examples of the task.\n\n", "{input}", ""),
-        "count": ("", "How many distinct paragraphs are in the text above, once repeated ones are removed? Answer "
-                  "with one number only.", "The number of distinct paragraphs is:"),
-        "retrieval": ("Below are paragraphs, each with its number.\n\n", "Which paragraph above is this abstract "
-                      "taken from? Answer in the form \"Paragraph N\".\n\nAbstract: {input}", "The answer is:"),
+        "count": ("", ("How many distinct paragraphs are in the text above, once repeated ones are removed? Answer "
+                  "with one number only."), "The number of distinct paragraphs is:"),
+        "retrieval": ("Below are paragraphs, each with its number.\n\n", ("Which paragraph above is this abstract "
+                      "taken from? Answer in the form \"Paragraph N\".\n\nAbstract: {input}"), "The answer is:"),
         "code": ("", "{input}Next line of code:", ""),
     }
 
@@ -672,7 +675,7 @@ class LongBenchV2(HubBenchmark):
     ``question``, ``choice_A``–``choice_D``, ``answer`` (a letter), ``difficulty``, ``length``, ``domain``."""
 
     DATASET = "THUDM/LongBench-v2"
-    TASKS = {"longbench_v2": HubTask(None, "train", "choice", 128)}
+    TASKS: ClassVar[dict[str, HubTask]] = {"longbench_v2": HubTask(None, "train", "choice", 128)}
 
     def to_sample(self, task: str, row: Mapping[str, Any], index: int) -> Sample:
         choices = "\n".join(f"({c}) {row.get(f'choice_{c}', '')}" for c in "ABCD")
@@ -699,7 +702,7 @@ class InfiniteBench(HubBenchmark):
     paper's. Rows: ``context``, ``input``, ``answer`` (list), ``options`` (list)."""
 
     DATASET = "xinrongzhang2022/InfiniteBench"
-    TASKS = {
+    TASKS: ClassVar[dict[str, HubTask]] = {
         "passkey": HubTask(None, "passkey", "first_number", 6),
         "number_string": HubTask(None, "number_string", "first_number", 12),
         "kv_retrieval": HubTask(None, "kv_retrieval", "word_match", 50),
@@ -748,17 +751,17 @@ class LooGLE(HubBenchmark):
     Rows: ``context`` (or ``input``), ``question``, ``answer``."""
 
     DATASET = "bigainlp/LooGLE"
-    TASKS = {
+    TASKS: ClassVar[dict[str, HubTask]] = {
         "shortdep_qa": HubTask("shortdep_qa", "test", "rouge_l", 300, "qa"),
         "longdep_qa": HubTask("longdep_qa", "test", "rouge_l", 300, "qa"),
         "longdep_summarization": HubTask("longdep_summarization", "test", "rouge_l", 500, "summary"),
         "shortdep_cloze": HubTask("shortdep_cloze", "test", "cloze", 50, "cloze"),
     }
-    QUESTIONS = {
+    QUESTIONS: ClassVar[dict[str, tuple[str, str]]] = {
         "qa": ("Answer the question from the document above, as briefly as possible.\n\nQuestion: {q}", "Answer:"),
         "summary": ("Summarise the document above.", "Summary:"),
-        "cloze": ("Fill in the masks (<mask-0>, <mask-1>, ...) of the sentences below with entities from the "
-                  "document above. Reply with a JSON object mapping each mask to its entity.\n\n{q}", ""),
+        "cloze": (("Fill in the masks (<mask-0>, <mask-1>, ...) of the sentences below with entities from the "
+                   "document above. Reply with a JSON object mapping each mask to its entity.\n\n{q}"), ""),
     }
 
     def to_sample(self, task: str, row: Mapping[str, Any], index: int) -> Sample:
@@ -785,7 +788,7 @@ class ZeroScrolls(HubBenchmark):
     context, the rest (query and instruction) the question."""
 
     DATASET = "tau/zero_scrolls"
-    TASKS = {
+    TASKS: ClassVar[dict[str, HubTask]] = {
         "gov_report": HubTask("gov_report", "validation", "rouge_gm", 1024),
         "summ_screen_fd": HubTask("summ_screen_fd", "validation", "rouge_gm", 512),
         "qmsum": HubTask("qmsum", "validation", "rouge_gm", 512),
@@ -821,7 +824,7 @@ class Aime25(HubBenchmark):
     the instruction the question; budget 32,000 tokens (kvpress' ``evaluate_aime`` default)."""
 
     DATASET = "math-ai/aime25"
-    TASKS = {"aime25": HubTask(None, "test", "aime", 32000)}
+    TASKS: ClassVar[dict[str, HubTask]] = {"aime25": HubTask(None, "test", "aime", 32000)}
 
     def to_sample(self, task: str, row: Mapping[str, Any], index: int) -> Sample:
         return self._sample(task, index, str(_field(row, "problem", "question")), MATH_INSTRUCTION,
@@ -835,7 +838,7 @@ class Math500(HubBenchmark):
     reference answer or has the same numeric value. Rows: ``problem``, ``answer``, ``subject``, ``level``."""
 
     DATASET = "HuggingFaceH4/MATH-500"
-    TASKS = {"math500": HubTask(None, "test", "math", 32000)}
+    TASKS: ClassVar[dict[str, HubTask]] = {"math500": HubTask(None, "test", "math", 32000)}
 
     def to_sample(self, task: str, row: Mapping[str, Any], index: int) -> Sample:
         meta = {k: row[k] for k in ("subject", "level") if k in row}

@@ -9,6 +9,7 @@ the length × depth grid.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -159,7 +160,9 @@ def cell_scores(predictions: Sequence[Prediction]) -> dict[tuple[int, float], fl
         try:
             cell = (int(p.metadata["length"]), float(p.metadata["depth"]))
         except KeyError as exc:
-            raise ValueError(f"prediction {p.sample_id!r} has no {exc.args[0]!r} in its metadata: not a NIAH row") from exc
+            raise ValueError(
+                f"prediction {p.sample_id!r} has no {exc.args[0]!r} in its metadata: not a NIAH row"
+            ) from exc
         cells.setdefault(cell, []).append(string_match_all(p.prediction, p.answers))
     return {cell: round(100 * sum(v) / len(v), 2) for cell, v in cells.items()}
 
@@ -217,7 +220,7 @@ def niah_heatmap(predictions_or_scores, path: str | os.PathLike, title: str | No
     ax.set_ylabel("needle depth")
     for r, row in enumerate(values):
         for c, value in enumerate(row):
-            if value == value:  # not NaN
+            if not math.isnan(value):
                 ax.text(c, r, f"{value:.0f}", ha="center", va="center", fontsize=8)
     fig.colorbar(image, ax=ax, label="needles found (%)")
     ax.set_title(title or "Needle in a haystack")

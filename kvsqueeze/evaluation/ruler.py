@@ -31,6 +31,7 @@ Scoring is RULER's string match (:func:`~kvsqueeze.evaluation.metrics.string_mat
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import random
 import re
@@ -259,7 +260,7 @@ def _vt_chain(rng: random.Random, taken: set[str]) -> tuple[list[str], str, list
             taken.add(name)
             names.append(name)
     value = str(rng.randint(10_000, 99_999))
-    statements = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+    statements = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in itertools.pairwise(names)]
     return names, value, statements
 
 
@@ -399,8 +400,12 @@ def _qa(task: RulerTask, seed: str, n: int, fill: int, data: _QaData, index: int
         "Answer the question using the documents below. Give only the answer, with no other words.\n\n"
         f"The following are the given documents.\n\n{body}"
     )
-    question = f"Answer the question using the documents above. Give only the answer, with no other words.\n\nQuestion: {row.question}"
-    return _Built(context, question, row.answers, "Answer:", {"n_documents": len(docs), "row": index % len(data.rows), **({"exhausted": True} if exhausted else {})})
+    question = (
+        "Answer the question using the documents above. Give only the answer, with no other words.\n\n"
+        f"Question: {row.question}"
+    )
+    meta = {"n_documents": len(docs), "row": index % len(data.rows), **({"exhausted": True} if exhausted else {})}
+    return _Built(context, question, row.answers, "Answer:", meta)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -425,7 +430,8 @@ def _squad(rows: list[dict]) -> _QaData:
         if not answers:
             continue  # SQuAD v2 unanswerable questions
         docs.setdefault(r["context"].strip(), None)
-        out.append(_QaRow(r["question"].strip(), tuple(dict.fromkeys(a.strip() for a in answers)), (r["context"].strip(),)))
+        refs = tuple(dict.fromkeys(a.strip() for a in answers))
+        out.append(_QaRow(r["question"].strip(), refs, (r["context"].strip(),)))
     return _QaData(tuple(out), tuple(docs))
 
 
