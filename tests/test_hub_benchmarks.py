@@ -88,7 +88,8 @@ def test_max_new_tokens_override():
 def unreachable_hub(monkeypatch):
     monkeypatch.setattr(hub, "hub_reachable", lambda timeout=0: False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.mark.parametrize("name", HUB_NAMES)

@@ -226,7 +226,8 @@ def test_score_rejects_unknown_task():
 def offline_hub(monkeypatch):
     monkeypatch.setattr(hub_module, "hub_reachable", lambda timeout=0: False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
 
 
 def test_qa_tasks_skipped_with_a_warning_when_offline(tokenizer, offline_hub, caplog):

@@ -130,7 +130,9 @@ def load_rows(
             "data_files= pointing at a downloaded copy"
         ) from exc
     offline = _truthy("HF_DATASETS_OFFLINE") or _truthy("HF_HUB_OFFLINE")
-    if not offline and not hub_reachable():
+    # Behind a proxy a direct connection says nothing; datasets' own timeouts apply then.
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if not offline and not proxied and not hub_reachable():
         raise HubDataUnavailable(
             f"cannot load {label}: the Hugging Face hub is unreachable (no network?). Pass data_files= pointing at "
             "a downloaded copy, or set HF_DATASETS_OFFLINE=1 to use the datasets cache"
