@@ -15,11 +15,15 @@ Deviations from the reference generator, all deliberate and listed here:
 
 * words for keys are adjective–noun pairs from kvsqueeze's own lists; ``cwe`` draws its words from the
   vocabulary of the shipped essays (RULER uses the ``wonderwords`` lists);
-* the one-shot examples of ``vt`` and ``cwe`` are short (a few sentences / 15–40 list entries) so that 512-token
-  samples remain possible; under 4k tokens ``cwe`` uses frequencies 6 vs 1 (example 3 vs 1), from 4k on 30 vs 3
-  (example 10 vs 3), as RULER does;
-* ``fwe`` gives every coded word its *expected* Zipf count (α = 2, rank 1 replaced by the noise token ``...``)
-  instead of sampling the counts, so the three answers (ranks 2–4) are never tied with rank 5;
+* the essay haystack starts at a seed-chosen sentence of the concatenated essays (RULER starts at the beginning);
+* the one-shot examples are short so that 512-token samples remain possible: ``vt``'s is one chain in six noise
+  sentences; ``cwe``'s is 25 list entries below 4k tokens (5 common words × 3 + 10 others) and 130 from 4k on
+  (10 × 10 + 10 × 3); the list itself uses frequencies 6 vs 1 below 4k and 30 vs 3 from 4k on, as RULER does;
+  ``fwe`` has no example. At 512 tokens the ``cwe`` list holds few words besides the 10 common ones, so the task
+  is easier there than at 4k;
+* ``fwe`` (vocabulary ``length // 50`` coded words, at least 8) gives every coded word its *expected* Zipf count
+  (α = 2, rank 1 replaced by the noise token ``...``) instead of sampling the counts, so the three answers
+  (ranks 2–4) are never tied with rank 5;
 * ``qa_1`` uses SQuAD v1.1 validation (``rajpurkar/squad``), ``qa_2`` HotpotQA distractor validation
   (``hotpotqa/hotpot_qa``); distractor documents are other rows' paragraphs, the last one cut to fit the length.
 
@@ -235,7 +239,7 @@ def _niah(task: RulerTask, seed: str, n: int, fill: int) -> _Built:
         start = rng.choice(_sentence_starts())
         text = "".join(words[(start + i) % len(words)] for i in range(n)).strip()
         units = [s for s in re.split(r"(?<=[.!?])\s+", text) if s] if text else []
-    else:  # distractor needles with other keys and values, then noise sentences to fill
+    else:  # distractor needles with other keys and values (noise words fill the rest)
         units = [f"A special magic {singular} for {_draw(rng, task.keys, taken)} is: {_draw(rng, task.values, taken)}."
                  for _ in range(n)]
     body = " ".join(_insert(units, needles, depths) + _noise_words(fill))
