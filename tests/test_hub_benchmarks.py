@@ -74,6 +74,18 @@ def test_limit_takes_a_seeded_subset():
     assert len({tuple(p) for p in picked}) > 1  # different seeds, different subsets
 
 
+def test_middle_truncation_keeps_both_ends(tokenizer):
+    bench = make_benchmark("longbench", tasks=["hotpotqa"], data_files=FIXTURES / "longbench", max_context_tokens=40)
+    full = {s.id: s for s in make_benchmark("longbench", tasks=["hotpotqa"], data_files=FIXTURES / "longbench")
+            .samples(None)}
+    for s in bench.samples(tokenizer):
+        original = full[s.id].context
+        assert s.metadata["truncated_from"] == len(original)  # one token per character
+        assert s.context == original[:20] + original[-20:]
+    with pytest.raises(TypeError, match="needs the model's tokenizer"):
+        next(iter(bench.samples(None)))
+
+
 def test_max_new_tokens_override():
     _, samples = _load("aime25", max_new_tokens=256)
     assert {s.max_new_tokens for s in samples} == {256}
@@ -140,6 +152,8 @@ def test_missing_local_file_is_clear(tmp_path):
         ("longbench", {"data_files": {"nope": "x.jsonl"}}, ValueError, "unknown longbench task"),
         ("aime25", {"data_files": 3}, TypeError, "data_files must be a path"),
         ("math500", {"max_new_tokens": 0}, ValueError, "max_new_tokens must be a positive int"),
+        ("math500", {"max_context_tokens": 1}, ValueError, "max_context_tokens must be an int >= 2"),
+        ("math500", {"dataset": ""}, ValueError, "dataset must be a hub dataset id"),
     ],
 )
 def test_bad_options_raise_early(name, options, error, match):

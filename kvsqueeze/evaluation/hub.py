@@ -15,6 +15,7 @@ benchmark's instructions; the document always goes in ``context`` and the questi
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import math
 import os
@@ -199,6 +200,10 @@ class HubBenchmark(Benchmark):
     dataset : str, optional
         Another hub id with the same schema and configs (a mirror, e.g. a parquet conversion), instead of
         ``DATASET``.
+    max_context_tokens : int, optional
+        Truncate longer contexts in the middle, keeping the first and the last ``max_context_tokens // 2`` tokens
+        of the evaluated model's tokenizer (LongBench's truncation; then ``samples`` needs the tokenizer, and the
+        sample's ``metadata["truncated_from"]`` holds the original length).
     """
 
     DATASET: ClassVar[str] = ""
@@ -214,7 +219,13 @@ class HubBenchmark(Benchmark):
         data_files: str | os.PathLike | Mapping[str, str | os.PathLike] | None = None,
         max_new_tokens: int | None = None,
         dataset: str | None = None,
+        max_context_tokens: int | None = None,
     ):
+        if max_context_tokens is not None and (
+            isinstance(max_context_tokens, bool) or not isinstance(max_context_tokens, int) or max_context_tokens < 2
+        ):
+            raise ValueError(f"max_context_tokens must be an int >= 2 or None, got {max_context_tokens!r}")
+        self.max_context_tokens = max_context_tokens
         if dataset is not None and (not isinstance(dataset, str) or not dataset.strip()):
             raise ValueError(f"dataset must be a hub dataset id such as {self.DATASET!r}, got {dataset!r}")
         self.dataset = dataset.strip() if dataset else self.DATASET
@@ -253,7 +264,7 @@ class HubBenchmark(Benchmark):
 
     def config(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "tasks": list(self.selected), "data_files": self.data_files,
-                "max_new_tokens": self.max_new_tokens}
+                "max_new_tokens": self.max_new_tokens, "max_context_tokens": self.max_context_tokens}
 
     def _files_for(self, task: str):
         if isinstance(self.data_files, Mapping):
@@ -288,9 +299,13 @@ class HubBenchmark(Benchmark):
 
     def samples(self, tokenizer=None, limit: int | None = None, seed: int = 0) -> Iterator[Sample]:
         """Rows of each selected task as samples; with ``limit``, a seeded random subset of ``limit`` rows per
-        task (in dataset order). ``tokenizer`` is not needed (the rows are fixed)."""
+        task (in dataset order). ``tokenizer`` is only needed with ``max_context_tokens``."""
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+        if self.max_context_tokens is not None and not callable(tokenizer):
+            raise TypeError(
+                f"max_context_tokens={self.max_context_tokens} needs the model's tokenizer, got {tokenizer!r}"
+            )
         loaded = {task: self.rows(task) for task in self.selected}  # fail fast, before any sample is yielded
         total = sum(len(r) if limit is None else min(limit, len(r)) for r in loaded.values())
         with tqdm(total=total, desc=self.name, unit="sample", disable=None) as bar:
@@ -299,8 +314,20 @@ class HubBenchmark(Benchmark):
                 if limit is not None and limit < len(rows):
                     indices = sorted(random.Random(f"{self.name}:{task}:{seed}").sample(range(len(rows)), limit))
                 for i in indices:
-                    yield self.to_sample(task, rows[i], i)
+                    yield self._truncated(self.to_sample(task, rows[i], i), tokenizer)
                     bar.update()
+
+    def _truncated(self, sample: Sample, tokenizer) -> Sample:
+        if self.max_context_tokens is None:
+            return sample
+        ids = tokenizer(sample.context, add_special_tokens=False)["input_ids"]
+        if len(ids) <= self.max_context_tokens:
+            return sample
+        half = self.max_context_tokens // 2
+        context = tokenizer.decode(ids[:half], skip_special_tokens=True) + tokenizer.decode(
+            ids[len(ids) - half :], skip_special_tokens=True
+        )
+        return dataclasses.replace(sample, context=context, metadata={**sample.metadata, "truncated_from": len(ids)})
 
     def score(self, predictions: Sequence[Prediction]) -> dict[str, float]:
         """Each task's published metric (0–100), plus ``average`` over the tasks present."""
