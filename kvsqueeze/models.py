@@ -233,3 +233,23 @@ def load_model(
     model.to(device).eval()
     model.name_or_path = name
     return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str | None = None):
+    """Load only the tokenizer of a model (no weights), e.g. to measure lengths in its tokens.
+
+    Parameters
+    ----------
+    name_or_path : str or None
+        As for :func:`load_model`. An embedded model's tokenizer is read from its converted copy under
+        :func:`cache_root` (converting the model first if it never was); nothing is downloaded for embedded models.
+
+    Returns
+    -------
+    transformers.PreTrainedTokenizerBase
+    """
+    from transformers import AutoTokenizer
+
+    name = resolve_name(name_or_path)
+    source = str(converted_dir(name)) if name in EMBEDDED else name
+    return AutoTokenizer.from_pretrained(source)

@@ -7,6 +7,7 @@ haystack length is measured in tokens of the model's own tokenizer.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from kvsqueeze.corpus import essays
@@ -53,6 +54,30 @@ def haystack(tokenizer, n_tokens: int, seed: int = 0) -> str:
     return cut[: end + 1] if end > len(cut) // 2 else cut
 
 
+def insert_needle(text: str, needle: str, depth: float) -> str:
+    """``text`` with ``needle`` inserted after the sentence (split on ``". "``) at fraction ``depth`` of its
+    sentences (at least after the first one)."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be a fraction in [0, 1], got {depth!r}")
+    sentences = text.split(". ")
+    at = max(1, int(len(sentences) * depth))
+    return ". ".join(sentences[:at]) + ". " + needle + " " + ". ".join(sentences[at:])
+
+
+def insert_at_depth(text: str, needle: str, depth: float) -> str:
+    """``text`` with ``needle`` inserted at the sentence boundary (after ``.``, ``!`` or ``?``) nearest to
+    fraction ``depth`` of its characters: 0 puts it first, 1 last."""
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be a fraction in [0, 1], got {depth!r}")
+    bounds = [0, *(m.end() for m in re.finditer(r"(?<=[.!?])\s+", text)), len(text)]
+    at = min(bounds, key=lambda b: abs(b - depth * len(text)))
+    if at == 0:
+        return f"{needle} {text}"
+    if at == len(text):
+        return f"{text.rstrip()} {needle}"
+    return f"{text[:at]}{needle} {text[at:]}"
+
+
 def needle_cases(tokenizer, n_cases: int = 12, n_tokens: int = 1500, seed: int = 0) -> list[NeedleCase]:
     """``n_cases`` haystacks of about ``n_tokens`` tokens, each with a 7-digit needle at a spread of depths."""
     if n_cases < 1:
@@ -64,9 +89,6 @@ def needle_cases(tokenizer, n_cases: int = 12, n_tokens: int = 1500, seed: int =
         key = KEYS[i % len(KEYS)]
         value = str(rng.randrange(1_000_000, 10_000_000))
         depth = (i + 0.5) / n_cases * 0.9 + 0.05
-        sentences = text.split(". ")
-        at = max(1, int(len(sentences) * depth))
-        needle = NEEDLE.format(key=key, value=value)
-        context = ". ".join(sentences[:at]) + ". " + needle + " " + ". ".join(sentences[at:])
+        context = insert_needle(text, NEEDLE.format(key=key, value=value), depth)
         cases.append(NeedleCase(context, QUESTION.format(key=key), value, depth, ANSWER_PREFIX.format(key=key)))
     return cases

@@ -1,0 +1,875 @@
+"""Benchmarks read from the Hugging Face hub through ``datasets``: LongBench, LongBench-v2, InfiniteBench, LooGLE,
+ZeroSCROLLS, AIME25 and MATH500, each with its published metric implemented in :mod:`kvsqueeze.evaluation.metrics`.
+
+Every loader keeps its dataset id, configs (tasks), split, metric and generation budget in one table
+(``DATASET`` and ``TASKS`` on the class). Offline, point a loader at a downloaded copy with ``data_files=``: a
+``.jsonl``/``.json``/``.parquet`` file (one task), a directory holding ``<task>.jsonl`` (or ``.json``,
+``.parquet``) files, or a mapping ``{task: file}``. Without local files and without a reachable hub (or without
+``datasets``), :meth:`~HubBenchmark.samples` fails at once with :class:`HubDataUnavailable`, naming the dataset.
+
+The prompts (what goes in ``context``, ``questions`` and ``answer_prefix``) are kvsqueeze's own wording of each
+benchmark's instructions; the document always goes in ``context`` and the question/instruction after it in
+``questions``, so only the document is compressed.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import socket
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import urlparse
+
+from tqdm.auto import tqdm
+
+from kvsqueeze.evaluation import metrics as M
+from kvsqueeze.evaluation.base import Benchmark, Prediction, Sample, register_benchmark
+
+INSTALL_HINT = "pip install 'kvsqueeze[eval]'  (or: pip install 'datasets>=3')"
+#: Seconds the hub reachability probe may take before the hub counts as unreachable.
+PROBE_TIMEOUT_S = 3.0
+
+
+class HubDataUnavailable(ConnectionError):
+    """A benchmark's rows cannot be read: ``datasets`` is missing, the hub is unreachable, or a file is absent."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading rows
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the hub endpoint (``$HF_ENDPOINT``, default huggingface.co:443) opens within
+    ``timeout`` seconds. Name resolution runs in a daemon thread, so a stuck resolver cannot hang the caller."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
+def _read_file(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, Mapping) and "data" in data:
+            data = data["data"]
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of rows")
+        return data
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise HubDataUnavailable(f"reading {path} needs pyarrow; install it with: {INSTALL_HINT}") from exc
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"unsupported data file {path}: use .jsonl, .json or .parquet")
+
+
+def _local_file(data_files: str | os.PathLike, config: str | None) -> Path:
+    path = Path(data_files).expanduser()
+    if path.is_dir():
+        names = [config] if config else []
+        for name in names:
+            for ext in (".jsonl", ".json", ".parquet"):
+                if (path / f"{name}{ext}").is_file():
+                    return path / f"{name}{ext}"
+        files = sorted(p for p in path.iterdir() if p.suffix in {".jsonl", ".json", ".parquet"})
+        if config is None and len(files) == 1:
+            return files[0]
+        raise HubDataUnavailable(f"no file for {config or 'the dataset'} in {path} (expected {config}.jsonl)")
+    if not path.is_file():
+        raise HubDataUnavailable(f"data file {path} does not exist")
+    return path
+
+
+def load_rows(
+    dataset_id: str, config: str | None, split: str, data_files: str | os.PathLike | None = None
+) -> list[dict]:
+    """Rows (dicts) of ``dataset_id``/``config``/``split``: from ``data_files`` when given, else from the hub.
+
+    Raises
+    ------
+    HubDataUnavailable
+        ``datasets`` is not installed, the hub cannot be reached (checked first, within a few seconds), the
+        offline mode of ``datasets`` has no cached copy, or a local file is missing.
+    """
+    label = dataset_id + (f" ({config})" if config else "") + f" split {split!r}"
+    if data_files is not None:
+        return _read_file(_local_file(data_files, config))
+    try:
+        import datasets
+    except ImportError as exc:
+        raise HubDataUnavailable(
+            f"cannot load {label}: the `datasets` package is missing; install it with: {INSTALL_HINT}, or pass "
+            "data_files= pointing at a downloaded copy"
+        ) from exc
+    offline = _truthy("HF_DATASETS_OFFLINE") or _truthy("HF_HUB_OFFLINE")
+    # Behind a proxy a direct connection says nothing; datasets' own timeouts apply then.
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if not offline and not proxied and not hub_reachable():
+        raise HubDataUnavailable(
+            f"cannot load {label}: the Hugging Face hub is unreachable (no network?). Pass data_files= pointing at "
+            "a downloaded copy, or set HF_DATASETS_OFFLINE=1 to use the datasets cache"
+        )
+    try:
+        ds = datasets.load_dataset(dataset_id, config, split=split)
+    except (ConnectionError, OSError, ValueError, RuntimeError) as exc:
+        where = "offline mode, and not in the datasets cache" if offline else "loading failed"
+        raise HubDataUnavailable(
+            f"cannot load {label} ({where}: {type(exc).__name__}: {exc}). Pass data_files= pointing at a downloaded "
+            "copy, or dataset= naming a mirror in parquet/json form"
+        ) from exc
+    return [dict(row) for row in ds]
+
+
+def _field(row: Mapping[str, Any], *names: str, default: Any = None) -> Any:
+    for name in names:
+        if name in row and row[name] is not None:
+            return row[name]
+    if default is not None:
+        return default
+    raise KeyError(f"row has none of the fields {names}; its fields: {sorted(row)}")
+
+
+def _as_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (int, float)):
+        return [str(value)]
+    return [str(v) for v in value]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shared loader
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HubTask:
+    """One task of a hub benchmark: its dataset ``config`` and ``split``, ``metric`` name (see
+    :data:`HUB_METRICS`), generation budget and family (which prompt it gets)."""
+
+    config: str | None
+    split: str
+    metric: str
+    max_new_tokens: int
+    family: str = ""
+
+
+Metric = Callable[[str, Sequence[str], Mapping[str, Any]], float]
+
+
+class HubBenchmark(Benchmark):
+    """Base of the hub loaders: options, data loading, seeded subsetting and scoring by each task's metric.
+
+    Parameters
+    ----------
+    tasks : sequence of str, optional
+        Subset of the benchmark's tasks (default: all).
+    data_files : str, path or mapping, optional
+        Local copy: one file (one task only), a directory of ``<task>.jsonl`` files, or ``{task: file}``.
+    max_new_tokens : int, optional
+        Overrides every task's published generation budget.
+    dataset : str, optional
+        Another hub id with the same schema and configs (a mirror, e.g. a parquet conversion), instead of
+        ``DATASET``.
+    max_context_tokens : int, optional
+        Truncate longer contexts in the middle, keeping the first and the last ``max_context_tokens // 2`` tokens
+        of the evaluated model's tokenizer (LongBench's truncation; then ``samples`` needs the tokenizer, and the
+        sample's ``metadata["truncated_from"]`` holds the original length).
+    """
+
+    DATASET: ClassVar[str] = ""
+    TASKS: ClassVar[dict[str, HubTask]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.tasks = tuple(cls.TASKS)
+
+    def __init__(
+        self,
+        tasks: Sequence[str] | None = None,
+        data_files: str | os.PathLike | Mapping[str, str | os.PathLike] | None = None,
+        max_new_tokens: int | None = None,
+        dataset: str | None = None,
+        max_context_tokens: int | None = None,
+    ):
+        if max_context_tokens is not None and (
+            isinstance(max_context_tokens, bool) or not isinstance(max_context_tokens, int) or max_context_tokens < 2
+        ):
+            raise ValueError(f"max_context_tokens must be an int >= 2 or None, got {max_context_tokens!r}")
+        self.max_context_tokens = max_context_tokens
+        if dataset is not None and (not isinstance(dataset, str) or not dataset.strip()):
+            raise ValueError(f"dataset must be a hub dataset id such as {self.DATASET!r}, got {dataset!r}")
+        self.dataset = dataset.strip() if dataset else self.DATASET
+        if tasks is None:
+            chosen = tuple(self.TASKS)
+        else:
+            if isinstance(tasks, str):
+                tasks = [tasks]
+            chosen = tuple(dict.fromkeys(tasks))
+            unknown = [t for t in chosen if t not in self.TASKS]
+            if unknown or not chosen:
+                raise ValueError(
+                    f"unknown {self.name} task(s) {unknown or list(tasks)!r}; known: {', '.join(self.TASKS)}"
+                )
+        self.selected = chosen
+        if max_new_tokens is not None and (
+            isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
+        ):
+            raise ValueError(f"max_new_tokens must be a positive int or None, got {max_new_tokens!r}")
+        self.max_new_tokens = max_new_tokens
+        if data_files is not None and not isinstance(data_files, (str, os.PathLike, Mapping)):
+            raise TypeError(f"data_files must be a path or a mapping of task to path, got {data_files!r}")
+        if isinstance(data_files, Mapping):
+            bad = [t for t in data_files if t not in self.TASKS]
+            if bad:
+                raise ValueError(f"data_files names unknown {self.name} task(s) {bad}; known: {', '.join(self.TASKS)}")
+            data_files = {t: os.fspath(p) for t, p in data_files.items()}
+        elif data_files is not None:
+            data_files = os.fspath(data_files)
+            if Path(data_files).is_file() and len(self.selected) > 1:
+                raise ValueError(
+                    f"data_files={data_files!r} is one file but {len(self.selected)} tasks are selected; pass "
+                    "tasks=[...] with one task, a directory of <task>.jsonl files, or a {task: file} mapping"
+                )
+        self.data_files = data_files
+
+    def config(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "tasks": list(self.selected), "data_files": self.data_files,
+                "max_new_tokens": self.max_new_tokens, "max_context_tokens": self.max_context_tokens}
+
+    def _files_for(self, task: str):
+        if isinstance(self.data_files, Mapping):
+            return self.data_files.get(task)
+        return self.data_files
+
+    def rows(self, task: str) -> list[dict]:
+        """The raw rows of ``task`` (local files or hub)."""
+        spec = self.TASKS[task]
+        files = self._files_for(task)
+        if files is not None and Path(files).is_dir():
+            return _read_file(_local_file(files, task if spec.config is None else spec.config))
+        return load_rows(self.dataset, spec.config, spec.split, data_files=files)
+
+    def to_sample(self, task: str, row: Mapping[str, Any], index: int) -> Sample:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _sample(self, task: str, index: int, context: str, question: str, answers: Sequence[str], prefix: str = "",
+                metadata: Mapping[str, Any] | None = None, row: Mapping[str, Any] | None = None) -> Sample:
+        spec = self.TASKS[task]
+        rid = str(_field(row, "_id", "id", "unique_id", default=index)) if row is not None else str(index)
+        return Sample(
+            id=f"{self.name}-{task}-{rid}",
+            task=task,
+            context=context,
+            questions=(question,),
+            answers=(tuple(answers),),
+            answer_prefix=prefix,
+            max_new_tokens=self.max_new_tokens or spec.max_new_tokens,
+            metadata={"row": index, **(metadata or {})},
+        )
+
+    def samples(self, tokenizer=None, limit: int | None = None, seed: int = 0) -> Iterator[Sample]:
+        """Rows of each selected task as samples; with ``limit``, a seeded random subset of ``limit`` rows per
+        task (in dataset order). ``tokenizer`` is only needed with ``max_context_tokens``."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+        if self.max_context_tokens is not None and not callable(tokenizer):
+            raise TypeError(
+                f"max_context_tokens={self.max_context_tokens} needs the model's tokenizer, got {tokenizer!r}"
+            )
+        loaded = {task: self.rows(task) for task in self.selected}  # fail fast, before any sample is yielded
+        total = sum(len(r) if limit is None else min(limit, len(r)) for r in loaded.values())
+        with tqdm(total=total, desc=self.name, unit="sample", disable=None) as bar:
+            for task, rows in loaded.items():
+                indices = range(len(rows))
+                if limit is not None and limit < len(rows):
+                    indices = sorted(random.Random(f"{self.name}:{task}:{seed}").sample(range(len(rows)), limit))
+                for i in indices:
+                    yield self._truncated(self.to_sample(task, rows[i], i), tokenizer)
+                    bar.update()
+
+    def _truncated(self, sample: Sample, tokenizer) -> Sample:
+        if self.max_context_tokens is None:
+            return sample
+        ids = tokenizer(sample.context, add_special_tokens=False)["input_ids"]
+        if len(ids) <= self.max_context_tokens:
+            return sample
+        half = self.max_context_tokens // 2
+        context = tokenizer.decode(ids[:half], skip_special_tokens=True) + tokenizer.decode(
+            ids[len(ids) - half :], skip_special_tokens=True
+        )
+        return dataclasses.replace(sample, context=context, metadata={**sample.metadata, "truncated_from": len(ids)})
+
+    def score(self, predictions: Sequence[Prediction]) -> dict[str, float]:
+        """Each task's published metric (0–100), plus ``average`` over the tasks present."""
+        pairs = []
+        for p in predictions:
+            if not isinstance(p, Prediction):
+                raise TypeError(f"score() expects Prediction rows, got {type(p).__name__}")
+            if p.task not in self.TASKS:
+                raise ValueError(f"prediction for unknown {self.name} task {p.task!r}")
+            metric = HUB_METRICS[self.TASKS[p.task].metric]
+            pairs.append((p.task, metric(p.prediction, p.answers, p.metadata)))
+        return M.aggregate(pairs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics (prediction, references, sample metadata) -> [0, 1]
+# ----------------------------------------------------------------------------------------------------------------
+
+_INT = re.compile(r"-?\d+")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_SEPARATORS = re.compile(r"[\s\"'.,;:!?()\[\]{}]+")
+
+
+def _first_line(text: str) -> str:
+    return text.lstrip("\n").split("\n")[0]
+
+
+def classification_score(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
+    """LongBench classification: the classes named in the prediction, not counting a class that is only a
+    substring of the reference; 1/(number named) if the reference is among them, else 0."""
+    classes = list(meta.get("all_classes") or [])
+    best = 0.0
+    for ref in references:
+        named = [c for c in classes if c in prediction]
+        named = [c for c in named if not (c in ref and c != ref)]
+        if ref in named:
+            best = max(best, 1 / len(named))
+    return best
+
+
+def retrieval_score(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
+    """LongBench passage retrieval: share of the numbers in the prediction that equal the reference paragraph's
+    number (``Paragraph 12`` / ``段落12``)."""
+    best = 0.0
+    for ref in references:
+        found = re.findall(r"(?:Paragraph|段落)\s*(\d+)", ref)
+        if not found:
+            continue
+        numbers = _INT.findall(prediction)
+        if numbers:
+            best = max(best, sum(n == found[0] for n in numbers) / len(numbers))
+    return best
+
+
+def count_score(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
+    """LongBench passage count: share of the numbers in the prediction that equal the reference count."""
+    numbers = _INT.findall(prediction)
+    if not numbers:
+        return 0.0
+    return max(sum(n == str(ref).strip() for n in numbers) / len(numbers) for ref in references)
+
+
+def code_similarity(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
+    """LongBench code completion: edit similarity of the first prediction line that is code (not a comment or a
+    fence) to the reference line."""
+    line = ""
+    for candidate in prediction.lstrip("\n").split("\n"):
+        if not candidate.strip().startswith(("`", "#", "//")):
+            line = candidate
+            break
+    return max(M.edit_similarity(line.strip(), ref.strip()) for ref in references)
+
+
+def choice_letter(prediction: str) -> str | None:
+    """The option letter a multiple-choice answer gives: ``The correct answer is (B)`` / ``(B)`` / ``B.``."""
+    text = prediction.replace("*", "")
+    match = re.search(r"correct answer is\s*:?\s*\(?([A-D])\)?", text)
+    if match is None:
+        match = re.match(r"\s*\(?([A-D])(?:\)|\.|:|\s|$)", text)
+    return match.group(1) if match else None
+
+
+def choice_accuracy(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
+    """Multiple choice: the letter extracted by :func:`choice_letter` equals the reference letter; else, when the
+    options are known, the prediction names the correct option's text."""
+    letter = choice_letter(prediction)
+    refs = [r.strip() for r in references]
+    if letter is not None:
+        return float(letter in refs or any(r.startswith(f"({letter})") for r in refs))
+    options = list(meta.get("options") or [])
+    return float(any(r in options and r.lower() in prediction.lower() for r in refs))
+
+
+def first_int_match(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
+    """InfiniteBench passkey / number_string / math_find: the first number in the prediction equals the answer."""
+    numbers = _NUMBER.findall(prediction)
+    if not numbers:
+        return 0.0
+    return float(any(_same_number(numbers[0], r) for r in references))
+
+
+def last_int_match(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
+    """InfiniteBench code_run: the last number in the prediction equals the answer."""
+    numbers = _NUMBER.findall(prediction)
+    if not numbers:
+        return 0.0
+    return float(any(_same_number(numbers[-1], r) for r in references))
+
+
+def _same_number(a: str, b: str) -> bool:
+    try:
+        return math.isclose(float(a), float(str(b).strip()), rel_tol=0, abs_tol=1e-9)
+    except ValueError:
+        return False
+
+
+def word_match(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
+    """InfiniteBench kv_retrieval / longdialogue_qa_eng: the answer occurs as a whole word sequence in the
+    prediction (case-insensitive; punctuation separates words)."""
+    def words(text: str) -> str:
+        return " " + " ".join(w for w in _SEPARATORS.split(text.lower()) if w) + " "
+
+    return float(any(words(r) in words(prediction) for r in references if r.strip()))
+
+
+def sequence_accuracy(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
+    """InfiniteBench math_calc: the share of the reference numbers reproduced in order before the first error."""
+    expected = [str(r).strip() for r in references]
+    got = _NUMBER.findall(prediction)
+    correct = 0
+    for a, b in zip(got, expected):
+        if not _same_number(a, b):
+            break
+        correct += 1
+    return correct / len(expected) if expected else 0.0
+
+
+def _parse_mapping(text: str) -> dict[str, str]:
+    """``<mask-i>: value`` pairs from a cloze answer or prediction (a dict literal or free text), without eval."""
+    try:
+        value = ast.literal_eval(text.strip())
+        if isinstance(value, Mapping):
+            return {str(k).strip(): str(v).strip() for k, v in value.items()}
+    except (ValueError, SyntaxError):
+        pass
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"(<mask-\d+>)[\"']?\s*:\s*[\"']?([^\"'\n,}]+)", text)}
+
+
+def cloze_match(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
+    """LooGLE cloze (partial match): share of masks whose predicted entity equals the reference (normalised);
+    the exact match of the paper is this score being 1."""
+    best = 0.0
+    predicted = {k: M.normalize_answer(v) for k, v in _parse_mapping(prediction).items()}
+    for ref in references:
+        gold = _parse_mapping(ref)
+        if gold:
+            best = max(best, sum(predicted.get(k) == M.normalize_answer(v) for k, v in gold.items()) / len(gold))
+    return best
+
+
+def exponential_similarity(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
+    """ZeroSCROLLS SpaceDigest: predicted percentage ``p`` vs reference ``g`` scores ``0.5 ** (|p - g| / 10)`` —
+    full credit when exact, halved for every 10 points off (our reading of the paper's exponential similarity)."""
+    numbers = _NUMBER.findall(prediction)
+    if not numbers:
+        return 0.0
+    p = float(numbers[0])
+    return max(0.5 ** (abs(p - float(_NUMBER.findall(r)[0])) / 10) for r in references if _NUMBER.findall(r))
+
+
+def concordance_index(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
+    """ZeroSCROLLS BookSumSort: share of pairs of summaries whose relative order in the predicted permutation
+    matches the reference order; a summary missing from the prediction makes its pairs discordant."""
+    best = 0.0
+    for ref in references:
+        gold = [int(x) for x in _INT.findall(ref)]
+        if len(gold) < 2:
+            continue
+        position: dict[int, int] = {}
+        for x in (int(v) for v in _INT.findall(prediction)):
+            if x in gold and x not in position:
+                position[x] = len(position)
+        pairs = [(a, b) for i, a in enumerate(gold) for b in gold[i + 1 :]]
+        good = sum(a in position and b in position and position[a] < position[b] for a, b in pairs)
+        best = max(best, good / len(pairs))
+    return best
+
+
+def boxed(text: str, last: bool = True) -> str | None:
+    r"""The content of the last (or first) ``\boxed{...}`` / ``\fbox{...}`` in ``text``, nested braces included."""
+    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
+    if not starts:
+        return None
+    start = starts[-1] if last else starts[0]
+    depth = 1
+    for i in range(start, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start:i]
+    return None
+
+
+def aime_match(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
+    """AIME: the final integer answer (the last ``\\boxed{}``, else the last integer) equals the reference."""
+    answer = boxed(prediction)
+    numbers = _INT.findall(answer if answer is not None else prediction)
+    if not numbers:
+        return 0.0
+    return float(any(int(numbers[-1]) == int(_INT.findall(str(r))[0]) for r in references if _INT.findall(str(r))))
+
+
+def normalize_math(answer: str) -> str:
+    """Normalise a LaTeX final answer for comparison: drop spaces, ``$``, ``\\left``/``\\right``, ``\\!``,
+    degrees, ``\\text{}`` wrappers and a trailing period; ``dfrac``/``tfrac`` → ``frac``; ``\\frac12`` →
+    ``\\frac{1}{2}``; ``0.50`` → ``0.5``; a leading ``x =`` is dropped."""
+    s = answer.strip()
+    s = re.sub(r"\\text\s*\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\\mbox\s*\{([^{}]*)\}", r"\1", s)
+    for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("$", ""),
+                     ("dfrac", "frac"), ("tfrac", "frac"), ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", ""),
+                     ("%", "")):
+        s = s.replace(old, new)
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    s = re.sub(r"^[a-zA-Z]\w*=", "", s)
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\frac\{(\d+)\}(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)
+    if re.fullmatch(r"-?\d+\.\d*", s):
+        s = s.rstrip("0").rstrip(".") or "0"
+    return s
+
+
+def _math_value(s: str) -> float | None:
+    m = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(\d+)\}", s)
+    if m:
+        return (-1 if m.group(1) else 1) * int(m.group(2)) / int(m.group(3)) if int(m.group(3)) else None
+    m = re.fullmatch(r"(-?\d+)/(\d+)", s)
+    if m:
+        return int(m.group(1)) / int(m.group(2)) if int(m.group(2)) else None
+    try:
+        return float(s.replace(",", "")) if re.fullmatch(r"-?[\d,]*\.?\d+", s) else None
+    except ValueError:
+        return None
+
+
+def math_equivalent(a: str, b: str) -> bool:
+    """Equal after :func:`normalize_math`, or both simple numbers / fractions with the same value."""
+    na, nb = normalize_math(a), normalize_math(b)
+    if na == nb:
+        return True
+    va, vb = _math_value(na), _math_value(nb)
+    return va is not None and vb is not None and math.isclose(va, vb, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def math_match(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
+    """MATH500: the last ``\\boxed{}`` of the prediction is equivalent (:func:`math_equivalent`) to a reference."""
+    answer = boxed(prediction)
+    if answer is None:
+        return 0.0
+    return float(any(math_equivalent(answer, r) for r in references))
+
+
+def _refs(fn: Callable[[str, Sequence[str]], float], first_line: bool = False) -> Metric:
+    def metric(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
+        return fn(_first_line(prediction) if first_line else prediction, references)
+
+    metric.__doc__ = fn.__doc__
+    return metric
+
+
+#: Metric name -> function(prediction, references, metadata) in [0, 1].
+HUB_METRICS: dict[str, Metric] = {
+    "qa_f1": _refs(M.qa_f1),
+    "qa_f1_first_line": _refs(M.qa_f1, first_line=True),
+    "rouge_l": _refs(M.max_rouge_l),
+    "rouge_l_first_line": _refs(M.max_rouge_l, first_line=True),
+    "rouge_gm": _refs(M.rouge_geometric_mean),
+    "classification": classification_score,
+    "classification_first_line": lambda p, r, m: classification_score(_first_line(p), r, m),
+    "retrieval": retrieval_score,
+    "count": count_score,
+    "code_sim": code_similarity,
+    "choice": choice_accuracy,
+    "first_number": first_int_match,
+    "last_number": last_int_match,
+    "word_match": word_match,
+    "sequence": sequence_accuracy,
+    "cloze": cloze_match,
+    "exp_similarity": exponential_similarity,
+    "concordance": concordance_index,
+    "aime": aime_match,
+    "math": math_match,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LongBench (Bai et al., arXiv 2308.14508)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _lb(config: str, metric: str, budget: int, family: str) -> HubTask:
+    return HubTask(config, "test", metric, budget, family)
+
+
+@register_benchmark("longbench")
+class LongBench(HubBenchmark):
+    """LongBench (Bai et al., arXiv 2308.14508): 21 tasks, each scored by the paper's task→metric mapping —
+    QA F1 (English; Chinese counted per character instead of jieba words), ROUGE-L F for summarisation,
+    classification accuracy (trec, lsht), passage retrieval / count accuracy, code edit similarity (lcc,
+    repobench-p). trec, triviaqa, samsum and lsht are scored on the prediction's first line, as LongBench does.
+    Generation budgets are the paper's (``TASKS``). Rows: ``context``, ``input`` (question), ``answers``,
+    ``all_classes``. Options: see :class:`HubBenchmark`."""
+
+    DATASET = "THUDM/LongBench"
+    TASKS: ClassVar[dict[str, HubTask]] = {
+        "narrativeqa": _lb("narrativeqa", "qa_f1", 128, "qa"),
+        "qasper": _lb("qasper", "qa_f1", 128, "qa"),
+        "multifieldqa_en": _lb("multifieldqa_en", "qa_f1", 64, "qa"),
+        "multifieldqa_zh": _lb("multifieldqa_zh", "qa_f1", 64, "qa"),
+        "hotpotqa": _lb("hotpotqa", "qa_f1", 32, "qa"),
+        "2wikimqa": _lb("2wikimqa", "qa_f1", 32, "qa"),
+        "musique": _lb("musique", "qa_f1", 32, "qa"),
+        "dureader": _lb("dureader", "rouge_l", 128, "qa"),
+        "gov_report": _lb("gov_report", "rouge_l", 512, "summary"),
+        "qmsum": _lb("qmsum", "rouge_l", 512, "query_summary"),
+        "multi_news": _lb("multi_news", "rouge_l", 512, "summary"),
+        "vcsum": _lb("vcsum", "rouge_l", 512, "summary"),
+        "trec": _lb("trec", "classification_first_line", 64, "few_shot"),
+        "triviaqa": _lb("triviaqa", "qa_f1_first_line", 32, "few_shot"),
+        "samsum": _lb("samsum", "rouge_l_first_line", 128, "few_shot"),
+        "lsht": _lb("lsht", "classification_first_line", 64, "few_shot"),
+        "passage_count": _lb("passage_count", "count", 32, "count"),
+        "passage_retrieval_en": _lb("passage_retrieval_en", "retrieval", 32, "retrieval"),
+        "passage_retrieval_zh": _lb("passage_retrieval_zh", "retrieval", 32, "retrieval"),
+        "lcc": _lb("lcc", "code_sim", 64, "code"),
+        "repobench-p": _lb("repobench-p", "code_sim", 64, "code"),
+    }
+    #: family -> (context preface, question template, answer prefix)
+    PROMPTS: ClassVar[dict[str, tuple[str, str, str]]] = {
+        "qa": ("Read the text below; a question about it follows.\n\n", ("Answer the question from the text above "
+               "as briefly as possible, without explanation.\n\nQuestion: {input}"), "Answer:"),
+        "summary": ("", "Write a one-page summary of the text above.", "Summary:"),
+        "query_summary": ("", "Answer the query about the transcript above in one or more sentences.\n\nQuery: {input}",
+                          "Answer:"),
+        "few_shot": ("Here are examples of the task.\n\n", "{input}", ""),
+        "count": ("", ("How many distinct paragraphs are in the text above, once repeated ones are removed? Answer "
+                  "with one number only."), "The number of distinct paragraphs is:"),
+        "retrieval": ("Below are paragraphs, each with its number.\n\n", ("Which paragraph above is this abstract "
+                      "taken from? Answer in the form \"Paragraph N\".\n\nAbstract: {input}"), "The answer is:"),
+        "code": ("", "{input}Next line of code:", ""),
+    }
+
+    def to_sample(self, task: str, row: Mapping[str, Any], index: int) -> Sample:
+        spec = self.TASKS[task]
+        preface, template, prefix = self.PROMPTS[spec.family]
+        question = template.format(input=str(_field(row, "input", default="")).strip()) or "Answer:"
+        meta = {"all_classes": list(row.get("all_classes") or []), "length": row.get("length")}
+        return self._sample(task, index, preface + str(_field(row, "context")), question,
+                            _as_list(_field(row, "answers", "answer")), prefix, meta, row)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LongBench-v2 (Bai et al., arXiv 2412.15204)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@register_benchmark("longbench_v2")
+class LongBenchV2(HubBenchmark):
+    """LongBench-v2 (Bai et al., arXiv 2412.15204): 503 multiple-choice questions over long contexts; accuracy
+    of the option letter (``The correct answer is (X)``, see :func:`choice_letter`). Rows: ``context``,
+    ``question``, ``choice_A``–``choice_D``, ``answer`` (a letter), ``difficulty``, ``length``, ``domain``."""
+
+    DATASET = "THUDM/LongBench-v2"
+    TASKS: ClassVar[dict[str, HubTask]] = {"longbench_v2": HubTask(None, "train", "choice", 128)}
+
+    def to_sample(self, task: str, row: Mapping[str, Any], index: int) -> Sample:
+        choices = "\n".join(f"({c}) {row.get(f'choice_{c}', '')}" for c in "ABCD")
+        question = (
+            f"What is the correct answer to this question: {row['question']}\nChoices:\n{choices}\n\n"
+            "Reply in the form \"The correct answer is (X)\", where X is the letter of the answer."
+        )
+        meta = {k: row.get(k) for k in ("difficulty", "length", "domain")}
+        context = f"Read the text below, then answer the question that follows it.\n\n<text>\n{row['context']}\n</text>"
+        return self._sample(task, index, context, question, [str(row["answer"]).strip()], "", meta, row)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# InfiniteBench (Zhang et al., arXiv 2402.13718)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@register_benchmark("infinitebench")
+class InfiniteBench(HubBenchmark):
+    """InfiniteBench (Zhang et al., ∞Bench, arXiv 2402.13718): one split per task; metrics per the paper —
+    exact number match (passkey, number_string, math_find, code_run), key found (kv_retrieval), name found
+    (longdialogue_qa_eng), option accuracy (longbook_choice_eng, code_debug), QA F1 (longbook_qa_eng; per
+    character for longbook_qa_chn), ROUGE-L F (longbook_sum_eng), in-order accuracy (math_calc). Budgets are the
+    paper's. Rows: ``context``, ``input``, ``answer`` (list), ``options`` (list)."""
+
+    DATASET = "xinrongzhang2022/InfiniteBench"
+    TASKS: ClassVar[dict[str, HubTask]] = {
+        "passkey": HubTask(None, "passkey", "first_number", 6),
+        "number_string": HubTask(None, "number_string", "first_number", 12),
+        "kv_retrieval": HubTask(None, "kv_retrieval", "word_match", 50),
+        "longbook_sum_eng": HubTask(None, "longbook_sum_eng", "rouge_l", 1200),
+        "longbook_choice_eng": HubTask(None, "longbook_choice_eng", "choice", 40),
+        "longbook_qa_eng": HubTask(None, "longbook_qa_eng", "qa_f1", 40),
+        "longbook_qa_chn": HubTask(None, "longbook_qa_chn", "qa_f1", 40),
+        "longdialogue_qa_eng": HubTask(None, "longdialogue_qa_eng", "word_match", 40),
+        "math_find": HubTask(None, "math_find", "first_number", 3),
+        "math_calc": HubTask(None, "math_calc", "sequence", 30000),
+        "code_run": HubTask(None, "code_run", "last_number", 5),
+        "code_debug": HubTask(None, "code_debug", "choice", 5),
+    }
+
+    def rows(self, task: str) -> list[dict]:
+        files = self._files_for(task)
+        if files is not None:
+            return _read_file(_local_file(files, task))
+        return load_rows(self.dataset, None, self.TASKS[task].split)
+
+    def to_sample(self, task: str, row: Mapping[str, Any], index: int) -> Sample:
+        options = _as_list(row.get("options") or [])
+        answers = _as_list(_field(row, "answer", "answers"))
+        question = str(row.get("input") or "").strip() or "Answer the question about the text above."
+        meta: dict[str, Any] = {"options": options}
+        if options:
+            letters = "ABCD"[: len(options)]
+            question += "\n\nOptions:\n" + "\n".join(f"({c}) {o}" for c, o in zip(letters, options))
+            question += "\n\nAnswer with the letter of the correct option."
+            answers = [letters[options.index(a)] for a in answers if a in options] + answers
+        if task == "math_calc":
+            answers = [str(a) for a in answers]
+        return self._sample(task, index, str(row["context"]), question, answers, "Answer:", meta, row)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LooGLE (Li et al., arXiv 2311.04939)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@register_benchmark("loogle")
+class LooGLE(HubBenchmark):
+    """LooGLE (Li et al., arXiv 2311.04939): short- and long-dependency QA (ROUGE-L F; the paper also reports
+    BLEU, METEOR and BERTScore, not computed here), long-dependency summarisation (ROUGE-L F) and short-dependency
+    cloze (share of masked entities filled in correctly; exact match when all are, see :func:`cloze_match`).
+    Rows: ``context`` (or ``input``), ``question``, ``answer``."""
+
+    DATASET = "bigainlp/LooGLE"
+    TASKS: ClassVar[dict[str, HubTask]] = {
+        "shortdep_qa": HubTask("shortdep_qa", "test", "rouge_l", 300, "qa"),
+        "longdep_qa": HubTask("longdep_qa", "test", "rouge_l", 300, "qa"),
+        "longdep_summarization": HubTask("longdep_summarization", "test", "rouge_l", 500, "summary"),
+        "shortdep_cloze": HubTask("shortdep_cloze", "test", "cloze", 50, "cloze"),
+    }
+    QUESTIONS: ClassVar[dict[str, tuple[str, str]]] = {
+        "qa": ("Answer the question from the document above, as briefly as possible.\n\nQuestion: {q}", "Answer:"),
+        "summary": ("Summarise the document above.", "Summary:"),
+        "cloze": (("Fill in the masks (<mask-0>, <mask-1>, ...) of the sentences below with entities from the "
+                   "document above. Reply with a JSON object mapping each mask to its entity.\n\n{q}"), ""),
+    }
+
+    def to_sample(self, task: str, row: Mapping[str, Any], index: int) -> Sample:
+        template, prefix = self.QUESTIONS[self.TASKS[task].family]
+        question = template.format(q=str(row.get("question") or "").strip())
+        answer = _field(row, "answer", "output")
+        answers = [json.dumps(answer)] if isinstance(answer, Mapping) else _as_list(answer)
+        return self._sample(task, index, str(_field(row, "context", "input")), question, answers, prefix,
+                            {"title": row.get("title")}, row)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ZeroSCROLLS (Shaham et al., arXiv 2305.14196)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@register_benchmark("zero_scrolls")
+class ZeroScrolls(HubBenchmark):
+    """ZeroSCROLLS (Shaham et al., arXiv 2305.14196), validation split (the test answers are hidden): ROUGE
+    geometric mean of R-1/R-2/R-L (gov_report, summ_screen_fd, qmsum, squality), F1 (qasper, narrative_qa,
+    musique), accuracy (quality), exponential similarity (space_digest, :func:`exponential_similarity`) and
+    concordance index (book_sum_sort, :func:`concordance_index`). Rows: ``input`` with
+    ``document_end_index``/``query_start_index``, ``output``; the input up to the end of the document is the
+    context, the rest (query and instruction) the question."""
+
+    DATASET = "tau/zero_scrolls"
+    TASKS: ClassVar[dict[str, HubTask]] = {
+        "gov_report": HubTask("gov_report", "validation", "rouge_gm", 1024),
+        "summ_screen_fd": HubTask("summ_screen_fd", "validation", "rouge_gm", 512),
+        "qmsum": HubTask("qmsum", "validation", "rouge_gm", 512),
+        "squality": HubTask("squality", "validation", "rouge_gm", 512),
+        "qasper": HubTask("qasper", "validation", "qa_f1", 128),
+        "narrative_qa": HubTask("narrative_qa", "validation", "qa_f1", 64),
+        "quality": HubTask("quality", "validation", "choice", 10),
+        "musique": HubTask("musique", "validation", "qa_f1", 32),
+        "space_digest": HubTask("space_digest", "validation", "exp_similarity", 10),
+        "book_sum_sort": HubTask("book_sum_sort", "validation", "concordance", 128),
+    }
+
+    def to_sample(self, task: str, row: Mapping[str, Any], index: int) -> Sample:
+        text = str(row["input"])
+        end = row.get("document_end_index")
+        end = int(end) if end is not None and 0 < int(end) <= len(text) else len(text)
+        context, question = text[:end], text[end:].strip() or "Answer:"
+        answers = _as_list(_field(row, "output", "outputs"))
+        return self._sample(task, index, context, question, answers, "", {}, row)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AIME25 and MATH500 (reasoning: the problem is the context, compressed while decoding)
+# ----------------------------------------------------------------------------------------------------------------
+
+MATH_INSTRUCTION = "Reason step by step, and put your final answer within \\boxed{}."
+
+
+@register_benchmark("aime25")
+class Aime25(HubBenchmark):
+    """AIME 2025 (30 problems, integer answers 0–999): exact match of the final integer (last ``\\boxed{}``, else
+    the last integer of the output). Rows: ``problem`` (or ``question``), ``answer``. The problem is the context,
+    the instruction the question; budget 32,000 tokens (kvpress' ``evaluate_aime`` default)."""
+
+    DATASET = "math-ai/aime25"
+    TASKS: ClassVar[dict[str, HubTask]] = {"aime25": HubTask(None, "test", "aime", 32000)}
+
+    def to_sample(self, task: str, row: Mapping[str, Any], index: int) -> Sample:
+        return self._sample(task, index, str(_field(row, "problem", "question")), MATH_INSTRUCTION,
+                            [str(_field(row, "answer")).strip()], "", {}, row)
+
+
+@register_benchmark("math500")
+class Math500(HubBenchmark):
+    """MATH-500 (the 500-problem subset of MATH, Hendrycks et al., arXiv 2103.03874, chosen by Lightman et al.,
+    arXiv 2305.20050): the last ``\\boxed{}`` of the output, normalised (:func:`normalize_math`), equals the
+    reference answer or has the same numeric value. Rows: ``problem``, ``answer``, ``subject``, ``level``."""
+
+    DATASET = "HuggingFaceH4/MATH-500"
+    TASKS: ClassVar[dict[str, HubTask]] = {"math500": HubTask(None, "test", "math", 32000)}
+
+    def to_sample(self, task: str, row: Mapping[str, Any], index: int) -> Sample:
+        meta = {k: row[k] for k in ("subject", "level") if k in row}
+        return self._sample(task, index, str(_field(row, "problem", "question")), MATH_INSTRUCTION,
+                            [str(_field(row, "answer")).strip()], "", meta, row)

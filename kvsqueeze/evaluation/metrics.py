@@ -1,0 +1,174 @@
+"""Answer metrics shared by the benchmarks, written from their published definitions (no extra dependencies).
+
+Every function scores one prediction against its references and returns a number in [0, 1];
+:func:`aggregate` turns per-prediction scores into the ``{task: score, ..., "average": score}`` mapping of the
+benchmark contract, on a 0–100 scale.
+
+* :func:`string_match_all` / :func:`string_match_part` — RULER (Hsieh et al., arXiv 2404.06654): the fraction of
+  references found in the prediction (case-insensitive substring), or whether any is found.
+* :func:`qa_f1` — SQuAD token F1 (Rajpurkar et al., arXiv 1606.05250) after the SQuAD answer normalisation
+  (lower case, no punctuation, no articles, single spaces), as LongBench and ZeroSCROLLS use it.
+* :func:`rouge_n`, :func:`rouge_l` — ROUGE F-measures (Lin 2004): n-gram overlap, and the longest common
+  subsequence of tokens.
+* :func:`edit_similarity` — character similarity ``2·LCS / (|a| + |b|)``, i.e. one minus the insertion/deletion
+  edit distance over the total length (the ratio LongBench's code tasks report through ``fuzzywuzzy``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower case, drop punctuation and the articles a/an/the, collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def tokens(text: str) -> list[str]:
+    """Tokens for F1 / ROUGE: normalised words; Chinese (CJK) characters count one token each."""
+    norm = normalize_answer(text)
+    if _CJK.search(norm):
+        return [tok for word in norm.split() for tok in (list(word) if _CJK.search(word) else [word])]
+    return norm.split()
+
+
+def string_match_all(prediction: str, references: Sequence[str]) -> float:
+    """RULER ``string_match_all``: fraction of ``references`` occurring in ``prediction`` (case-insensitive)."""
+    if not references:
+        raise ValueError("string_match_all needs at least one reference")
+    pred = _CONTROL.sub("", prediction).lower()
+    return sum(ref.lower() in pred for ref in references) / len(references)
+
+
+def string_match_part(prediction: str, references: Sequence[str]) -> float:
+    """RULER ``string_match_part``: 1 if any reference occurs in ``prediction`` (case-insensitive), else 0."""
+    if not references:
+        raise ValueError("string_match_part needs at least one reference")
+    pred = _CONTROL.sub("", prediction).lower()
+    return float(any(ref.lower() in pred for ref in references))
+
+
+def _f1(pred: Sequence[str], ref: Sequence[str]) -> float:
+    common = Counter(pred) & Counter(ref)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def qa_f1(prediction: str, references: Sequence[str]) -> float:
+    """Token F1 between the normalised prediction and each reference; the maximum over references."""
+    if not references:
+        raise ValueError("qa_f1 needs at least one reference")
+    pred = tokens(prediction)
+    return max(_f1(pred, tokens(ref)) for ref in references)
+
+
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+    """1 if the normalised prediction equals a normalised reference, else 0."""
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(ref) for ref in references))
+
+
+def _ngrams(toks: Sequence[str], n: int) -> Counter:
+    return Counter(tuple(toks[i : i + n]) for i in range(len(toks) - n + 1))
+
+
+def rouge_n(prediction: str, reference: str, n: int = 1) -> float:
+    """ROUGE-N F-measure: clipped n-gram overlap, harmonic mean of precision and recall."""
+    if n < 1:
+        raise ValueError(f"rouge_n needs n >= 1, got {n}")
+    pred, ref = _ngrams(tokens(prediction), n), _ngrams(tokens(reference), n)
+    overlap = sum((pred & ref).values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / sum(pred.values()), overlap / sum(ref.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def lcs_length(a: Sequence, b: Sequence) -> int:
+    """Length of the longest common subsequence of ``a`` and ``b`` (O(|a|·|b|) time, O(|b|) memory)."""
+    if len(a) < len(b):
+        a, b = b, a
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev_diag = 0
+        for j, y in enumerate(b, 1):
+            prev_row = row[j]
+            row[j] = prev_diag + 1 if x == y else max(row[j], row[j - 1])
+            prev_diag = prev_row
+    return row[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure: LCS of the token sequences over prediction length (precision) and reference length."""
+    pred, ref = tokens(prediction), tokens(reference)
+    lcs = lcs_length(pred, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def max_rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """ROUGE-L F-measure, maximum over references."""
+    if not references:
+        raise ValueError("rouge_l needs at least one reference")
+    return max(rouge_l(prediction, ref) for ref in references)
+
+
+def rouge_geometric_mean(prediction: str, references: Sequence[str]) -> float:
+    """Geometric mean of ROUGE-1, ROUGE-2 and ROUGE-L F-measures (ZeroSCROLLS' summarisation score), max over
+    references."""
+    if not references:
+        raise ValueError("rouge_geometric_mean needs at least one reference")
+    best = 0.0
+    for ref in references:
+        parts = (rouge_n(prediction, ref, 1), rouge_n(prediction, ref, 2), rouge_l(prediction, ref))
+        best = max(best, math.prod(parts) ** (1 / 3))
+    return best
+
+
+def edit_similarity(prediction: str, reference: str) -> float:
+    """``2·LCS(a, b) / (|a| + |b|)`` over characters: 1 for equal strings, 0 for strings sharing no character."""
+    total = len(prediction) + len(reference)
+    if total == 0:
+        return 1.0
+    return 2 * lcs_length(prediction, reference) / total
+
+
+def aggregate(scores: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """``{task: 100·mean score, ..., "average": mean of the task scores}``, each rounded to 2 decimals (as RULER).
+
+    ``scores`` yields ``(task, score in [0, 1])`` pairs. Tasks appear in first-seen order; no pairs gives ``{}``.
+    """
+    per_task: dict[str, list[float]] = {}
+    for task, value in scores:
+        per_task.setdefault(task, []).append(float(value))
+    result = {task: round(100 * sum(v) / len(v), 2) for task, v in per_task.items()}
+    if result:
+        result["average"] = round(sum(result.values()) / len(result), 2)
+    return result
+
+
+def score_predictions(predictions, metric_of: Callable[[str], Callable[[str, Sequence[str]], float]]):
+    """Aggregate ``metric_of(task)(prediction, answers)`` over ``predictions`` (see :func:`aggregate`)."""
+    from kvsqueeze.evaluation.base import Prediction
+
+    pairs = []
+    for p in predictions:
+        if not isinstance(p, Prediction):
+            raise TypeError(f"score() expects Prediction rows, got {type(p).__name__}")
+        pairs.append((p.task, metric_of(p.task)(p.prediction, p.answers)))
+    return aggregate(pairs)

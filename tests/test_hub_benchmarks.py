@@ -1,0 +1,265 @@
+"""Hub loaders on checked-in fixture rows (``data_files=``), their metrics from the definitions, offline errors."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from kvsqueeze.evaluation import Prediction, hub, list_benchmarks, make_benchmark
+from kvsqueeze.evaluation import metrics as M
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hub"
+HUB_NAMES = ("longbench", "longbench_v2", "infinitebench", "loogle", "zero_scrolls", "aime25", "math500")
+
+
+def _fixture_tasks(name: str) -> list[str]:
+    return sorted(p.stem for p in (FIXTURES / name).glob("*.jsonl"))
+
+
+def _load(name: str, **kw):
+    bench = make_benchmark(name, tasks=_fixture_tasks(name), data_files=FIXTURES / name, **kw)
+    return bench, list(bench.samples(None, seed=0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_every_loader_is_registered():
+    assert set(HUB_NAMES) <= set(list_benchmarks())
+
+
+@pytest.mark.parametrize("name", HUB_NAMES)
+def test_fixture_rows_become_samples(name):
+    bench, samples = _load(name)
+    rows = {t: hub._read_file(FIXTURES / name / f"{t}.jsonl") for t in _fixture_tasks(name)}
+    assert len(samples) == sum(len(r) for r in rows.values())
+    assert len({s.id for s in samples}) == len(samples)
+    for s in samples:
+        spec = bench.TASKS[s.task]
+        assert s.context and s.questions[0] and s.answers[0]
+        assert s.max_new_tokens == spec.max_new_tokens
+        assert s.id.startswith(f"{name}-{s.task}-")
+    # A perfect prediction (the first reference; boxed for the math sets; the whole sequence for math_calc)
+    # scores 100 on every task.
+    def perfect(s):
+        ref = s.answers[0][0]
+        if bench.TASKS[s.task].metric == "sequence":
+            return ", ".join(s.answers[0])
+        return f"\\boxed{{{ref}}}" if name in ("aime25", "math500") else ref
+
+    scores = bench.score([Prediction.of(s, 0, perfect(s)) for s in samples])
+    assert scores == {**{t: 100.0 for t in rows}, "average": 100.0}
+
+
+def test_documents_go_in_context_and_questions_after():
+    _, samples = _load("zero_scrolls")
+    quality = next(s for s in samples if s.task == "quality")
+    assert quality.context.endswith("at Dunmere.") and quality.questions[0].startswith("Question: Where")
+    _, samples = _load("longbench")
+    hotpot = [s for s in samples if s.task == "hotpotqa"]
+    assert all("Lake Orvin" in s.context and "Question:" in s.questions[0] for s in hotpot)
+
+
+def test_limit_takes_a_seeded_subset():
+    bench = make_benchmark("math500", data_files=FIXTURES / "math500")
+    full = [s.id for s in bench.samples(None)]
+    picked = [[s.id for s in bench.samples(None, limit=2, seed=seed)] for seed in range(6)]
+    assert all(len(p) == 2 and set(p) <= set(full) for p in picked)
+    assert picked[0] == [s.id for s in bench.samples(None, limit=2, seed=0)]
+    assert len({tuple(p) for p in picked}) > 1  # different seeds, different subsets
+
+
+def test_middle_truncation_keeps_both_ends(tokenizer):
+    bench = make_benchmark("longbench", tasks=["hotpotqa"], data_files=FIXTURES / "longbench", max_context_tokens=40)
+    full = {s.id: s for s in make_benchmark("longbench", tasks=["hotpotqa"], data_files=FIXTURES / "longbench")
+            .samples(None)}
+    for s in bench.samples(tokenizer):
+        original = full[s.id].context
+        assert s.metadata["truncated_from"] == len(original)  # one token per character
+        assert s.context == original[:20] + original[-20:]
+    with pytest.raises(TypeError, match="needs the model's tokenizer"):
+        next(iter(bench.samples(None)))
+
+
+def test_max_new_tokens_override():
+    _, samples = _load("aime25", max_new_tokens=256)
+    assert {s.max_new_tokens for s in samples} == {256}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors: offline, missing data, bad options
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=0: False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.mark.parametrize("name", HUB_NAMES)
+def test_offline_fails_fast_naming_the_dataset(name, unreachable_hub):
+    bench = make_benchmark(name)
+    start = time.perf_counter()
+    with pytest.raises(hub.HubDataUnavailable, match="unreachable") as info:
+        next(iter(bench.samples(None)))
+    assert time.perf_counter() - start < 10
+    assert isinstance(info.value, ConnectionError)
+    assert bench.DATASET in str(info.value) and "data_files=" in str(info.value)
+
+
+def test_dataset_mirror_is_named_in_errors(unreachable_hub):
+    bench = make_benchmark("math500", dataset="someone/MATH-500-parquet")
+    assert bench.config()["dataset"] == "someone/MATH-500-parquet"
+    with pytest.raises(hub.HubDataUnavailable, match="someone/MATH-500-parquet"):
+        list(bench.samples(None))
+
+
+def test_missing_datasets_names_the_pip_command(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(hub.HubDataUnavailable, match=r"THUDM/LongBench-v2.*`datasets` package is missing.*pip install"):
+        next(iter(make_benchmark("longbench_v2").samples(None)))
+
+
+def test_missing_local_file_is_clear(tmp_path):
+    with pytest.raises(hub.HubDataUnavailable, match="no file for hotpotqa"):
+        list(make_benchmark("longbench", tasks=["hotpotqa"], data_files=tmp_path).samples(None))
+    with pytest.raises(hub.HubDataUnavailable, match="does not exist"):
+        list(make_benchmark("aime25", data_files=tmp_path / "nope.jsonl").samples(None))
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "error", "match"),
+    [
+        ("longbench", {"tasks": ["hotpot"]}, ValueError, "unknown longbench task"),
+        ("longbench", {"data_files": FIXTURES / "longbench" / "trec.jsonl"}, ValueError, "one file but 21 tasks"),
+        ("longbench", {"data_files": {"nope": "x.jsonl"}}, ValueError, "unknown longbench task"),
+        ("aime25", {"data_files": 3}, TypeError, "data_files must be a path"),
+        ("math500", {"max_new_tokens": 0}, ValueError, "max_new_tokens must be a positive int"),
+        ("math500", {"max_context_tokens": 1}, ValueError, "max_context_tokens must be an int >= 2"),
+        ("math500", {"dataset": ""}, ValueError, "dataset must be a hub dataset id"),
+    ],
+)
+def test_bad_options_raise_early(name, options, error, match):
+    with pytest.raises(error, match=match):
+        make_benchmark(name, **options)
+
+
+def test_unknown_benchmark_suggests_close_names():
+    with pytest.raises(KeyError, match="Did you mean: longbench"):
+        make_benchmark("longbech")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics, each checked against a value worked out by hand from its definition
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_qa_f1_from_token_overlap():
+    # normalised: [kessel, river, flows] vs [kessel, river]: 2 shared, precision 2/3, recall 1
+    p, r = 2 / 3, 1.0
+    assert M.qa_f1("The Kessel river flows!", ["Kessel River"]) == pytest.approx(2 * p * r / (p + r))
+    assert M.qa_f1("nothing", ["Kessel River", "nothing at all"]) == pytest.approx(2 * 1 * (1 / 3) / (1 + 1 / 3))
+    assert M.qa_f1("湖水", ["湖"]) == pytest.approx(2 * 0.5 * 1 / 1.5)  # Chinese: one token per character
+
+
+def test_rouge_from_ngrams_and_lcs():
+    pred, ref = "cat sat on mat", "cat lay on mat"
+    assert M.rouge_n(pred, ref, 1) == pytest.approx(3 / 4)  # cat, on, mat of 4 each
+    assert M.rouge_n(pred, ref, 2) == pytest.approx(1 / 3)  # only "on mat" of 3 bigrams each
+    assert M.rouge_l(pred, ref) == pytest.approx(3 / 4)  # LCS cat-on-mat
+    assert M.rouge_l("mat on cat", ref) == pytest.approx(2 * (1 / 3) * (1 / 4) / (1 / 3 + 1 / 4))  # LCS length 1
+    assert M.rouge_geometric_mean(pred, [ref]) == pytest.approx((3 / 4 * 1 / 3 * 3 / 4) ** (1 / 3))
+
+
+def test_edit_similarity_from_lcs():
+    assert M.edit_similarity("kitten", "sitting") == pytest.approx(2 * 4 / 13)  # LCS "ittn"
+    assert M.edit_similarity("abc", "abc") == 1.0 and M.edit_similarity("abc", "xyz") == 0.0
+    # code: the first line that is not a fence or a comment; all of "return x+1" is a subsequence of it
+    pred = "```\n# increment\nreturn x + 1\n```"
+    assert hub.code_similarity(pred, ["return x+1"], {}) == pytest.approx(2 * 10 / (12 + 10))
+
+
+def test_longbench_classification_retrieval_count():
+    classes = {"all_classes": ["Location", "Numeric value", "Human being", "Entity"]}
+    assert hub.classification_score("Human being", ["Human being"], classes) == 1
+    assert hub.classification_score("Location or Numeric value", ["Numeric value"], classes) == 1 / 2
+    assert hub.classification_score("Entity", ["Human being"], classes) == 0
+    assert hub.retrieval_score("Paragraph 3, or maybe paragraph 5", ["Paragraph 3"], {}) == 1 / 2
+    assert hub.count_score("7 or 8", ["7"], {}) == 1 / 2
+    assert hub.count_score("none", ["7"], {}) == 0
+
+
+def test_choice_and_numbers():
+    assert hub.choice_accuracy("The correct answer is (B)", ["B"], {}) == 1
+    assert hub.choice_accuracy("**The correct answer is C**", ["B"], {}) == 0
+    assert hub.choice_accuracy("(B) Dunmere", ["(B) Dunmere"], {}) == 1
+    assert hub.choice_accuracy("It is Dunmere.", ["Dunmere"], {"options": ["Harrowgate", "Dunmere"]}) == 1
+    assert hub.first_int_match("The pass key is 71432.", ["71432"], {}) == 1
+    assert hub.first_int_match("12, then 71432", ["71432"], {}) == 0
+    assert hub.last_int_match("f(4) is 5, no: -3", ["-3"], {}) == 1
+    assert hub.word_match("The value is c0de-42.", ["c0de-42"], {}) == 1
+    assert hub.word_match("The value is c0de-421.", ["c0de-42"], {}) == 0
+    assert hub.sequence_accuracy("3, 5, 9, 13", ["3", "5", "8", "13"], {}) == 2 / 4  # stops at the first error
+
+
+def test_zero_scrolls_special_metrics():
+    assert hub.exponential_similarity("60", ["40%"], {}) == pytest.approx(0.5 ** (20 / 10))
+    assert hub.exponential_similarity("40 percent", ["40%"], {}) == 1
+    # gold order 1<2<3<4: swapping 1 and 2 breaks one pair of six
+    assert hub.concordance_index("2, 1, 3, 4", ["1, 2, 3, 4"], {}) == pytest.approx(5 / 6)
+    # 4 missing: its three pairs count as discordant
+    assert hub.concordance_index("1 2 3", ["1, 2, 3, 4"], {}) == pytest.approx(3 / 6)
+
+
+def test_loogle_cloze_partial_match():
+    gold = '{"<mask-0>": "Lake Orvin", "<mask-1>": "Kessel River"}'
+    assert hub.cloze_match('{"<mask-0>": "lake orvin", "<mask-1>": "Dun"}', [gold], {}) == 1 / 2
+    assert hub.cloze_match("<mask-0>: Lake Orvin, <mask-1>: Kessel River", [gold], {}) == 1
+    assert hub.cloze_match("no idea", [gold], {}) == 0
+
+
+def test_math_answers():
+    assert hub.boxed(r"a \boxed{\frac{1}{2}} b \boxed{3}") == "3"
+    assert hub.boxed(r"a \boxed{\frac{1}{2}} b", last=False) == r"\frac{1}{2}"
+    assert hub.aime_match(r"so \boxed{204}", ["204"], {}) == 1
+    assert hub.aime_match("17, and finally 204", ["204"], {}) == 1  # no box: the last integer
+    assert hub.aime_match(r"\boxed{024}", ["24"], {}) == 1 and hub.aime_match(r"\boxed{25}", ["24"], {}) == 0
+    assert hub.math_match(r"\boxed{\dfrac12}", [r"\frac{1}{2}"], {}) == 1
+    assert hub.math_match(r"\boxed{0.5}", [r"\frac{1}{2}"], {}) == 1  # same value
+    assert hub.math_match(r"\boxed{x = 3}", ["3"], {}) == 1
+    assert hub.math_match(r"\boxed{\sqrt2}", [r"\sqrt{2}"], {}) == 1
+    assert hub.math_match(r"\boxed{90^\circ}", ["90"], {}) == 1
+    assert hub.math_match(r"\boxed{4}", ["3"], {}) == 0 and hub.math_match("3", ["3"], {}) == 0  # unboxed
+
+
+def test_benchmark_score_averages_tasks():
+    bench, samples = _load("longbench")
+    by_task = {s.task: [x for x in samples if x.task == s.task] for s in samples}
+    h0, h1 = by_task["hotpotqa"]
+    preds = [
+        Prediction.of(h0, 0, "the Kessel River flows"),  # F1 2*(2/3)/(2/3+1) = 0.8
+        Prediction.of(h1, 0, "Dunmere"),  # 1
+        Prediction.of(by_task["trec"][0], 0, "Human being\nLocation"),  # first line only: 1
+        Prediction.of(by_task["passage_count"][0], 0, "3"),  # 0
+    ]
+    expected = {"hotpotqa": 100 * (0.8 + 1) / 2, "trec": 100.0, "passage_count": 0.0}
+    expected["average"] = sum(expected.values()) / 3
+    assert bench.score(preds) == pytest.approx(expected, abs=0.01)  # scores are rounded to 2 decimals
+    assert math.isclose(M.aggregate([]).get("average", -1), -1)  # nothing to score: no average

@@ -1,0 +1,279 @@
+"""RULER generator: answers really in the context, lengths on target, determinism, scoring, qa data handling."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from kvsqueeze.corpus import essays
+from kvsqueeze.evaluation import Prediction, make_benchmark
+from kvsqueeze.evaluation import hub as hub_module
+from kvsqueeze.evaluation.ruler import TASKS, TOLERANCE, QaDataUnavailable, Ruler
+
+FIXTURES = Path(__file__).parent / "fixtures" / "ruler"
+NON_QA = [t for t in TASKS if TASKS[t].kind != "qa"]
+CHAR_LENGTH = 3000  # the character tokenizer needs ~4x the tokens of a real one for the same text
+
+
+@pytest.fixture(scope="module")
+def qa_files(tmp_path_factory) -> dict[str, str]:
+    """The checked-in SQuAD / HotpotQA rows plus extra rows whose paragraphs are essay excerpts, so that the
+    distractor pool is large enough for 2k-token samples. Every answer is extractive (HotpotQA's yes/no answers,
+    which are not in any document, have no row here)."""
+    root = tmp_path_factory.mktemp("qa")
+    words = " ".join(essays()[:4]).split()
+    paragraphs = [" ".join(words[i : i + 60]) for i in range(0, 60 * 60, 60)]  # 60 paragraphs of 60 words
+    squad = (FIXTURES / "squad.jsonl").read_text().splitlines()
+    for i, p in enumerate(paragraphs):
+        word = p.split()[3]
+        squad.append(json.dumps({
+            "id": f"x{i}", "title": "essay", "context": p, "question": f"Which is word 4 of {i}?",
+            "answers": {"text": [word], "answer_start": [p.index(word)]},
+        }))
+    hotpot = (FIXTURES / "hotpotqa.jsonl").read_text().splitlines()
+    for i in range(0, len(paragraphs) - 1, 2):
+        titles = [f"Essay part {i}", f"Essay part {i + 1}"]
+        hotpot.append(json.dumps({
+            "id": f"y{i}", "question": f"What links part {i} and part {i + 1}?", "answer": paragraphs[i].split()[5],
+            "type": "bridge", "level": "easy", "supporting_facts": {"title": titles, "sent_id": [0, 0]},
+            "context": {"title": titles, "sentences": [[paragraphs[i]], [paragraphs[i + 1]]]},
+        }))
+    files = {"qa_1": root / "squad.jsonl", "qa_2": root / "hotpotqa.jsonl"}
+    files["qa_1"].write_text("\n".join(squad) + "\n")
+    files["qa_2"].write_text("\n".join(hotpot) + "\n")
+    return {k: str(v) for k, v in files.items()}
+
+
+@pytest.fixture(scope="module")
+def smollm_tokenizer():
+    from kvsqueeze.models import load_tokenizer
+
+    return load_tokenizer()
+
+
+def _samples(tokenizer, length, tasks=None, n=2, seed=0, **kw):
+    return list(make_benchmark("ruler", length=length, tasks=tasks, n_samples=n, **kw).samples(tokenizer, seed=seed))
+
+
+def _count(tokenizer, sample) -> int:
+    return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (sample.context, sample.questions[0]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Content: every reference is in the context, and it is the right answer by the task's definition
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_every_answer_occurs_in_its_context(tokenizer, qa_files):
+    samples = _samples(tokenizer, CHAR_LENGTH, qa_data_files=qa_files)
+    assert Counter(s.task for s in samples) == {t: 2 for t in TASKS}
+    for s in samples:
+        assert len(s.questions) == 1 and len(s.answers) == 1 and s.answers[0]
+        for ref in s.answers[0]:
+            assert ref in s.context, (s.task, ref)
+        assert s.max_new_tokens == {"niah": 128, "vt": 30, "cwe": 120, "fwe": 50, "qa": 32}[TASKS[s.task].kind]
+        assert s.answer_prefix and s.questions[0] not in s.context
+
+
+def test_niah_needles_bind_the_queried_keys_to_the_answers(tokenizer):
+    for s in _samples(tokenizer, CHAR_LENGTH, tasks=[t for t in TASKS if TASKS[t].kind == "niah"]):
+        spec = TASKS[s.task]
+        keys = s.metadata["keys"]
+        assert len(keys) == spec.n_queries and all(k in s.questions[0] for k in keys)
+        found = [v for k in keys for v in re.findall(rf"for {re.escape(k)} is: (\S+)\.", s.context)]
+        assert sorted(found) == sorted(s.answers[0])
+        assert len(found) == spec.n_values * spec.n_queries
+        needles = re.findall(r"A special magic \w+ for (\S+) is: ", s.context)
+        assert len(set(needles)) >= spec.n_keys  # distractor keys (multikey) are there too
+        if spec.haystack == "needle":
+            assert len(needles) > 5  # the haystack itself is made of distractor needles
+
+
+def test_vt_answers_are_the_variables_holding_the_value(tokenizer):
+    for s in _samples(tokenizer, CHAR_LENGTH, tasks=["vt"]):
+        body = s.context.split("Example:")[1].split("\n\n", 2)[2]  # past the solved example
+        value_of: dict[str, str] = {}
+        for name, rhs in re.findall(r"VAR (\w+) = (VAR \w+|\d+)\.", body):
+            value_of[name] = value_of[rhs[4:]] if rhs.startswith("VAR ") else rhs
+        holders = sorted(n for n, v in value_of.items() if v == s.metadata["value"])
+        assert holders == sorted(s.answers[0]) and len(holders) == 5
+
+
+def test_cwe_answers_are_the_ten_most_common_words(tokenizer):
+    for length in (CHAR_LENGTH, 8000):  # 6 vs 1 below 4096 tokens, 30 vs 3 from there on
+        for s in _samples(tokenizer, length, tasks=["cwe"], n=1):
+            listing = s.context.rsplit("appear more often than the others.\n\n", 1)[1]
+            counts = Counter(re.findall(r"^\d+\. (\w+)$", listing, flags=re.MULTILINE))
+            top = [w for w, _ in counts.most_common()]
+            assert set(top[:10]) == set(s.answers[0])
+            assert counts[top[9]] > counts[top[10]] if len(top) > 10 else True
+
+
+def test_fwe_answers_are_ranks_two_to_four(tokenizer):
+    for s in _samples(tokenizer, CHAR_LENGTH, tasks=["fwe"]):
+        counts = Counter(s.context.split("\n\n", 1)[1].split())
+        ranked = counts.most_common()
+        assert ranked[0][0] == "..."
+        assert {w for w, _ in ranked[1:4]} == set(s.answers[0])
+        assert ranked[3][1] > ranked[4][1]  # no tie with rank 5
+
+
+def test_qa_documents_contain_the_gold_paragraph(tokenizer, qa_files):
+    for s in _samples(tokenizer, CHAR_LENGTH, tasks=["qa_1", "qa_2"], qa_data_files=qa_files):
+        assert s.context.count("Document ") == s.metadata["n_documents"]
+        assert "Question:" in s.questions[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Length control
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [2000, 3000])
+def test_lengths_within_tolerance_char_tokenizer(tokenizer, qa_files, length):
+    for s in _samples(tokenizer, length, n=1, qa_data_files=qa_files):
+        measured = _count(tokenizer, s)
+        assert measured == s.metadata["n_tokens"]
+        assert (1 - TOLERANCE) * length <= measured <= length, (s.task, measured)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("length", [512, 1024, 2048])
+def test_lengths_within_tolerance_real_tokenizer(smollm_tokenizer, qa_files, length):
+    samples = _samples(smollm_tokenizer, length, n=1, qa_data_files=qa_files)
+    assert {s.task for s in samples} == set(TASKS)
+    for s in samples:
+        measured = _count(smollm_tokenizer, s)
+        assert measured == s.metadata["n_tokens"]
+        assert (1 - TOLERANCE) * length <= measured <= length, (s.task, measured)
+        for ref in s.answers[0]:
+            assert ref in s.context
+
+
+def test_a_tokenizer_is_required():
+    with pytest.raises(TypeError, match="tokenizer"):
+        next(iter(Ruler(length=1024, tasks=["fwe"]).samples(None)))
+
+
+def test_too_short_a_length_is_a_clear_error(tokenizer):
+    with pytest.raises(ValueError, match="too short for RULER task 'vt'"):
+        _samples(tokenizer, 300, tasks=["vt"], n=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Determinism
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_samples_different_seed_different(tokenizer):
+    a = _samples(tokenizer, 2000, tasks=NON_QA, n=1, seed=3)
+    b = _samples(tokenizer, 2000, tasks=NON_QA, n=1, seed=3)
+    c = _samples(tokenizer, 2000, tasks=NON_QA, n=1, seed=4)
+    assert a == b
+    assert len({s.id for s in a}) == len(a)
+    for x, y in zip(a, c):
+        assert x.task == y.task and x.context != y.context and x.answers != y.answers
+
+
+def test_limit_caps_samples_per_task(tokenizer):
+    bench = Ruler(length=2000, tasks=["niah_single_1", "fwe"], n_samples=5)
+    assert Counter(s.task for s in bench.samples(tokenizer, limit=2)) == {"niah_single_1": 2, "fwe": 2}
+    assert bench.config() == {"length": 2000, "tasks": ["niah_single_1", "fwe"], "n_samples": 5, "qa_data_files": {}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _pred(task, prediction, answers):
+    return Prediction(f"{task}-x", task, 0, prediction, tuple(answers))
+
+
+def test_score_is_rulers_string_match():
+    values = ("1111111", "2222222", "3333333", "4444444")
+    preds = [
+        # niah_multivalue: 3 of the 4 values -> 3/4; 0 of 4 -> 0; mean 37.5
+        _pred("niah_multivalue", "1111111, 2222222 and 4444444", values),
+        _pred("niah_multivalue", "no idea", values),
+        # cwe: matching is case-insensitive, 2 of 2 -> 1
+        _pred("cwe", "APPLE, Pear", ("apple", "pear")),
+        # qa: any reference counts (part) -> 1, then none -> 0: mean 50
+        _pred("qa_1", "It is Bristol.", ("Bristol", "London")),
+        _pred("qa_1", "Paris", ("Bristol", "London")),
+    ]
+    expected = {"niah_multivalue": 100 * (3 / 4 + 0) / 2, "cwe": 100.0, "qa_1": 100 * (1 + 0) / 2}
+    expected["average"] = sum(expected.values()) / 3
+    assert Ruler(length=1024).score(preds) == pytest.approx(expected)
+
+
+def test_score_rejects_unknown_task():
+    with pytest.raises(ValueError, match="unknown RULER task 'nope'"):
+        Ruler(length=1024).score([_pred("nope", "x", ("x",))])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# qa data and options
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    monkeypatch.setattr(hub_module, "hub_reachable", lambda timeout=0: False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_qa_tasks_skipped_with_a_warning_when_offline(tokenizer, offline_hub, caplog):
+    with caplog.at_level(logging.WARNING, logger="kvsqueeze.evaluation.ruler"):
+        samples = _samples(tokenizer, 2000, tasks=["niah_single_1", "qa_1", "qa_2"], n=1)
+    assert [s.task for s in samples] == ["niah_single_1"]
+    text = caplog.text
+    assert "skipping qa_1" in text and "skipping qa_2" in text
+    assert "rajpurkar/squad" in text and "unreachable" in text
+
+
+def test_only_qa_tasks_offline_is_an_error(tokenizer, offline_hub):
+    with pytest.raises(QaDataUnavailable, match="only qa tasks.*hotpotqa/hotpot_qa.*unreachable"):
+        _samples(tokenizer, 2000, tasks=["qa_2"], n=1)
+
+
+def test_missing_datasets_package_is_named(tokenizer, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(QaDataUnavailable, match=r"`datasets` package is missing.*pip install"):
+        _samples(tokenizer, 2000, tasks=["qa_1"], n=1)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"length": "4k"}, TypeError, "length must be an int"),
+        ({"length": 64}, ValueError, "length must be >= 128"),
+        ({"length": 1024, "tasks": ["niah_single_9"]}, ValueError, "unknown RULER task"),
+        ({"length": 1024, "n_samples": 0}, ValueError, "n_samples must be >= 1"),
+        ({"length": 1024, "qa_data_files": {"qa_3": "x"}}, ValueError, "qa_data_files keys"),
+    ],
+)
+def test_bad_options_raise_early(options, error, match):
+    with pytest.raises(error, match=match):
+        Ruler(**options)
+
+
+def test_unknown_benchmark_suggests_close_names():
+    with pytest.raises(KeyError, match="Did you mean: ruler"):
+        make_benchmark("rulr", length=1024)
