@@ -524,7 +524,6 @@ def _plain_copy(cache):
 @pytest.mark.parametrize("case", case_params)
 def test_next_token_position_after_compression(case, model_name, setup):
     press, expected, model = setup(case, model_name, ratio=0.5)
-    caps = press.capabilities
     ids = token_ids(SEQ_LEN, seed=10)
     cache, _, _ = prefill(model, ids, press)
     adapter = A.ModelAdapter(model)

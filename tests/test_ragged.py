@@ -8,6 +8,7 @@ that hides, for each (sequence, KV head), the entries the press evicted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch
 from kvsqueeze import adapter as A
 from kvsqueeze import make_press
 from kvsqueeze.pipeline import Pipeline
-from kvsqueeze.presses.base import LayerInputs, Press, RaggedKV
+from kvsqueeze.presses.base import Capabilities, LayerInputs, Press, RaggedKV
 from kvsqueeze.record import record_prefill
 
 from conftest import MODEL_NAMES, hook_counts, token_ids
@@ -96,6 +97,8 @@ class RandomHeadwisePress(Press):
 
     seed: int = 0
 
+    capabilities: ClassVar[Capabilities] = Capabilities(headwise=True, uniform_layers=False)
+
     def keep_mask(self, layer: LayerInputs) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed * 1000 + layer.layer_idx)
         bsz, heads, seq_len = layer.keys.shape[:3]
@@ -105,11 +108,6 @@ class RandomHeadwisePress(Press):
 
     def compress(self, layer: LayerInputs):
         return RaggedKV.from_mask(layer.keys, layer.values, self.keep_mask(layer))
-
-
-RandomHeadwisePress.capabilities = RandomHeadwisePress.capabilities.merge(
-    type(RandomHeadwisePress.capabilities)(headwise=True, uniform_layers=False)
-)
 
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
