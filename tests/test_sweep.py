@@ -218,3 +218,10 @@ def test_bad_input_fails_before_any_model_work(kwargs, error, message, tokenizer
     with pytest.raises(error, match=message):
         sweep(Untouchable(), tokenizer, tmp_path, **args)
     assert not any(tmp_path.iterdir())
+
+
+def test_press_that_cannot_run_fails_before_any_prefill(tiny_model, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSQUEEZE_CACHE", str(tmp_path / "empty-cache"))  # no calibration artifact anywhere
+    with pytest.raises((FileNotFoundError, ValueError), match="qfilters|artifact|calibrat"):
+        sweep(tiny_model("llama"), tokenizer, tmp_path / "out", presses=["knorm", "qfilters"], ratios=[0.5])
+    assert not (tmp_path / "out").exists()

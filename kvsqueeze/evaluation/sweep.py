@@ -461,6 +461,9 @@ def run_sweep(
     _check_int(max_new_tokens, "max_new_tokens", 1, allow_none=True)
     entries = build_entries(presses, ratios, press_options)
     pipe = Pipeline(model, tokenizer, use_chat_template=use_chat_template)
+    for entry in entries:  # a missing calibration artifact fails here, before any prefill
+        if entry.press is not None and not entry.eager:
+            entry.press.validate(pipe.adapter)
     config = resolved_config(model, model_name, benchmark, entries, limit, seed, pipe.template, max_new_tokens)
     directory = results_dir(output_dir, config)
     directory.mkdir(parents=True, exist_ok=True)
