@@ -225,3 +225,18 @@ def test_press_that_cannot_run_fails_before_any_prefill(tiny_model, tokenizer, t
     with pytest.raises((FileNotFoundError, ValueError), match="qfilters|artifact|calibrat"):
         sweep(tiny_model("llama"), tokenizer, tmp_path / "out", presses=["knorm", "qfilters"], ratios=[0.5])
     assert not (tmp_path / "out").exists()
+
+
+def test_eager_model_must_be_eager_and_hold_the_same_weights(tiny_model, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="'sdpa'"):
+        sweep(tiny_model("llama"), tokenizer, tmp_path, eager_model=tiny_model("llama"))
+    with pytest.raises(ValueError, match="same weights"):
+        sweep(tiny_model("llama"), tokenizer, tmp_path, eager_model=tiny_model("qwen3", "eager"))
+
+
+def test_unnamed_benchmark_is_refused(tiny_model, tokenizer, tmp_path):
+    class Unnamed(TinyNeedles):
+        name = ""
+
+    with pytest.raises(ValueError, match="Unnamed has no name"):
+        sweep(tiny_model("llama"), tokenizer, tmp_path, benchmark=Unnamed())

@@ -456,11 +456,21 @@ def run_sweep(
 
     if not isinstance(benchmark, Benchmark):
         raise TypeError(f"benchmark must be a kvsqueeze Benchmark, got {type(benchmark).__name__}")
+    if not benchmark.name:
+        raise ValueError(f"{type(benchmark).__name__} has no name; register it (register_benchmark) or set `name`")
     _check_int(limit, "limit", 1, allow_none=True)
     _check_int(seed, "seed", 0)
     _check_int(max_new_tokens, "max_new_tokens", 1, allow_none=True)
     entries = build_entries(presses, ratios, press_options)
     pipe = Pipeline(model, tokenizer, use_chat_template=use_chat_template)
+    if eager_model is not None:
+        from kvsqueeze.calibration.artifacts import model_identity
+
+        if getattr(eager_model.config, "_attn_implementation", None) != "eager":
+            raise ValueError("eager_model must run attn_implementation='eager' (load_model(..., attn_implementation="
+                             f"'eager')), it runs {eager_model.config._attn_implementation!r}")
+        if model_identity(eager_model)["fingerprint"] != model_identity(model)["fingerprint"]:
+            raise ValueError("eager_model does not hold the same weights as model (their fingerprints differ)")
     for entry in entries:  # a missing calibration artifact fails here, before any prefill
         if entry.press is not None and not entry.eager:
             entry.press.validate(pipe.adapter)
