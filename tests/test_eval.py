@@ -54,7 +54,8 @@ def test_eval_then_report(tiny_load, tmp_path, capsys):
         ("observed_attention", 0.25), ("observed_attention", 0.5),
     ]
     directory = summary["directory"]
-    config = json.loads(open(f"{directory}/config.json").read())
+    with open(f"{directory}/config.json", encoding="utf-8") as f:
+        config = json.load(f)
     assert config["benchmark"]["config"] == {"length": 80, "tasks": ["single"]}
     assert config["model"]["name"] == "smollm2-135m"
     snapkv = next(p for p in config["presses"] if p["name"] == "snapkv")
@@ -97,7 +98,7 @@ def test_bad_eval_input_fails_before_loading_a_model(extra, message, tiny_load, 
             argv[argv.index(flag) + 1] = value
         else:
             argv += [flag, value]
-    code, out, err = run(argv, capsys)
+    code, _, err = run(argv, capsys)
     assert code == 2
     lines = err.strip().splitlines()
     assert lines and lines[-1].startswith("error:") and message in lines[-1], lines
@@ -119,12 +120,12 @@ class Fixed(Benchmark):
 
 
 def test_length_refused_by_a_benchmark_without_that_option(tiny_load, tmp_path, capsys):
-    code, out, err = run(["eval", "--benchmark", "tiny_fixed", "--presses", "knorm", "--length", "512",
+    code, _, err = run(["eval", "--benchmark", "tiny_fixed", "--presses", "knorm", "--length", "512",
                           "--output-dir", str(tmp_path)], capsys)
     assert code == 2 and "no 'length' option" in err and "--length" in err
     assert tiny_load == []
 
 
 def test_report_of_a_missing_directory(tmp_path, capsys):
-    code, out, err = run(["report", str(tmp_path / "nope")], capsys)
+    code, _, err = run(["report", str(tmp_path / "nope")], capsys)
     assert code == 2 and "results directory not found" in err and "nope" in err

@@ -276,8 +276,9 @@ def write_report(result_dirs: Sequence[str | Path], output_dir: str | Path) -> d
                              "average": r["metrics"].get("average"), "cache_bytes": r["cache_bytes"],
                              "full_cache_bytes": r["full_cache_bytes"], "saved_fraction": r["saved_fraction"],
                              "n_samples": r["n_samples"]})
-    sections += ["Scores are 0-100 (the benchmark's metrics). cache MB: mean measured bytes of the key/value tensors "
-                 "after compression; full MB: before; saved %: 1 - after / before.", ""]
+    note = ("Scores are 0-100 (the benchmark's metrics). cache MB: mean measured bytes of the key/value tensors "
+            "after compression; full MB: before; saved %: 1 - after / before.")
+    sections += [note, ""]
     markdown = out / "leaderboard.md"
     markdown.write_text("\n".join(sections), encoding="utf-8")
     written["markdown"].append(markdown)
