@@ -2,7 +2,8 @@
 
 Subcommands: ``ls`` (the press registry with fields and capabilities), ``models`` (embedded models), ``run``
 (compress one context file, answer one question, report measured cache bytes and timings), ``demo`` (a shipped
-document at several ratios) and ``calibrate`` (write a calibration artifact). Bad input prints one
+document at several ratios), ``calibrate`` (write a calibration artifact), ``eval`` (a benchmark sweep over
+presses × ratios, one prefill per sample) and ``report`` (leaderboard and plots from results directories). Bad input prints one
 ``error: ...`` line on stderr and exits with status 2; set ``KVSQUEEZE_DEBUG=1`` to get the traceback instead.
 """
 
@@ -426,6 +427,157 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_names(text: str, flag: str) -> list[str]:
+    """A comma-separated list of names, e.g. ``"knorm,snapkv"``; empty items and duplicates are refused."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not parts or any(not p for p in parts):
+        raise CLIError(f"{flag} must be comma-separated names, e.g. knorm,snapkv; got {text!r}")
+    if len(set(parts)) != len(parts):
+        raise CLIError(f"{flag} has duplicates: {text!r}")
+    return parts
+
+
+def parse_sweep_press_options(items: Sequence[str] | None, presses: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``PRESS.KEY=VALUE`` items (e.g. ``snapkv.window_size=16``) as ``{press: {key: value}}``."""
+    options: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        name, dot, rest = item.partition(".")
+        if not dot or not name.strip():
+            raise CLIError(f"--press-option takes PRESS.KEY=VALUE (e.g. snapkv.window_size=16), got {item!r}")
+        name = name.strip().lower()
+        if name not in presses:
+            raise CLIError(f"--press-option {item!r} names {name!r}, which is not in --presses ({','.join(presses)})")
+        options.setdefault(name, {}).update(parse_press_options([rest]))
+    return options
+
+
+def benchmark_options(cls, args: argparse.Namespace) -> dict[str, Any]:
+    """The generic flags (``--length``, ``--tasks``) as constructor options of benchmark class ``cls``.
+
+    A flag is passed only when given; a benchmark whose constructor has no such option refuses it by name.
+    """
+    import difflib
+    import inspect
+
+    params = inspect.signature(cls).parameters  # the constructor's options, without self
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    options: dict[str, Any] = {}
+    for flag, key, value in (("--length", "length", args.length), ("--tasks", "tasks", args.tasks)):
+        if value is None:
+            continue
+        if key not in params and not accepts_any:
+            known = list(params)
+            raise CLIError(
+                f"benchmark {cls.name!r} has no {key!r} option, so {flag} does not apply "
+                f"(its options: {', '.join(known) or 'none'})"
+            )
+        options[key] = value
+    if args.length is not None:
+        _positive(args.length, "--length")
+    if args.tasks is not None:
+        tasks = parse_names(args.tasks, "--tasks")
+        for task in tasks:
+            if cls.tasks and task not in cls.tasks:
+                close = difflib.get_close_matches(task, cls.tasks, n=3, cutoff=0.5)
+                hint = f" Did you mean: {', '.join(close)}?" if close else ""
+                raise CLIError(f"unknown task {task!r} for benchmark {cls.name!r}.{hint} Known: {', '.join(cls.tasks)}")
+        options["tasks"] = tasks
+    return options
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate presses × ratios on a benchmark (one shared prefill per sample) into a results directory."""
+    from kvsqueeze.evaluation.base import benchmark_class
+    from kvsqueeze.evaluation.sweep import BASELINE, build_entries
+
+    # Everything is checked before the model loads.
+    cls = benchmark_class(args.benchmark)  # unknown name: KeyError with close matches
+    options = benchmark_options(cls, args)
+    presses = parse_names(args.presses, "--presses")
+    ratios = parse_ratios(args.ratios)
+    press_options = parse_sweep_press_options(args.press_option, [p.lower() for p in presses])
+    if args.limit is not None:
+        _positive(args.limit, "--limit")
+    if args.seed < 0:
+        raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    if args.max_new_tokens is not None:
+        _positive(args.max_new_tokens, "--max-new-tokens")
+    entries = build_entries(presses, ratios, press_options)  # unknown press names: KeyError with close matches
+    benchmark = cls(**options)
+
+    from kvsqueeze.evaluation.sweep import run_sweep
+    from kvsqueeze.models import load_model, resolve_name
+
+    name = resolve_name(args.model)
+    model, tokenizer = load_model(name)
+    result = run_sweep(
+        model,
+        tokenizer,
+        benchmark,
+        presses,
+        ratios,
+        limit=args.limit,
+        seed=args.seed,
+        output_dir=args.output_dir,
+        model_name=name,
+        press_options=press_options,
+        naive=args.naive,
+        max_new_tokens=args.max_new_tokens,
+    )
+    summary = {
+        "directory": str(result.directory),
+        "units_run": result.units_run,
+        "units_skipped": result.units_skipped,
+        "prefills": result.prefills,
+        "prefill_seconds": result.prefill_seconds,
+        "compression_seconds": result.compression_seconds,
+        "decode_seconds": result.decode_seconds,
+        "wall_seconds": result.wall_seconds,
+        "results": result.metrics,
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    rows = [
+        (r["press"], f"{r['ratio']:.2f}", f"{r['metrics'].get('average', float('nan')):.1f}",
+         f"{r['cache_bytes'] / _MB:.2f}", f"{100 * r['saved_fraction']:.1f}", str(r["n_samples"]))
+        for r in result.metrics
+    ]
+    print(format_table(["press", "ratio", "average", "cache MB", "saved %", "samples"], rows))
+    eager = sorted({e.name for e in entries if not e.shared and e.name != BASELINE})
+    note = "one prefill per press and ratio (--naive)" if args.naive else "one prefill per sample shared by " + (
+        "every press" if not eager else f"every press but {', '.join(eager)} (own prefill)"
+    )
+    print(
+        f"\n{result.units_run} units run, {result.units_skipped} already done; {result.prefills} prefills ({note}); "
+        f"{result.wall_seconds:.1f} s (prefill {result.prefill_seconds:.1f} s, compression "
+        f"{result.compression_seconds:.1f} s, decoding {result.decode_seconds:.1f} s)"
+    )
+    print(f"results: {result.directory}  (kvsqueeze report {result.directory})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the leaderboard (Markdown + CSV) and plots for finished results directories."""
+    from kvsqueeze.evaluation.report import write_report
+
+    dirs = [Path(d) for d in args.results]
+    for d in dirs:
+        if not d.is_dir():
+            raise CLIError(f"results directory not found: {d}")
+    output = Path(args.output) if args.output else dirs[0].parent / "report"
+    written = write_report(dirs, output)
+    if args.json:
+        print(json.dumps({k: [str(p) for p in v] for k, v in written.items()}))
+        return 0
+    markdown = written["markdown"][0]
+    text = markdown.read_text(encoding="utf-8")
+    print("\n".join(line for line in text.splitlines() if not line.startswith("![")).strip())
+    n_plots = len(written["plots"]) + len(written["heatmaps"])
+    print(f"\nwrote {markdown}, {written['csv'][0]} and {n_plots} plots in {output}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Parser and entry point
 # ----------------------------------------------------------------------------------------------------------------
@@ -475,6 +627,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     p.add_argument("--n-samples", type=int, default=3000, help="qfilters: queries sampled per head (default 3000)")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("eval", help="evaluate presses x ratios on a benchmark (one shared prefill per sample)")
+    p.add_argument("--benchmark", required=True, help="registered benchmark name (e.g. ruler, niah)")
+    p.add_argument("--presses", required=True, help="comma-separated press names (kvsqueeze ls)")
+    p.add_argument("--ratios", default="0.25,0.5,0.75", help="comma-separated ratios in [0, 1) (default 0.25,0.5,0.75)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many samples per task (default: all)")
+    p.add_argument("--length", type=int, default=None, help="context length option of the benchmark (e.g. 4096)")
+    p.add_argument("--tasks", default=None, help="comma-separated tasks of the benchmark (default: all)")
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--output-dir", default="results", help="parent of the results directory (default results)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of the benchmark rows (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="override every sample's answer length")
+    p.add_argument(
+        "--press-option", action="append", metavar="PRESS.KEY=VALUE", help="a press field, e.g. snapkv.window_size=16"
+    )
+    p.add_argument("--naive", action="store_true", help="one prefill per press and ratio (slow; same predictions)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="leaderboard (Markdown + CSV) and plots from results directories")
+    p.add_argument("results", nargs="+", metavar="RESULTS_DIR", help="results directories written by 'eval'")
+    p.add_argument("--output", default=None, help="output folder (default: report/ next to the first results dir)")
+    p.add_argument("--json", action="store_true", help="print the written paths as one JSON object")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,7 +1,9 @@
 """Evaluation: benchmarks (RULER, needle-in-a-haystack, hub loaders), shared-prefill sweeps and reports.
 
 Every benchmark follows one contract (:mod:`kvsqueeze.evaluation.base`): it yields :class:`Sample` rows and
-scores :class:`Prediction` rows into named metrics. Benchmarks register themselves by name.
+scores :class:`Prediction` rows into named metrics. Benchmarks register themselves by name. :func:`run_sweep`
+evaluates every press × ratio from one prefill per sample into a results directory; :func:`write_report` turns
+results directories into a leaderboard and plots.
 """
 
 from kvsqueeze.evaluation.base import (
@@ -13,6 +15,8 @@ from kvsqueeze.evaluation.base import (
     make_benchmark,
     register_benchmark,
 )
+from kvsqueeze.evaluation.report import write_report
+from kvsqueeze.evaluation.sweep import SweepResult, run_sweep
 
 __all__ = [
     "Benchmark",
@@ -22,4 +26,7 @@ __all__ = [
     "list_benchmarks",
     "make_benchmark",
     "register_benchmark",
+    "run_sweep",
+    "SweepResult",
+    "write_report",
 ]

@@ -1,0 +1,294 @@
+"""Reports over sweep results: a leaderboard (Markdown + CSV), score-vs-ratio plots and NIAH heatmaps (PNG).
+
+:func:`write_report` reads results directories written by :func:`kvsqueeze.evaluation.sweep.run_sweep`. Directories
+that differ only in their press lists (same model, benchmark, limit, seed, generation) are merged into one
+leaderboard section and one plot. Plots are drawn with matplotlib's Agg backend through ``Figure`` objects (no
+pyplot, no global backend switch), so reports work headless and from threads.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvsqueeze.evaluation.sweep import BASELINE, config_hash, read_predictions
+
+_MB = 1e6
+
+
+@dataclass
+class _Group:
+    """Results sharing model, benchmark, limit, seed and generation settings (one section, one plot)."""
+
+    title: str
+    slug: str
+    benchmark: Mapping[str, Any]
+    directories: list[Path] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # metrics.json rows, one per press × ratio
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def tasks(self) -> list[str]:
+        names: list[str] = []
+        for row in self.rows:
+            names += [k for k in row["metrics"] if k != "average" and k not in names]
+        return names
+
+
+def _load(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"results directory not found: {directory}")
+    config_path, metrics_path = directory / "config.json", directory / "metrics.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} holds no config.json; is it a results directory written by a sweep?")
+    if not metrics_path.is_file():
+        raise FileNotFoundError(
+            f"{directory} holds no metrics.json: the sweep did not finish; rerun the same command to resume it"
+        )
+    return json.loads(config_path.read_text(encoding="utf-8")), json.loads(metrics_path.read_text(encoding="utf-8"))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "results"
+
+
+def _groups(result_dirs: Sequence[str | Path]) -> list[_Group]:
+    groups: dict[str, _Group] = {}
+    seen: set[Path] = set()
+    for item in result_dirs:
+        directory = Path(item)
+        if directory.resolve() in seen:
+            continue
+        seen.add(directory.resolve())
+        config, metrics = _load(directory)
+        shared = {k: v for k, v in config.items() if k not in ("presses", "hash", "environment")}
+        key = config_hash(shared)
+        if key not in groups:
+            bench = config["benchmark"]
+            options = ", ".join(f"{k}={v}" for k, v in bench.get("config", {}).items())
+            title = f"{bench['name']}" + (f" ({options})" if options else "") + f" - {config['model']['name']}"
+            title += f", limit {config['limit']}, seed {config['seed']}"
+            groups[key] = _Group(title, _slug(f"{bench['name']}-{Path(config['model']['name']).name}-{key}"), bench)
+        group = groups[key]
+        group.directories.append(directory)
+        have = {(r["press"], r["ratio"]) for r in group.rows}
+        new = [r for r in metrics["results"] if (r["press"], r["ratio"]) not in have]  # first directory wins
+        group.rows += new
+        wanted = {(r["press"], r["ratio"]) for r in new}
+        group.predictions += [
+            p for p in read_predictions(directory / "predictions.jsonl") if (p["press"], p["ratio"]) in wanted
+        ]
+    return list(groups.values())
+
+
+def _sorted_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(rows, key=lambda r: (r["press"] != BASELINE, r["press"], r["ratio"]))
+
+
+def _table_rows(group: _Group) -> tuple[list[str], list[list[str]]]:
+    tasks = group.tasks
+    headers = ["press", "ratio", *tasks, "average", "cache MB", "full MB", "saved %", "samples"]
+    body = []
+    for r in _sorted_rows(group.rows):
+        scores = r["metrics"]
+        body.append(
+            [r["press"], f"{r['ratio']:.2f}", *(f"{scores[t]:.1f}" if t in scores else "" for t in tasks),
+             f"{scores.get('average', float('nan')):.1f}", f"{r['cache_bytes'] / _MB:.2f}",
+             f"{r['full_cache_bytes'] / _MB:.2f}", f"{100 * r['saved_fraction']:.1f}", str(r["n_samples"])]
+        )
+    return headers, body
+
+
+def _markdown_table(headers: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_score_vs_ratio(rows: Sequence[Mapping[str, Any]], title: str, path: Path, metric: str = "average") -> Path:
+    """Score against compression ratio, one line per press, the baseline as a dashed horizontal line."""
+    fig = _figure(7, 4.5)
+    ax = fig.add_subplot()
+    presses: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if metric in r["metrics"]:
+            presses.setdefault(r["press"], []).append((r["ratio"], r["metrics"][metric]))
+    baseline = presses.pop(BASELINE, None)
+    if baseline:
+        ax.axhline(baseline[0][1], color="black", linestyle="--", linewidth=1, label="baseline (no compression)")
+    for name, points in sorted(presses.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.set_xlabel("compression ratio (fraction of KV entries removed)")
+    ax.set_ylabel(f"score ({metric})")
+    ax.set_title(title, fontsize=9)
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def heatmap(
+    grid: Sequence[Sequence[float | None]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str,
+    path: Path,
+    xlabel: str = "context length (tokens)",
+    ylabel: str = "needle depth",
+) -> Path:
+    """A 0-100 score heatmap (rows × columns) with each cell's value written in it; empty cells are None."""
+    import numpy as np
+
+    data = np.array([[np.nan if v is None else v for v in row] for row in grid], dtype=float)
+    fig = _figure(max(6.0, 1.5 + 0.9 * len(col_labels)), max(3.5, 1.5 + 0.5 * len(row_labels)))
+    ax = fig.add_subplot()
+    image = ax.imshow(data, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(col_labels)), labels=list(col_labels))
+    ax.set_yticks(range(len(row_labels)), labels=list(row_labels))
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            if not np.isnan(data[i, j]):
+                ax.text(j, i, f"{data[i, j]:.0f}", ha="center", va="center", fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="score")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def _scorer(benchmark: Mapping[str, Any]):
+    """The benchmark's own ``score`` when it can be rebuilt from its config, else a substring match (0-100)."""
+    from kvsqueeze.evaluation.base import make_benchmark
+    from kvsqueeze.evaluation.sweep import to_prediction
+
+    try:
+        bench = make_benchmark(benchmark["name"], **benchmark.get("config", {}))
+    except (KeyError, TypeError, ValueError):
+        bench = None
+
+    def score(rows: Sequence[Mapping[str, Any]]) -> float:
+        if bench is not None:
+            return float(bench.score([to_prediction(r) for r in rows])["average"])
+        hits = [any(a in r["prediction"] for a in r["answers"]) for r in rows]
+        return 100.0 * sum(hits) / len(hits)
+
+    return score
+
+
+def _niah_heatmaps(group: _Group, output_dir: Path) -> list[Path]:
+    """One length × depth heatmap per press × ratio when the predictions carry ``length`` and ``depth``."""
+    rows = [p for p in group.predictions if {"length", "depth"} <= set(p.get("metadata") or {})]
+    if not rows:
+        return []
+    score = _scorer(group.benchmark)
+    lengths = sorted({p["metadata"]["length"] for p in rows})
+    depths = sorted({p["metadata"]["depth"] for p in rows})
+    cells: dict[tuple[str, float], dict[tuple[Any, Any], list]] = {}
+    for p in rows:
+        cell = (p["metadata"]["depth"], p["metadata"]["length"])
+        cells.setdefault((p["press"], p["ratio"]), {}).setdefault(cell, []).append(p)
+    paths = []
+    for (press, ratio), by_cell in sorted(cells.items(), key=lambda kv: (kv[0][0] != BASELINE, kv[0])):
+        grid = [[score(by_cell[(d, n)]) if (d, n) in by_cell else None for n in lengths] for d in depths]
+        path = output_dir / f"niah-{group.slug}-{_slug(press)}-{ratio:.2f}.png"
+        heatmap(grid, [f"{d:g}" for d in depths], [str(n) for n in lengths],
+                f"{press} at ratio {ratio:g}\n{textwrap.shorten(group.title, 90)}", path)
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_report(result_dirs: Sequence[str | Path], output_dir: str | Path) -> dict[str, list[Path]]:
+    """Write ``leaderboard.md``, ``leaderboard.csv`` and the plots for ``result_dirs`` into ``output_dir``.
+
+    Parameters
+    ----------
+    result_dirs : list of path
+        Results directories of finished sweeps (each with ``config.json`` and ``metrics.json``).
+    output_dir : path
+        Created if missing.
+
+    Returns
+    -------
+    dict
+        ``{"markdown": [...], "csv": [...], "plots": [...], "heatmaps": [...]}``, the written paths.
+
+    Notes
+    -----
+    Rows are press × ratio (baseline first), columns the per-task scores, their average, the mean measured cache
+    bytes after and before compression and the fraction saved. NIAH heatmaps are drawn when the predictions carry
+    ``length`` and ``depth`` metadata; cells are scored with the benchmark's own ``score`` when the benchmark can
+    be rebuilt from its recorded config, else by a case-sensitive substring match of any reference answer.
+    """
+    if isinstance(result_dirs, (str, Path)) or not isinstance(result_dirs, Sequence) or not result_dirs:
+        raise ValueError(f"result_dirs must be a non-empty list of results directories, got {result_dirs!r}")
+    groups = _groups(result_dirs)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, list[Path]] = {"markdown": [], "csv": [], "plots": [], "heatmaps": []}
+
+    sections = ["# kvsqueeze leaderboard", ""]
+    csv_rows: list[dict[str, Any]] = []
+    all_tasks: list[str] = []
+    for group in groups:
+        headers, body = _table_rows(group)
+        plot = plot_score_vs_ratio(group.rows, group.title, out / f"score_vs_ratio-{group.slug}.png")
+        written["plots"].append(plot)
+        heatmaps = _niah_heatmaps(group, out)
+        written["heatmaps"] += heatmaps
+        sources = ", ".join(f"`{d}`" for d in group.directories)
+        sections += [f"## {group.title}", "", f"Results: {sources}", "", _markdown_table(headers, body), "",
+                     f"![score vs compression ratio]({plot.name})", ""]
+        sections += [f"![{h.stem}]({h.name})" for h in heatmaps] + ([""] if heatmaps else [])
+        all_tasks += [t for t in group.tasks if t not in all_tasks]
+        for r in _sorted_rows(group.rows):
+            csv_rows.append({"benchmark": group.benchmark["name"], "section": group.title, "press": r["press"],
+                             "ratio": r["ratio"], **{t: r["metrics"].get(t) for t in group.tasks},
+                             "average": r["metrics"].get("average"), "cache_bytes": r["cache_bytes"],
+                             "full_cache_bytes": r["full_cache_bytes"], "saved_fraction": r["saved_fraction"],
+                             "n_samples": r["n_samples"]})
+    note = ("Scores are 0-100 (the benchmark's metrics). cache MB: mean measured bytes of the key/value tensors "
+            "after compression; full MB: before; saved %: 1 - after / before.")
+    sections += [note, ""]
+    markdown = out / "leaderboard.md"
+    markdown.write_text("\n".join(sections), encoding="utf-8")
+    written["markdown"].append(markdown)
+
+    table = out / "leaderboard.csv"
+    columns = ["benchmark", "section", "press", "ratio", *all_tasks, "average", "cache_bytes", "full_cache_bytes",
+               "saved_fraction", "n_samples"]
+    with table.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(csv_rows)
+    written["csv"].append(table)
+    return written

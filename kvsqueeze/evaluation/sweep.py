@@ -1,0 +1,591 @@
+"""Evaluation sweeps: every press × ratio on a benchmark, with ONE prefill per sample shared by all of them.
+
+For each sample the context is prefilled once with its layer inputs recorded (:meth:`Pipeline.record`); the
+uncompressed baseline and every press × ratio are then compressed from that recording
+(:meth:`Pipeline.from_recorded`) and each question is decoded greedily against each compressed cache. Presses
+whose capabilities say ``extra_passes`` or ``needs_attention_weights`` cannot share the recording: they get their
+own prefill (:meth:`Pipeline.compress`), on the eager model when they need attention weights.
+
+Results go to ``<output_dir>/<benchmark>-<model>-<hash>/``, keyed by a hash of the resolved configuration:
+``predictions.jsonl`` (one line per question, appended and flushed per finished (sample, press, ratio) unit),
+``metrics.json`` and ``config.json``. A rerun with the same configuration skips finished units, so an interrupted
+sweep resumes where it stopped; a changed configuration goes to a different directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import math
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvsqueeze.evaluation.base import Benchmark, Prediction, Sample
+
+#: The name of the uncompressed baseline in predictions and metrics (ratio 0).
+BASELINE = "none"
+#: Version of the layout of the results directory; part of the key.
+RESULTS_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class SweepEntry:
+    """One configuration of a sweep: a press (None for the baseline) at a compression ratio.
+
+    ``shared`` says whether it compresses from the sample's shared recorded prefill; ``eager`` whether it needs
+    the eager model (attention weights).
+    """
+
+    name: str
+    ratio: float
+    press: Any
+    shared: bool
+    eager: bool
+
+    @property
+    def key(self) -> tuple[str, float]:
+        return (self.name, self.ratio)
+
+
+@dataclass
+class SweepResult:
+    """What :func:`run_sweep` did.
+
+    Attributes
+    ----------
+    directory : Path
+        The results directory (``predictions.jsonl``, ``metrics.json``, ``config.json``).
+    metrics : list of dict
+        One row per press × ratio (baseline first), as written to ``metrics.json``.
+    units_run, units_skipped : int
+        (sample, press, ratio) units computed by this call, and those already finished in ``directory``.
+    prefills : int
+        Context prefills run by this call (recorded or with a press).
+    prefill_seconds, compression_seconds, decode_seconds, wall_seconds : float
+        Time spent by this call in prefills (compression excluded), in compression, in decoding the answers, and
+        in total.
+    """
+
+    directory: Path
+    metrics: list[dict[str, Any]]
+    units_run: int = 0
+    units_skipped: int = 0
+    prefills: int = 0
+    prefill_seconds: float = 0.0
+    compression_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration: presses, the key, the directory
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_ratios(ratios: Sequence[float]) -> list[float]:
+    """``ratios`` as floats in ``[0, 1)`` without duplicates; a bad value raises naming it."""
+    if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence):
+        raise TypeError(f"ratios must be a list of numbers in [0, 1), got {ratios!r}")
+    out = []
+    for r in ratios:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
+            raise TypeError(f"compression ratios must be numbers in [0, 1), got {r!r}")
+        if not 0.0 <= r < 1.0:
+            raise ValueError(f"compression ratios must be in [0, 1) (fraction of KV entries removed), got {r!r}")
+        out.append(float(r))
+    if len(set(out)) != len(out):
+        raise ValueError(f"duplicate compression ratios in {list(ratios)!r}")
+    return out
+
+
+def build_entries(
+    presses: Sequence[str], ratios: Sequence[float], press_options: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[SweepEntry]:
+    """The baseline plus every press × ratio, built (and so validated) before any model work.
+
+    Ratio 0 is the baseline itself (a press at ratio 0 keeps every entry), so it is not repeated per press.
+    ``press_options`` maps a press name to extra constructor keyword arguments (e.g. ``{"snapkv": {"window_size":
+    16}}``); ``compression_ratio`` is set by the sweep.
+    """
+    from kvsqueeze.presses import make_press, press_class
+
+    if isinstance(presses, str) or not isinstance(presses, Sequence):
+        raise TypeError(f"presses must be a list of press names, got {presses!r}")
+    ratios = check_ratios(ratios)
+    options = dict(press_options or {})
+    names: list[str] = []
+    for name in presses:
+        if not isinstance(name, str) or not name.strip():
+            raise TypeError(f"press names must be non-empty strings, got {name!r}")
+        name = name.strip().lower()
+        if name == BASELINE:
+            continue  # the baseline is always part of the sweep
+        press_class(name)  # unknown name: KeyError with close matches
+        if name in names:
+            raise ValueError(f"press {name!r} is listed twice in {list(presses)!r}")
+        names.append(name)
+    for name, kwargs in options.items():
+        if name not in names:
+            raise ValueError(f"press_options given for {name!r}, which is not among the presses {names}")
+        if "compression_ratio" in kwargs:
+            raise ValueError(f"press_options[{name!r}] sets compression_ratio; the sweep sets it from ratios")
+    entries = [SweepEntry(BASELINE, 0.0, None, shared=True, eager=False)]
+    for name in names:
+        for ratio in ratios:
+            if ratio == 0.0:
+                continue
+            press = make_press(name, compression_ratio=ratio, **dict(options.get(name, {})))
+            caps = press.capabilities
+            entries.append(
+                SweepEntry(
+                    name,
+                    ratio,
+                    press,
+                    shared=not (caps.extra_passes or caps.needs_attention_weights),
+                    eager=caps.needs_attention_weights,
+                )
+            )
+    return entries
+
+
+def model_key(model: nn.Module, model_name: str | None) -> dict[str, Any]:
+    """How the model enters the results key: name, weight fingerprint, dtype and attention implementation."""
+    from kvsqueeze.calibration.artifacts import model_identity
+
+    identity = model_identity(model)
+    dtype = next(model.parameters()).dtype
+    return {
+        "name": model_name or identity["name_or_path"],
+        "model_type": identity["model_type"],
+        "fingerprint": identity["fingerprint"],
+        "dtype": str(dtype).removeprefix("torch."),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None) or "eager",
+    }
+
+
+def resolved_config(
+    model: nn.Module,
+    model_name: str | None,
+    benchmark: Benchmark,
+    entries: Sequence[SweepEntry],
+    limit: int | None,
+    seed: int,
+    template: Any,
+    max_new_tokens: int | None,
+) -> dict[str, Any]:
+    """The configuration that defines the predictions of a sweep (and so its results directory)."""
+    from kvsqueeze.cli import press_config
+
+    return {
+        "schema": RESULTS_SCHEMA,
+        "model": model_key(model, model_name),
+        "benchmark": {"name": benchmark.name, "config": benchmark.config()},
+        "limit": limit,
+        "seed": seed,
+        "presses": [
+            {"name": e.name, "ratio": e.ratio, "press": press_config(e.press)} for e in entries
+        ],
+        "generation": {
+            "do_sample": False,
+            "max_new_tokens": max_new_tokens if max_new_tokens is not None else "per sample",
+            "prompt_template": {
+                "prefix": template.prefix,
+                "sep": template.sep,
+                "suffix": template.suffix,
+                "add_special_tokens": template.add_special_tokens,
+            },
+        },
+    }
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """12 hex digits of the sha256 of the canonical JSON of ``config`` (sorted keys, no whitespace)."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:48] or "model"
+
+
+def results_dir(output_dir: str | Path, config: Mapping[str, Any]) -> Path:
+    """``<output_dir>/<benchmark>-<model>-<hash of config>``."""
+    name = f"{config['benchmark']['name']}-{_safe(Path(str(config['model']['name'])).name)}-{config_hash(config)}"
+    return Path(output_dir) / name
+
+
+def git_commit() -> str | None:
+    """``git rev-parse HEAD`` of the checkout kvsqueeze is imported from; None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+def environment() -> dict[str, Any]:
+    """Versions, git commit, python version and the date, recorded next to the results (not part of the key)."""
+    import transformers
+
+    import kvsqueeze
+
+    return {
+        "kvsqueeze": kvsqueeze.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# predictions.jsonl: appended per unit, read back on resume
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _unit(row: Mapping[str, Any]) -> tuple[str, str, float]:
+    return (row["sample_id"], row["press"], float(row["ratio"]))
+
+
+def read_predictions(path: str | Path) -> list[dict[str, Any]]:
+    """Every row of a ``predictions.jsonl`` (a truncated last line, from an interrupted write, is ignored)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # an interrupted write; dropped by _clean_predictions before anything is appended
+            rows.append(json.loads(line))
+    return rows
+
+
+def _clean_predictions(path: Path, n_questions: Mapping[str, int]) -> dict[tuple[str, str, float], list[dict]]:
+    """Finished units of ``path`` (every question present); the file is rewritten when it holds anything else."""
+    rows = read_predictions(path)
+    units: dict[tuple[str, str, float], list[dict]] = {}
+    for row in rows:
+        units.setdefault(_unit(row), []).append(row)
+    finished = {
+        key: unit
+        for key, unit in units.items()
+        if key[0] in n_questions and sorted(r["question_index"] for r in unit) == list(range(n_questions[key[0]]))
+    }
+    kept = sum(len(u) for u in finished.values())
+    raw = path.read_bytes() if path.exists() else b""
+    if kept != len(rows) or (raw and not raw.endswith(b"\n")):
+        # Drop partial units and a truncated line, so that appending starts on a clean line.
+        tmp = path.with_suffix(".jsonl.tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for unit in finished.values():
+                for row in unit:
+                    f.write(json.dumps(row) + "\n")
+        tmp.replace(path)
+    return finished
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def to_prediction(row: Mapping[str, Any]) -> Prediction:
+    """A :class:`Prediction` from a ``predictions.jsonl`` row."""
+    return Prediction(
+        row["sample_id"], row["task"], row["question_index"], row["prediction"], tuple(row["answers"]),
+        dict(row.get("metadata") or {}),
+    )
+
+
+def compute_metrics(benchmark: Benchmark, rows: Sequence[Mapping[str, Any]], entries: Sequence[SweepEntry]):
+    """Per press × ratio: the benchmark's metrics, mean measured cache bytes and the fraction saved, timings."""
+    from kvsqueeze.cli import press_config
+
+    grouped: dict[tuple[str, float], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        grouped.setdefault((row["press"], float(row["ratio"])), []).append(row)
+    out = []
+    for entry in entries:
+        group = grouped.get(entry.key, [])
+        if not group:
+            continue
+        units = {r["sample_id"]: r for r in group}.values()  # cache bytes and timings are per unit
+        n = len(units)
+        cache = sum(r["cache_bytes"] for r in units) / n
+        full = sum(r["full_cache_bytes"] for r in units) / n
+        out.append(
+            {
+                "press": entry.name,
+                "ratio": entry.ratio,
+                "press_config": press_config(entry.press),
+                "metrics": benchmark.score([to_prediction(r) for r in group]),
+                "n_samples": n,
+                "n_predictions": len(group),
+                "cache_bytes": cache,
+                "full_cache_bytes": full,
+                "saved_fraction": 1.0 - cache / full if full else 0.0,
+                "prefill_seconds": sum(r["prefill_seconds"] for r in units) / n,
+                "compression_seconds": sum(r["compression_seconds"] for r in units) / n,
+                "shared_prefill": all(r["shared_prefill"] for r in units),
+            }
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sweep
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` switched to eager attention for the duration of the block (same weights, no copy), restored after.
+
+    Attention weights are only materialised by the eager implementation; switching in place avoids holding a
+    second copy of the weights. The previous implementation is restored in ``finally``.
+    """
+    previous = getattr(model.config, "_attn_implementation", None) or "eager"
+    if previous == "eager":
+        yield model
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def _check_int(value: Any, name: str, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        none = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be an int >= {minimum}{none}, got {value!r}")
+
+
+def run_sweep(
+    model: nn.Module,
+    tokenizer,
+    benchmark: Benchmark,
+    presses: Sequence[str],
+    ratios: Sequence[float],
+    limit: int | None = None,
+    seed: int = 0,
+    output_dir: str | Path = "results",
+    model_name: str | None = None,
+    press_options: Mapping[str, Mapping[str, Any]] | None = None,
+    progress: bool = True,
+    resume: bool = True,
+    naive: bool = False,
+    eager_model: nn.Module | None = None,
+    use_chat_template: bool | None = None,
+    max_new_tokens: int | None = None,
+) -> SweepResult:
+    """Evaluate the baseline and every press × ratio on ``benchmark``, sharing one prefill per sample.
+
+    Parameters
+    ----------
+    model, tokenizer
+        The evaluated causal LM (any attention implementation) and its tokenizer.
+    benchmark : Benchmark
+        Rows and scoring (:mod:`kvsqueeze.evaluation.base`).
+    presses : list of str
+        Registered press names; the uncompressed baseline (``"none"``, ratio 0) is always evaluated.
+    ratios : list of float
+        Compression ratios in ``[0, 1)``; ratio 0 is the baseline.
+    limit : int or None
+        At most this many samples per task (``Benchmark.samples``).
+    seed : int
+        Passed to ``Benchmark.samples``.
+    output_dir : str or Path
+        Parent of the results directory ``<benchmark>-<model>-<hash>``.
+    model_name : str or None
+        The name recorded for the model (default: ``model.name_or_path``).
+    press_options : dict or None
+        ``{press name: {field: value}}`` extra constructor arguments.
+    progress : bool
+        tqdm bars over samples and configurations (on stderr).
+    resume : bool
+        Skip (sample, press, ratio) units already in ``predictions.jsonl``; False starts the file afresh.
+    naive : bool
+        One prefill per press × ratio (:meth:`Pipeline.compress`) instead of one shared recording per sample.
+        Same predictions; used to check the equivalence and to measure the speed-up.
+    eager_model : nn.Module or None
+        The eager-attention model for presses that need attention weights. None: ``model`` itself, switched to
+        eager attention while those presses run (:func:`eager_attention`; same weights, no second copy).
+    use_chat_template : bool or None
+        As in :class:`~kvsqueeze.pipeline.Pipeline`.
+    max_new_tokens : int or None
+        Override every sample's ``max_new_tokens`` (part of the results key); None keeps the samples' values.
+
+    Returns
+    -------
+    SweepResult
+    """
+    from tqdm.auto import tqdm
+
+    from kvsqueeze.pipeline import Pipeline
+
+    if not isinstance(benchmark, Benchmark):
+        raise TypeError(f"benchmark must be a kvsqueeze Benchmark, got {type(benchmark).__name__}")
+    if not benchmark.name:
+        raise ValueError(f"{type(benchmark).__name__} has no name; register it (register_benchmark) or set `name`")
+    _check_int(limit, "limit", 1, allow_none=True)
+    _check_int(seed, "seed", 0)
+    _check_int(max_new_tokens, "max_new_tokens", 1, allow_none=True)
+    entries = build_entries(presses, ratios, press_options)
+    pipe = Pipeline(model, tokenizer, use_chat_template=use_chat_template)
+    if eager_model is not None:
+        from kvsqueeze.calibration.artifacts import model_identity
+
+        if getattr(eager_model.config, "_attn_implementation", None) != "eager":
+            raise ValueError("eager_model must run attn_implementation='eager' (load_model(..., attn_implementation="
+                             f"'eager')), it runs {eager_model.config._attn_implementation!r}")
+        if model_identity(eager_model)["fingerprint"] != model_identity(model)["fingerprint"]:
+            raise ValueError("eager_model does not hold the same weights as model (their fingerprints differ)")
+    for entry in entries:  # a missing calibration artifact fails here, before any prefill
+        if entry.press is not None and not entry.eager:
+            entry.press.validate(pipe.adapter)
+    config = resolved_config(model, model_name, benchmark, entries, limit, seed, pipe.template, max_new_tokens)
+    directory = results_dir(output_dir, config)
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / "config.json").exists():
+        _write_json(directory / "config.json", {**config, "hash": config_hash(config), "environment": environment()})
+
+    start = time.perf_counter()
+    samples: list[Sample] = list(benchmark.samples(tokenizer, limit=limit, seed=seed))
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{benchmark.name}: sample ids are not unique ({len(ids) - len(set(ids))} repeated)")
+    path = directory / "predictions.jsonl"
+    if not resume and path.exists():
+        path.unlink()
+    finished = _clean_predictions(path, {s.id: len(s.questions) for s in samples})
+    result = SweepResult(directory, [])
+    result.units_skipped = sum(1 for s in samples for e in entries if (s.id, *e.key) in finished)
+
+    eager_pipe_model = eager_model
+    bar = tqdm(samples, desc=f"{benchmark.name} samples", unit="sample", disable=not progress, file=sys.stderr)
+    with path.open("a", encoding="utf-8") as out:
+        for sample in bar:
+            todo = [e for e in entries if (sample.id, *e.key) not in finished]
+            if not todo:
+                continue
+            shared = [e for e in todo if e.shared and not naive]
+            solo = [e for e in todo if not (e.shared and not naive)]
+            steps = tqdm(
+                total=len(todo), desc="configs", unit="config", leave=False, disable=not progress, file=sys.stderr
+            )
+            recorded = None
+            if shared:
+                recorded = pipe.record(sample.context)
+                result.prefills += 1
+                result.prefill_seconds += recorded.prefill_seconds
+                for entry in shared:
+                    steps.set_postfix_str(f"{entry.name} {entry.ratio:g} (shared prefill)")
+                    ctx = pipe.from_recorded(recorded, entry.press)
+                    _finish_unit(out, result, sample, entry, ctx, recorded.prefill_seconds, True, max_new_tokens)
+                    steps.update()
+                recorded = None  # free the recorded layer inputs before any further prefill
+            for eager in (False, True):
+                group = [e for e in solo if e.eager == eager]
+                if not group:
+                    continue
+                with contextlib.ExitStack() as stack:
+                    if not eager:
+                        solo_pipe = pipe
+                    elif eager_pipe_model is not None:
+                        solo_pipe = Pipeline(eager_pipe_model, tokenizer, use_chat_template=use_chat_template)
+                    else:
+                        solo_pipe = Pipeline(
+                            stack.enter_context(eager_attention(model)), tokenizer, use_chat_template=use_chat_template
+                        )
+                    for entry in group:
+                        steps.set_postfix_str(f"{entry.name} {entry.ratio:g} (own prefill)")
+                        ctx = solo_pipe.compress(sample.context, press=entry.press)
+                        prefill = ctx.prefill_seconds - ctx.compression_seconds
+                        result.prefills += 1
+                        result.prefill_seconds += prefill
+                        _finish_unit(out, result, sample, entry, ctx, prefill, False, max_new_tokens)
+                        steps.update()
+            steps.close()
+    bar.close()
+
+    rows = read_predictions(path)
+    result.metrics = compute_metrics(benchmark, rows, entries)
+    _write_json(
+        directory / "metrics.json",
+        {"benchmark": benchmark.name, "model": config["model"]["name"], "hash": config_hash(config),
+         "n_samples": len(samples), "results": result.metrics},
+    )
+    result.wall_seconds = time.perf_counter() - start
+    return result
+
+
+def _finish_unit(
+    out, result: SweepResult, sample: Sample, entry: SweepEntry, ctx, prefill_seconds: float, shared: bool,
+    max_new_tokens: int | None,
+) -> None:
+    """Decode every question of ``sample`` against ``ctx`` and append the unit's rows (then flush)."""
+    compression = ctx.compression_seconds
+    result.compression_seconds += compression
+    lines = []
+    for index, question in enumerate(sample.questions):
+        start = time.perf_counter()
+        answer = ctx.answer(
+            question,
+            max_new_tokens=max_new_tokens if max_new_tokens is not None else sample.max_new_tokens,
+            answer_prefix=sample.answer_prefix,
+        )
+        seconds = time.perf_counter() - start
+        result.decode_seconds += seconds
+        prediction = Prediction.of(sample, index, answer)
+        row = {
+            "sample_id": sample.id,
+            "task": sample.task,
+            "question_index": index,
+            "press": entry.name,
+            "ratio": entry.ratio,
+            "prediction": prediction.prediction,
+            "answers": list(prediction.answers),
+            "metadata": dict(prediction.metadata),
+            "context_tokens": ctx.n_tokens,
+            "cache_bytes": ctx.cache_bytes,
+            "full_cache_bytes": ctx.full_cache_bytes,
+            "prefill_seconds": prefill_seconds,
+            "compression_seconds": compression,
+            "decode_seconds": seconds,
+            "shared_prefill": shared,
+        }
+        lines.append(json.dumps(row, default=str) + "\n")
+    out.write("".join(lines))  # one write per unit: an interruption loses at most the unit in progress
+    out.flush()
+    result.units_run += 1
