@@ -150,74 +150,20 @@ def plot_score_vs_ratio(rows: Sequence[Mapping[str, Any]], title: str, path: Pat
     return path
 
 
-def heatmap(
-    grid: Sequence[Sequence[float | None]],
-    row_labels: Sequence[str],
-    col_labels: Sequence[str],
-    title: str,
-    path: Path,
-    xlabel: str = "context length (tokens)",
-    ylabel: str = "needle depth",
-) -> Path:
-    """A 0-100 score heatmap (rows × columns) with each cell's value written in it; empty cells are None."""
-    import numpy as np
-
-    data = np.array([[np.nan if v is None else v for v in row] for row in grid], dtype=float)
-    fig = _figure(max(6.0, 1.5 + 0.9 * len(col_labels)), max(3.5, 1.5 + 0.5 * len(row_labels)))
-    ax = fig.add_subplot()
-    image = ax.imshow(data, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
-    ax.set_xticks(range(len(col_labels)), labels=list(col_labels))
-    ax.set_yticks(range(len(row_labels)), labels=list(row_labels))
-    for i in range(data.shape[0]):
-        for j in range(data.shape[1]):
-            if not np.isnan(data[i, j]):
-                ax.text(j, i, f"{data[i, j]:.0f}", ha="center", va="center", fontsize=8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label="score")
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
-
-
-def _scorer(benchmark: Mapping[str, Any]):
-    """The benchmark's own ``score`` when it can be rebuilt from its config, else a substring match (0-100)."""
-    from kvsqueeze.evaluation.base import make_benchmark
+def _niah_heatmaps(group: _Group, output_dir: Path) -> list[Path]:
+    """One length × depth heatmap per press × ratio when the predictions carry ``length`` and ``depth``
+    (drawn by :func:`kvsqueeze.evaluation.niah.niah_heatmap`, scored per cell as the NIAH benchmark scores)."""
+    from kvsqueeze.evaluation.niah import niah_heatmap
     from kvsqueeze.evaluation.sweep import to_prediction
 
-    try:
-        bench = make_benchmark(benchmark["name"], **benchmark.get("config", {}))
-    except (KeyError, TypeError, ValueError):
-        bench = None
-
-    def score(rows: Sequence[Mapping[str, Any]]) -> float:
-        if bench is not None:
-            return float(bench.score([to_prediction(r) for r in rows])["average"])
-        hits = [any(a in r["prediction"] for a in r["answers"]) for r in rows]
-        return 100.0 * sum(hits) / len(hits)
-
-    return score
-
-
-def _niah_heatmaps(group: _Group, output_dir: Path) -> list[Path]:
-    """One length × depth heatmap per press × ratio when the predictions carry ``length`` and ``depth``."""
     rows = [p for p in group.predictions if {"length", "depth"} <= set(p.get("metadata") or {})]
-    if not rows:
-        return []
-    score = _scorer(group.benchmark)
-    lengths = sorted({p["metadata"]["length"] for p in rows})
-    depths = sorted({p["metadata"]["depth"] for p in rows})
-    cells: dict[tuple[str, float], dict[tuple[Any, Any], list]] = {}
+    by_config: dict[tuple[str, float], list] = {}
     for p in rows:
-        cell = (p["metadata"]["depth"], p["metadata"]["length"])
-        cells.setdefault((p["press"], p["ratio"]), {}).setdefault(cell, []).append(p)
+        by_config.setdefault((p["press"], p["ratio"]), []).append(to_prediction(p))
     paths = []
-    for (press, ratio), by_cell in sorted(cells.items(), key=lambda kv: (kv[0][0] != BASELINE, kv[0])):
-        grid = [[score(by_cell[(d, n)]) if (d, n) in by_cell else None for n in lengths] for d in depths]
+    for (press, ratio), predictions in sorted(by_config.items(), key=lambda kv: (kv[0][0] != BASELINE, kv[0])):
         path = output_dir / f"niah-{group.slug}-{_slug(press)}-{ratio:.2f}.png"
-        heatmap(grid, [f"{d:g}" for d in depths], [str(n) for n in lengths],
-                f"{press} at ratio {ratio:g}\n{textwrap.shorten(group.title, 90)}", path)
+        niah_heatmap(predictions, path, title=f"{press} at ratio {ratio:g}\n{textwrap.shorten(group.title, 90)}")
         paths.append(path)
     return paths
 
