@@ -21,6 +21,8 @@ import kvsqueeze
 from kvsqueeze import make_press
 from kvsqueeze.presses import Capabilities, Press, press_class
 
+from conftest import build_tokenizer
+
 #: Ratios for the invariants that depend on the ratio (0 is tested separately: bit-identical).
 RATIOS = (0.25, 0.5, 0.75)
 
@@ -55,6 +57,11 @@ PRESS_KWARGS: dict[str, list[dict[str, Any]]] = {
         {"n_future_positions": 32, "n_sink": 0, "use_covariance": False},
     ],
     "qfilters": [{}],
+    "duo_attention": [{"n_sink": 2, "n_recent": 8}, {"n_sink": 0, "n_recent": 4}],
+    "kvzip": [
+        {"tokenizer": build_tokenizer()},
+        {"tokenizer": build_tokenizer(), "chunk_size": 16, "n_overlap": 4, "n_sink": 0, "layerwise": True},
+    ],
 }
 
 
