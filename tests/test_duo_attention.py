@@ -300,3 +300,12 @@ def test_default_model_press_with_calibrated_gates():
     assert ctx.report.measured_ratio == pytest.approx(1 - int(ctx.n_tokens * 0.5) / ctx.n_tokens)
     assert ctx.cache_bytes <= 0.52 * ctx.full_cache_bytes
     assert ctx.answer("What is this text about?", max_new_tokens=4)
+
+
+def test_cli_calibrate_accepts_duo_options(capsys):
+    from kvsqueeze.cli import build_parser, main
+
+    args = build_parser().parse_args(["calibrate", "--method", "duo_attention", "--steps", "7", "--seq-len", "512"])
+    assert (args.method, args.steps, args.seq_len) == ("duo_attention", 7, 512)
+    assert main(["calibrate", "--method", "duo_attention", "--steps", "0"]) == 2  # refused before loading a model
+    assert "--steps must be a positive integer, got 0" in capsys.readouterr().err
