@@ -173,19 +173,22 @@ class KVzipPress(Press):
         groups = n_heads // n_kv
         scale = adapter.scaling(module)
         softcap = adapter.attention_softcap(module)
-        k = keys.float()
-        q = q.float().view(bsz, n_kv, groups, m, d)
-        out = torch.zeros(bsz, n_kv, n_ctx, dtype=torch.float32, device=keys.device)
+        # One matmul per (sequence, KV head): the group's query heads are stacked along the query axis.
+        k_t = keys.float().reshape(bsz * n_kv, kv_len, d).transpose(1, 2)
+        q = q.float().reshape(bsz, n_kv, groups, m, d)
+        out = torch.zeros(bsz * n_kv, n_ctx, dtype=torch.float32, device=keys.device)
         j = torch.arange(kv_len - n_ctx, device=keys.device)
         for s in range(0, m, self.query_block):
             e = min(m, s + self.query_block)
-            logits = torch.einsum("bkgqd,bknd->bkgqn", q[:, :, :, s:e], k) * scale
+            rows = q[:, :, :, s:e].reshape(bsz * n_kv, groups * (e - s), d)
+            logits = torch.matmul(rows, k_t).mul_(scale)  # (bsz * kv_heads, groups * block, kv_len)
             if softcap is not None:
                 logits = torch.tanh(logits / softcap) * softcap
             hidden = j[None, :] > torch.arange(s, e, device=keys.device)[:, None]  # causal among the chunk
-            logits[..., n_ctx:] = logits[..., n_ctx:].masked_fill(hidden, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)[..., :n_ctx]
-            out = torch.maximum(out, probs.amax(dim=(2, 3)))
+            logits[..., n_ctx:].masked_fill_(hidden.repeat(groups, 1), float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            out = torch.maximum(out, probs[..., :n_ctx].amax(dim=1))
+        return out.view(bsz, n_kv, n_ctx)
         return out
 
     def keep_masks(self, scores: dict[int, torch.Tensor], seq_len: int) -> dict[int, torch.Tensor]:
