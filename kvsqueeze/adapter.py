@@ -538,6 +538,140 @@ def ragged_attention(model: nn.Module) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Gated full/streaming attention (DuoAttention calibration)
+# ----------------------------------------------------------------------------------------------------------------
+
+#: The attention implementation registered for DuoAttention's gated training forward.
+GATED_IMPLEMENTATION = "kvsqueeze_duo_gated"
+_GATED_STATE: list[tuple[torch.Tensor, int, int, frozenset[int]]] = []  # innermost active gating last
+
+
+def streaming_visibility(q_len: int, kv_len: int, n_sink: int, n_recent: int, device: torch.device) -> torch.Tensor:
+    """Boolean ``(q_len, kv_len)``: what a streaming head sees — the first ``n_sink`` keys and the ``n_recent``
+    most recent keys up to the query itself (queries are the last ``q_len`` of the ``kv_len`` positions)."""
+    i = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+    j = torch.arange(kv_len, device=device)[None, :]
+    return (j <= i) & ((j < n_sink) | (i - j < n_recent))
+
+
+def gated_attention_forward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    gates: torch.Tensor,
+    n_sink: int,
+    n_recent: int,
+    attention_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+) -> torch.Tensor:
+    """DuoAttention's mixed attention: ``α · full + (1 − α) · streaming`` per KV head (arXiv 2410.10819, §3.1).
+
+    Parameters
+    ----------
+    query : Tensor
+        ``(bsz, num_heads, q_len, head_dim)``.
+    key, value : Tensor
+        ``(bsz, num_kv_heads, kv_len, head_dim)``.
+    gates : Tensor
+        ``(num_kv_heads,)`` gate values α in [0, 1] (differentiable); query head ``h`` uses the gate of its KV
+        head ``h // (num_heads // num_kv_heads)``.
+    n_sink, n_recent : int
+        The streaming heads' window: sink tokens and recent tokens (the query included).
+    attention_mask : Tensor or None
+        The 4-D mask transformers built (causal when None); the streaming branch also applies it.
+
+    Returns
+    -------
+    ``(bsz, q_len, num_heads, head_dim)``, the layout transformers' attention functions return.
+    """
+    n_heads, q_len = query.shape[1], query.shape[2]
+    n_kv, kv_len = key.shape[1], key.shape[2]
+    if n_heads % n_kv:
+        raise ValueError(f"{n_heads} query heads are not a multiple of {n_kv} key/value heads")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    gqa = n_heads != n_kv
+    visible = _tail_visibility(attention_mask, q_len, kv_len, query.device)  # (b, h, q, kv), b and h may be 1
+    if attention_mask is None and q_len == kv_len:  # plain causal: sdpa's fused causal kernel
+        full = sdpa(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
+    else:
+        full = sdpa(query, key, value, attn_mask=visible, scale=scaling, enable_gqa=gqa)
+    # Streaming branch in blocks of queries: a block only reads the sinks and the keys of its recent windows.
+    window = streaming_visibility(q_len, kv_len, n_sink, n_recent, query.device)
+    offset, block, parts = kv_len - q_len, 128, []
+    for start in range(0, q_len, block):
+        end = min(q_len, start + block)
+        first = max(0, offset + start - n_recent + 1)
+        sink_end = min(n_sink, first)
+        cols = torch.cat([torch.arange(sink_end), torch.arange(first, offset + end)]).to(query.device)
+        mask = visible[..., start:end, :][..., cols] & window[start:end][:, cols]
+        parts.append(sdpa(query[:, :, start:end], key[:, :, cols], value[:, :, cols], attn_mask=mask, scale=scaling,
+                          enable_gqa=gqa))
+    stream = torch.cat(parts, dim=2)
+    alpha = gates.to(query.dtype).repeat_interleave(n_heads // n_kv)[None, :, None, None]
+    out = stream + alpha * (full - stream)
+    return out.transpose(1, 2).contiguous()
+
+
+def _gated_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    if not _GATED_STATE:
+        raise RuntimeError(f"{GATED_IMPLEMENTATION} attention runs only inside adapter.gated_attention(...)")
+    gates, n_sink, n_recent, layers = _GATED_STATE[-1]
+    if module.layer_idx not in layers:  # not gated (sliding-window layers): the model's own sdpa attention
+        return _base_attention("sdpa", module)(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if kwargs.get("softcap") is not None:
+        raise UnsupportedModelError("gated (DuoAttention) attention does not support attention-logit softcapping")
+    out = gated_attention_forward(
+        query, key, value, gates[module.layer_idx], n_sink, n_recent, attention_mask, scaling
+    )
+    return out, None
+
+
+_GATED_REGISTERED = False
+
+
+def register_gated_attention() -> None:
+    """Register the gated attention implementation (and its sdpa mask builder) with transformers, once."""
+    global _GATED_REGISTERED
+    if _GATED_REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(GATED_IMPLEMENTATION, _gated_attention)
+    AttentionMaskInterface.register(GATED_IMPLEMENTATION, sdpa_mask)
+    _GATED_REGISTERED = True
+
+
+@contextmanager
+def gated_attention(
+    model: nn.Module, gates: torch.Tensor, n_sink: int, n_recent: int, layers: list[int] | None = None
+) -> Iterator[None]:
+    """Run ``model`` with DuoAttention's gated attention at ``layers`` (default: the full-attention layers).
+
+    ``gates`` is ``(num_layers, num_kv_heads)``, typically a leaf tensor with ``requires_grad``: the attention
+    output of every gated layer is ``α · full + (1 − α) · streaming`` (see :func:`gated_attention_forward`), so
+    gradients of anything computed from the model's output reach ``gates``. The model's attention
+    implementation is restored on exit.
+    """
+    adapter = ModelAdapter(model)
+    n_layers, n_kv = adapter.shape.num_layers, adapter.shape.num_key_value_heads
+    if tuple(gates.shape) != (n_layers, n_kv):
+        raise ValueError(f"gates must be (num_layers, num_kv_heads) = ({n_layers}, {n_kv}), got {tuple(gates.shape)}")
+    register_gated_attention()
+    layers = adapter.compressible_layers if layers is None else layers
+    current = adapter.attn_implementation
+    _GATED_STATE.append((gates, int(n_sink), int(n_recent), frozenset(layers)))
+    try:
+        model.set_attn_implementation(GATED_IMPLEMENTATION)
+        yield
+    finally:
+        _GATED_STATE.pop()
+        model.set_attn_implementation(current)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Model adapter
 # ----------------------------------------------------------------------------------------------------------------
 

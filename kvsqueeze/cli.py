@@ -404,25 +404,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Compute a calibration artifact with ``kvsqueeze.calibration.calibrate`` and print where it was written."""
     _positive(args.n_sequences, "--n-sequences")
-    _positive(args.seq_len, "--seq-len")
+    if args.seq_len is not None:
+        _positive(args.seq_len, "--seq-len")
     _positive(args.n_samples, "--n-samples")
+    _positive(args.steps, "--steps")
     from kvsqueeze.calibration import METHODS, calibrate  # the heavy part, imported only for this command
 
     if args.method not in METHODS:
         raise CLIError(f"unknown calibration method {args.method!r}; known methods: {', '.join(METHODS)}")
     from kvsqueeze.models import load_model
 
+    if args.method == "duo_attention":
+        options = {"seq_len": args.seq_len or 1024, "steps": args.steps}
+    else:
+        options = {"n_sequences": args.n_sequences, "seq_len": args.seq_len or 2048, "n_samples": args.n_samples}
     model, tokenizer = load_model(args.model)
-    path = calibrate(
-        model,
-        tokenizer,
-        args.method,
-        n_sequences=args.n_sequences,
-        seq_len=args.seq_len,
-        n_samples=args.n_samples,
-        output=args.output,
-        progress=True,
-    )
+    path = calibrate(model, tokenizer, args.method, output=args.output, progress=True, **options)
     print(path)
     return 0
 
@@ -619,13 +616,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("calibrate", help="compute a calibration artifact (Q-filters, query statistics)")
+    p = sub.add_parser(
+        "calibrate", help="compute a calibration artifact (Q-filters, query statistics, DuoAttention gates)"
+    )
     p.add_argument("--model", default=None, help=model_help)
-    p.add_argument("--method", required=True, help="qfilters or expected_attention_stats")
+    p.add_argument("--method", required=True, help="qfilters, expected_attention_stats or duo_attention")
     p.add_argument("--output", default=None, help="where to write (default: where the presses look for it)")
-    p.add_argument("--n-sequences", type=int, default=20, help="calibration sequences (default 20)")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--n-sequences", type=int, default=20, help="calibration sequences (default 20; not duo_attention)")
+    p.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per sequence (default 2048; duo_attention: 1024)"
+    )
     p.add_argument("--n-samples", type=int, default=3000, help="qfilters: queries sampled per head (default 3000)")
+    p.add_argument(
+        "--steps", type=int, default=50, help="duo_attention: gate training steps, one passkey sample each (default 50)"
+    )
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("eval", help="evaluate presses x ratios on a benchmark (one shared prefill per sample)")

@@ -21,6 +21,8 @@ import kvsqueeze
 from kvsqueeze import make_press
 from kvsqueeze.presses import Capabilities, Press, press_class
 
+from conftest import build_tokenizer
+
 #: Ratios for the invariants that depend on the ratio (0 is tested separately: bit-identical).
 RATIOS = (0.25, 0.5, 0.75)
 
@@ -57,6 +59,11 @@ PRESS_KWARGS: dict[str, list[dict[str, Any]]] = {
     "qfilters": [{}],
     # Threshold 0: every layer is lazy (uniform StreamingLLM budgets); 1.0: almost never lazy.
     "simlayerkv": [{"lazy_threshold": 0.0}, {"lazy_threshold": 0.0, "n_initial": 0, "n_last": 4}],
+    "duo_attention": [{"n_sink": 2, "n_recent": 8}, {"n_sink": 0, "n_recent": 4}],
+    "kvzip": [
+        {"tokenizer": build_tokenizer()},
+        {"tokenizer": build_tokenizer(), "chunk_size": 16, "n_overlap": 4, "n_sink": 0, "layerwise": True},
+    ],
 }
 
 

@@ -174,6 +174,10 @@ def test_from_recorded_equals_compress(case, model_name, setup):
     press, _, pipe = setup(case, model_name)
     ctx = pipe.compress(CONTEXT, press=press)
     recorded = pipe.record(CONTEXT, keep_attentions=press.capabilities.needs_attention_weights)
+    if press.capabilities.extra_passes:  # refused clearly: the recording cannot run reconstruction passes
+        with pytest.raises(ValueError, match="beyond the prefill"):
+            pipe.from_recorded(recorded, press)
+        return
     other = pipe.from_recorded(recorded, press)
     assert other.n_tokens == ctx.n_tokens
     for i in range(len(ctx.cache.layers)):
@@ -223,7 +227,7 @@ def test_cache_bytes_are_measured_and_reduced(case, model_name, setup):
     assert ctx.cache_bytes == want + index
     full_layers = pipe.adapter.compressible_layers
     if not press.capabilities.uniform_layers:
-        kept = sum(ctx.layer_lengths[i] for i in full_layers)
+        kept = sum(float(A.layer_head_lengths(ctx.cache, i).double().mean()) for i in full_layers)
         assert abs(kept - expected(seq_len) * len(full_layers)) <= len(full_layers)
     elif len(full_layers) == len(ctx.cache.layers):
         # Uniform press, every layer compressed: exactly the kept fraction, about half (a composition rounds down

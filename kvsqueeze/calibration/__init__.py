@@ -1,4 +1,5 @@
-"""Calibration artifacts computed locally, once per model: Q-filters and query statistics for Expected Attention.
+"""Calibration artifacts computed locally, once per model: Q-filters, query statistics for Expected Attention and
+DuoAttention's retrieval/streaming head gates.
 
 Typical use (what ``kvsqueeze calibrate --model NAME --method METHOD`` does)::
 
@@ -7,7 +8,7 @@ Typical use (what ``kvsqueeze calibrate --model NAME --method METHOD`` does)::
     model, tok = load_model()
     path = calibrate(model, tok, "qfilters")   # written to default_artifact_path(model, "qfilters")
 
-The presses ``qfilters`` and ``expected_attention_stats`` then find the artifact at that default path.
+The presses ``qfilters``, ``expected_attention_stats`` and ``duo_attention`` then find the artifact at that default path.
 """
 
 from kvsqueeze.calibration.artifacts import (

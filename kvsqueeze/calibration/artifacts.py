@@ -24,7 +24,7 @@ from kvsqueeze.adapter import ModelAdapter
 from kvsqueeze.models import cache_root
 
 #: Calibration methods and the artifact each one writes.
-METHODS: tuple[str, ...] = ("qfilters", "expected_attention_stats")
+METHODS: tuple[str, ...] = ("qfilters", "expected_attention_stats", "duo_attention")
 
 FORMAT_VERSION = "1"
 

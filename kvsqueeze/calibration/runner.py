@@ -77,7 +77,6 @@ def _check_input_ids(batches: Any) -> list[torch.Tensor]:
     return out
 
 
-@torch.inference_mode()
 def calibrate(
     model: nn.Module,
     tokenizer,
@@ -91,6 +90,7 @@ def calibrate(
     input_ids_batches: torch.Tensor | Sequence[torch.Tensor] | None = None,
     n_sink: int = 4,
     seed: int = 0,
+    **method_options: Any,
 ) -> Path:
     """Compute and save the calibration artifact ``method`` for ``model``.
 
@@ -103,8 +103,10 @@ def calibrate(
         Needed unless ``input_ids_batches`` is given (then pass None).
     method : str
         One of :data:`METHODS`: ``"qfilters"`` (filters ``(num_layers, num_kv_heads, head_dim)`` from the
-        first right singular vector of post-RoPE queries) or ``"expected_attention_stats"`` (mean and covariance
-        of pre-RoPE queries per layer and query head).
+        first right singular vector of post-RoPE queries), ``"expected_attention_stats"`` (mean and covariance
+        of pre-RoPE queries per layer and query head) or ``"duo_attention"`` (DuoAttention's gates
+        ``(num_layers, num_kv_heads)``, trained on synthetic passkey samples; see
+        :mod:`kvsqueeze.calibration.duo_attention`).
     texts : list of str or None, default None
         Calibration text; None uses :func:`default_texts` (the shipped essays).
     n_sequences : int, default 16
@@ -123,7 +125,12 @@ def calibrate(
     n_sink : int, default 4
         ``expected_attention_stats``: leading positions of each sequence left out of the statistics.
     seed : int, default 0
-        Seed of the Q-filter sample positions.
+        Seed of the Q-filter sample positions (``duo_attention``: of the passkey samples).
+    **method_options
+        ``duo_attention`` only: ``steps``, ``lr``, ``l1_weight``, ``n_recent``, ``n_passkeys``, ``passkey_digits``
+        and ``duo_sink`` (the streaming window's sink tokens), see
+        :func:`kvsqueeze.calibration.duo_attention.calibrate_duo_attention`. ``n_sequences`` and ``n_samples`` do
+        not apply to it (one fresh passkey sample per step).
 
     Returns
     -------
@@ -131,6 +138,55 @@ def calibrate(
         The written artifact.
     """
     _check_method(method)
+    if method == "duo_attention":
+        return _calibrate_duo(
+            model, tokenizer, texts, seq_len, output, progress, input_ids_batches, seed, method_options
+        )
+    if method_options:
+        raise TypeError(f"unexpected options for {method!r} calibration: {sorted(method_options)}")
+    return _calibrate_queries(
+        model, tokenizer, method, texts, n_sequences, seq_len, n_samples, output, progress, input_ids_batches,
+        n_sink, seed,
+    )
+
+
+def _calibrate_duo(model, tokenizer, texts, seq_len, output, progress, input_ids_batches, seed, options) -> Path:
+    """DuoAttention's gate training (needs gradients, so it runs outside inference mode)."""
+    from kvsqueeze.calibration.duo_attention import calibrate_duo_attention
+
+    known = {"steps", "lr", "l1_weight", "n_recent", "n_passkeys", "passkey_digits", "duo_sink"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unexpected options for 'duo_attention' calibration: {unknown}; known: {sorted(known)}")
+    if "duo_sink" in options:
+        options = dict(options, n_sink=options.pop("duo_sink"))
+    batches = None
+    if input_ids_batches is not None:
+        if texts is not None:
+            raise ValueError("give either texts or input_ids_batches, not both")
+        batches = _check_input_ids(input_ids_batches)
+    seq_len = _positive_int(seq_len, "seq_len", 2)
+    tensors, settings = calibrate_duo_attention(
+        model, tokenizer, texts=texts, input_ids_batches=batches, seq_len=seq_len, seed=seed, progress=progress,
+        **options,
+    )
+    import transformers
+
+    import kvsqueeze
+
+    settings.update(
+        dtype=str(next(model.parameters()).dtype),
+        kvsqueeze_version=kvsqueeze.__version__,
+        transformers_version=transformers.__version__,
+    )
+    path = default_artifact_path(model, "duo_attention") if output is None else Path(output)
+    return save_artifact(path, tensors, model, "duo_attention", settings)
+
+
+@torch.inference_mode()
+def _calibrate_queries(
+    model, tokenizer, method, texts, n_sequences, seq_len, n_samples, output, progress, input_ids_batches, n_sink, seed
+) -> Path:
     n_sequences = _positive_int(n_sequences, "n_sequences")
     seq_len = _positive_int(seq_len, "seq_len", 2)
     n_samples = _positive_int(n_samples, "n_samples")
