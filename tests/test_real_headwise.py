@@ -61,16 +61,32 @@ def recorded_4k(smollm):
     text = haystack(tokenizer, 4000, seed=0)
     recorded = pipe.record(text)
     assert 3900 <= recorded.n_tokens <= 4200
-    return pipe, recorded
+    return pipe, recorded, text
+
+
+@pytest.fixture(scope="module")
+def duo_artifact(smollm, tmp_path_factory):
+    """Gates from a short calibration (the budget and the bytes do not depend on how well they are trained)."""
+    from kvsqueeze.calibration import calibrate
+
+    model, tokenizer = smollm
+    path = tmp_path_factory.mktemp("duo") / "duo_attention.safetensors"
+    return calibrate(model, tokenizer, "duo_attention", seq_len=512, steps=2, progress=False, output=path)
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.75])
-def test_headwise_memory_is_really_freed_at_4k(recorded_4k, ratio, capsys):
-    pipe, recorded = recorded_4k
+def test_headwise_memory_is_really_freed_at_4k(recorded_4k, duo_artifact, ratio, capsys):
+    pipe, recorded, text = recorded_4k
     full = A.cache_nbytes(recorded.cache)
     lines = []
-    for name, press in _headwise_presses(ratio).items():
-        ctx = pipe.from_recorded(recorded, press)
+    presses = _headwise_presses(ratio)
+    presses["duo_attention"] = kvsqueeze.make_press("duo_attention", compression_ratio=ratio, artifact=str(duo_artifact))
+    presses["kvzip"] = kvsqueeze.make_press("kvzip", compression_ratio=ratio)
+    for name, press in presses.items():
+        if press.capabilities.extra_passes:  # KVzip: its own prefill and reconstruction passes
+            ctx = pipe.compress(text, press)
+        else:
+            ctx = pipe.from_recorded(recorded, press)
         measured = ctx.cache_bytes / full
         lines.append(f"{name} r={ratio}: {ctx.cache_bytes} / {full} bytes = {measured:.4f}")
         assert ctx.full_cache_bytes == full
