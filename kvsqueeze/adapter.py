@@ -67,18 +67,23 @@ class CompressedLayer(DynamicLayer):
         return physical + query_length, self.cumulative_length - physical
 
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
-        n = -tokens_to_remove
-        appended = self.keys.shape[-2] - self.n_compressed
-        if n > appended:
-            raise ValueError(
-                f"cannot crop {n} tokens: only {appended} were appended after compression; "
-                "the compressed context itself cannot be cropped"
-            )
-        if n:
-            self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
-            self.cumulative_length -= n
+        _crop_appended(self, tokens_to_remove, self.keys.shape[-2] - self.n_compressed)
+
+
+def _crop_appended(layer: DynamicLayer, tokens_to_remove: int, appended: int) -> None:
+    """Drop the last ``-tokens_to_remove`` tokens appended after compression (assisted decoding rolls back
+    rejected drafts this way); the compressed context itself is never cropped."""
+    if tokens_to_remove > 0:
+        raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
+    n = -tokens_to_remove
+    if n > appended:
+        raise ValueError(
+            f"cannot crop {n} tokens: only {appended} were appended after compression; "
+            "the compressed context itself cannot be cropped"
+        )
+    if n:
+        layer.keys, layer.values = layer.keys[..., :-n, :], layer.values[..., :-n, :]
+        layer.cumulative_length -= n
 
 
 class RaggedLayer(DynamicLayer):
@@ -147,18 +152,7 @@ class RaggedLayer(DynamicLayer):
         return physical + query_length, self.cumulative_length - physical
 
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
-        n = -tokens_to_remove
-        appended = self.keys.shape[-2]
-        if n > appended:
-            raise ValueError(
-                f"cannot crop {n} tokens: only {appended} were appended after compression; "
-                "the compressed context itself cannot be cropped"
-            )
-        if n:
-            self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
-            self.cumulative_length -= n
+        _crop_appended(self, tokens_to_remove, self.keys.shape[-2])
 
     def _unsupported(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(

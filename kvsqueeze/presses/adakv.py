@@ -36,6 +36,29 @@ def own_budget(wrapper: Press) -> bool:
     return bool(wrapper.compression_ratio) or wrapper.budget is not None
 
 
+class WrappedBudget:
+    """Mixin for wrappers of one ``press``: validation by the wrapped press, and the wrapper's own ratio/budget
+    when set, otherwise the wrapped press's (:func:`check_wrapped_budget` refuses both)."""
+
+    press: Press
+
+    def validate(self, adapter) -> None:
+        self.press.validate(adapter)
+
+    def n_kept(self, seq_len: int) -> int:
+        return super().n_kept(seq_len) if own_budget(self) else self.press.n_kept(seq_len)
+
+    def layer_budget(self, layer: LayerInputs) -> int:
+        return super().layer_budget(layer) if own_budget(self) else self.press.layer_budget(layer)
+
+
+def check_alpha(alpha: object) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha_safeguard must be a number in [0, 1], got {alpha!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha_safeguard must be in [0, 1], got {alpha!r}")
+
+
 def adaptive_head_budgets(scores: torch.Tensor, n_kept: int, alpha: float) -> torch.Tensor:
     """AdaKV's selection: keep mask ``(bsz, heads, seq_len)`` with ``heads × n_kept`` entries per sequence.
 
@@ -57,7 +80,7 @@ def adaptive_head_budgets(scores: torch.Tensor, n_kept: int, alpha: float) -> to
 
 @register_press("adakv")
 @dataclass
-class AdaKVPress(Press):
+class AdaKVPress(WrappedBudget, Press):
     """Wrap a scorer press with AdaKV's head-wise budget allocation.
 
     Paper: "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation", https://arxiv.org/abs/2407.11550
@@ -80,24 +103,12 @@ class AdaKVPress(Press):
         super().__post_init__()
         if not isinstance(self.press, ScorerPress):
             raise TypeError(f"press must be a ScorerPress to wrap, got {type(self.press).__name__}")
-        if isinstance(self.alpha_safeguard, bool) or not isinstance(self.alpha_safeguard, (int, float)):
-            raise TypeError(f"alpha_safeguard must be a number in [0, 1], got {self.alpha_safeguard!r}")
-        if not 0.0 <= self.alpha_safeguard <= 1.0:
-            raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard!r}")
+        check_alpha(self.alpha_safeguard)
         check_wrapped_budget(self, self.press)
 
     @derived_capabilities
     def capabilities(self) -> Capabilities:  # type: ignore[override]
         return self.press.capabilities.merge(Capabilities(headwise=True))
-
-    def validate(self, adapter) -> None:
-        self.press.validate(adapter)
-
-    def n_kept(self, seq_len: int) -> int:
-        return super().n_kept(seq_len) if own_budget(self) else self.press.n_kept(seq_len)
-
-    def layer_budget(self, layer: LayerInputs) -> int:
-        return super().layer_budget(layer) if own_budget(self) else self.press.layer_budget(layer)
 
     def keep_mask(self, layer: LayerInputs) -> torch.Tensor:
         """Kept entries ``(bsz, kv_heads, seq_len)``: ``kv_heads × n_kept`` per sequence, per-head counts vary."""

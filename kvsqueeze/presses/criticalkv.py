@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvsqueeze.presses.adakv import adaptive_head_budgets, check_wrapped_budget, own_budget
-from kvsqueeze.presses.base import KV, Capabilities, LayerInputs, Press, RaggedKV, ScorerPress, derived_capabilities
+from kvsqueeze.presses.adakv import AdaKVPress, WrappedBudget, adaptive_head_budgets, check_wrapped_budget
+from kvsqueeze.presses.base import Capabilities, LayerInputs, Press, ScorerPress, derived_capabilities
 from kvsqueeze.presses.expected_attention import ExpectedAttentionPress
 from kvsqueeze.presses.registry import register_press
 
@@ -57,7 +57,7 @@ def two_stage_keep(
 
 @register_press("criticalkv")
 @dataclass
-class CriticalKVPress(ScorerPress):
+class CriticalKVPress(WrappedBudget, ScorerPress):
     """Wrap a scorer press with CriticalKV's two-stage selection.
 
     Paper: "CriticalKV: Optimizing KV Cache Eviction from an Output Perturbation Perspective" (Feng et al.),
@@ -91,15 +91,6 @@ class CriticalKVPress(ScorerPress):
     def capabilities(self) -> Capabilities:  # type: ignore[override]
         return self.press.capabilities
 
-    def validate(self, adapter) -> None:
-        self.press.validate(adapter)
-
-    def n_kept(self, seq_len: int) -> int:
-        return super().n_kept(seq_len) if own_budget(self) else self.press.n_kept(seq_len)
-
-    def layer_budget(self, layer: LayerInputs) -> int:
-        return super().layer_budget(layer) if own_budget(self) else self.press.layer_budget(layer)
-
     def score(self, layer: LayerInputs) -> torch.Tensor:
         """Scores whose top ``n_kept`` per head are exactly the two-stage selection (stage 1 ranked first)."""
         scores = base_scores(self.press, layer)
@@ -115,7 +106,7 @@ class CriticalKVPress(ScorerPress):
 
 @register_press("critical_adakv")
 @dataclass
-class CriticalAdaKVPress(Press):
+class CriticalAdaKVPress(AdaKVPress):
     """AdaKV's head-wise budgets, then CriticalKV's two stages within each head's budget.
 
     Papers: https://arxiv.org/abs/2407.11550 (AdaKV) and https://arxiv.org/abs/2502.03805 (CriticalKV).
@@ -130,33 +121,12 @@ class CriticalAdaKVPress(Press):
     """
 
     press: ScorerPress = field(default_factory=_default_inner)
-    alpha_safeguard: float = 0.2
     epsilon: float = 1e-4
     first_stage_ratio: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.press, ScorerPress):
-            raise TypeError(f"press must be a ScorerPress to wrap, got {type(self.press).__name__}")
         _check_fields(self)
-        if isinstance(self.alpha_safeguard, bool) or not isinstance(self.alpha_safeguard, (int, float)):
-            raise TypeError(f"alpha_safeguard must be a number in [0, 1], got {self.alpha_safeguard!r}")
-        if not 0.0 <= self.alpha_safeguard <= 1.0:
-            raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard!r}")
-        check_wrapped_budget(self, self.press)
-
-    @derived_capabilities
-    def capabilities(self) -> Capabilities:  # type: ignore[override]
-        return self.press.capabilities.merge(Capabilities(headwise=True))
-
-    def validate(self, adapter) -> None:
-        self.press.validate(adapter)
-
-    def n_kept(self, seq_len: int) -> int:
-        return super().n_kept(seq_len) if own_budget(self) else self.press.n_kept(seq_len)
-
-    def layer_budget(self, layer: LayerInputs) -> int:
-        return super().layer_budget(layer) if own_budget(self) else self.press.layer_budget(layer)
 
     def keep_mask(self, layer: LayerInputs) -> torch.Tensor:
         """Kept entries ``(bsz, kv_heads, seq_len)``: ``kv_heads × n_kept`` per sequence."""
@@ -167,8 +137,3 @@ class CriticalAdaKVPress(Press):
         per_head = adaptive_head_budgets(scores, n_kept, self.alpha_safeguard).sum(-1)
         vnorm = layer.adapter.value_output_norms(layer.module, layer.values)
         return two_stage_keep(scores, vnorm, per_head, self.first_stage_ratio, self.epsilon)
-
-    def compress(self, layer: LayerInputs):
-        if self.layer_budget(layer) >= layer.seq_len:  # nothing to remove: bit-identical
-            return KV(layer.keys, layer.values)
-        return RaggedKV.from_mask(layer.keys, layer.values, self.keep_mask(layer))
