@@ -57,7 +57,12 @@ def main(argv: list[str] | None = None) -> dict:
             kwargs = {"max_new_tokens": args.max_new_tokens, "answer_prefix": case.answer_prefix}
             baseline += case.is_correct(pipe.from_recorded(recorded).answer(case.question, **kwargs))
             for key, press in presses.items():
-                answer = pipe.from_recorded(recorded, press).answer(case.question, **kwargs)
+                # Presses that need extra model passes (KVzip) cannot share the recording: their own prefill.
+                if press.capabilities.extra_passes:
+                    ctx = pipe.compress(case.context, press)
+                else:
+                    ctx = pipe.from_recorded(recorded, press)
+                answer = ctx.answer(case.question, **kwargs)
                 hits[key] += case.is_correct(answer)
     seconds = time.perf_counter() - start
 
