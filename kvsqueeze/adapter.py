@@ -10,7 +10,9 @@ this is the file to fix.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -437,14 +439,14 @@ def ragged_flash_forward(
     return out.reshape(bsz, n_kv, q_len, groups, -1).permute(0, 2, 1, 3, 4).reshape(bsz, q_len, n_heads, -1)
 
 
-def _base_attention(base: str, module: nn.Module) -> Callable:
-    """The attention function transformers would have used for ``base`` in ``module``'s model."""
-    import sys
-
+@functools.cache
+def _base_attention(base: str, module_type: type) -> Callable:
+    """The attention function transformers would have used for ``base`` in a model with attention modules of
+    ``module_type`` (looked up once per pair: this runs in every attention call)."""
     if base == "eager":
-        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        fn = getattr(sys.modules.get(module_type.__module__), "eager_attention_forward", None)
         if fn is None:
-            raise UnsupportedModelError(f"{type(module).__name__} has no eager_attention_forward")
+            raise UnsupportedModelError(f"{module_type.__name__} has no eager_attention_forward")
         return fn
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -470,7 +472,7 @@ def _make_ragged_attention(base: str) -> Callable:
         valid = ragged_valid(key)
         if valid is None:  # a uniform layer (or the prefill): exactly what the base implementation does
             attention_mask = _fit_mask(attention_mask, key.shape[-2], query.shape[2])
-            return _base_attention(base, module)(
+            return _base_attention(base, type(module))(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
         n_tail = key.kvsqueeze_tail
@@ -611,7 +613,7 @@ def _gated_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         raise RuntimeError(f"{GATED_IMPLEMENTATION} attention runs only inside adapter.gated_attention(...)")
     gates, n_sink, n_recent, layers = _GATED_STATE[-1]
     if module.layer_idx not in layers:  # not gated (sliding-window layers): the model's own sdpa attention
-        return _base_attention("sdpa", module)(
+        return _base_attention("sdpa", type(module))(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if kwargs.get("softcap") is not None:

@@ -6,83 +6,71 @@ evicted for each (sequence, KV head); the ragged cache must give the same logits
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from kvsqueeze import adapter as A
 
 
-def masked_dense_decode(model, ids, keep: dict[int, torch.Tensor], first: torch.Tensor, steps: int) -> list[list[int]]:
-    """Greedy tokens from the uncompressed cache with every evicted entry hidden by a per-layer 4-D mask."""
+@contextmanager
+def masked_dense(model, ids: torch.Tensor, keep: dict[int, torch.Tensor]) -> Iterator[object]:
+    """Prefill ``ids`` uncompressed and yield its cache; while the block runs, every layer in ``keep`` hides the
+    context entries its mask drops (per KV head) and sees the appended tokens causally."""
     adapter = A.ModelAdapter(model)
     cache = adapter.new_cache()
-    n_ctx = ids.shape[1]
+    n_ctx, bsz = ids.shape[1], ids.shape[0]
     groups = adapter.shape.num_attention_heads // adapter.shape.num_key_value_heads
     with torch.inference_mode():
         model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))
 
     def pre_hook(module, args, kwargs):
         i = module.layer_idx
-        if i not in keep:
-            return None
         q_len = adapter.hidden_states_from_call(args, kwargs).shape[1]
         n_tail = cache.layers[i].keys.shape[-2] + q_len - n_ctx
-        bsz = ids.shape[0]
         ctx = keep[i].repeat_interleave(groups, dim=1)[:, :, None, :].expand(bsz, -1, q_len, n_ctx)
         tail = torch.arange(n_tail)[None, :] <= (n_tail - q_len) + torch.arange(q_len)[:, None]
-        tail = tail[None, None].expand(bsz, ctx.shape[1], q_len, n_tail)
-        kwargs["attention_mask"] = torch.cat([ctx, tail], dim=-1)
+        kwargs["attention_mask"] = torch.cat([ctx, tail[None, None].expand(bsz, ctx.shape[1], q_len, n_tail)], -1)
         return args, kwargs
 
     handles = [adapter.attention_modules[i].register_forward_pre_hook(pre_hook, with_kwargs=True) for i in keep]
-    tokens = [[] for _ in range(ids.shape[0])]
     try:
-        step = first
         with torch.inference_mode():
-            for _ in range(steps):
-                logits = model(input_ids=step, use_cache=True, **adapter.model_call_kwargs(cache)).logits[:, -1]
-                nxt = logits.argmax(-1)
-                for b, t in enumerate(nxt.tolist()):
-                    tokens[b].append(t)
-                step = nxt[:, None]
+            yield cache
     finally:
         for h in handles:
             h.remove()
-    return tokens
 
 
-def ragged_decode(model, cache, first: torch.Tensor, steps: int) -> list[list[int]]:
-    adapter = A.ModelAdapter(model)
-    tokens = [[] for _ in range(first.shape[0])]
-    with torch.inference_mode(), A.ragged_attention(model):
-        step = first
+def greedy(model, cache, first: torch.Tensor, steps: int) -> list[list[int]]:
+    """``steps`` greedy tokens per sequence after feeding ``first`` ``(bsz, n)`` to ``cache``."""
+    kwargs = A.ModelAdapter(model).model_call_kwargs(cache)
+    tokens: list[list[int]] = [[] for _ in range(first.shape[0])]
+    step = first
+    with torch.inference_mode():
         for _ in range(steps):
-            logits = model(input_ids=step, use_cache=True, **adapter.model_call_kwargs(cache)).logits[:, -1]
-            nxt = logits.argmax(-1)
+            nxt = model(input_ids=step, use_cache=True, **kwargs).logits[:, -1].argmax(-1)
             for b, t in enumerate(nxt.tolist()):
                 tokens[b].append(t)
             step = nxt[:, None]
     return tokens
 
 
-def masked_dense_logits(model, ids, keep, question) -> torch.Tensor:
-    adapter = A.ModelAdapter(model)
-    cache = adapter.new_cache()
-    groups = adapter.shape.num_attention_heads // adapter.shape.num_key_value_heads
-    n_ctx, q_len, bsz = ids.shape[1], question.shape[1], ids.shape[0]
-    with torch.inference_mode():
-        model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))
+def masked_dense_decode(model, ids, keep: dict[int, torch.Tensor], first: torch.Tensor, steps: int) -> list[list[int]]:
+    """Greedy tokens from the uncompressed cache with every evicted entry hidden."""
+    with masked_dense(model, ids, keep) as cache:
+        return greedy(model, cache, first, steps)
 
-    def pre_hook(module, args, kwargs):
-        i = module.layer_idx
-        ctx = keep[i].repeat_interleave(groups, dim=1)[:, :, None, :].expand(bsz, -1, q_len, n_ctx)
-        tail = torch.tril(torch.ones(q_len, q_len, dtype=torch.bool))[None, None].expand(bsz, ctx.shape[1], q_len, q_len)
-        kwargs["attention_mask"] = torch.cat([ctx, tail], dim=-1)
-        return args, kwargs
 
-    handles = [adapter.attention_modules[i].register_forward_pre_hook(pre_hook, with_kwargs=True) for i in keep]
-    try:
-        with torch.inference_mode():
-            return model(input_ids=question, use_cache=True, **adapter.model_call_kwargs(cache)).logits
-    finally:
-        for h in handles:
-            h.remove()
+def masked_dense_logits(model, ids, keep: dict[int, torch.Tensor], question: torch.Tensor) -> torch.Tensor:
+    """Logits of ``question`` over the uncompressed cache with every evicted entry hidden."""
+    with masked_dense(model, ids, keep) as cache:
+        kwargs = A.ModelAdapter(model).model_call_kwargs(cache)
+        return model(input_ids=question, use_cache=True, **kwargs).logits
+
+
+def ragged_decode(model, cache, first: torch.Tensor, steps: int) -> list[list[int]]:
+    """Greedy tokens from a (ragged) compressed cache, with kvsqueeze's attention over ragged layers."""
+    with A.ragged_attention(model):
+        return greedy(model, cache, first, steps)
