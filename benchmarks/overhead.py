@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 import kvsqueeze
+from kvsqueeze.cli import format_table
 from kvsqueeze import Pipeline, corpus, load_model, make_press
 from kvsqueeze.models import cache_root, resolve_name
 from kvsqueeze.presses import ScorerPress, list_presses, press_class
@@ -171,11 +172,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
             f"{r['bytes_before'] / 1e6:.2f}", f"{r['bytes_after'] / 1e6:.2f}", f"{100 * r['saved_fraction']:.1f}",
             target,
         ])
-    cells = [headers] + body
-    widths = [max(len(c[i]) for c in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(headers, body)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 import kvsqueeze
+from kvsqueeze.cli import format_table
 from kvsqueeze import Pipeline, load_model
 from kvsqueeze.evaluation.base import Benchmark, Prediction, Sample, make_benchmark
 from kvsqueeze.evaluation.sweep import check_ratios, read_predictions, run_sweep
@@ -98,11 +99,7 @@ def format_rows(runs: list[dict[str, Any]]) -> str:
     headers = ["mode", "prefills", "wall s", "prefill s", "compression s", "decode s", "other s"]
     body = [[r["mode"], str(r["prefills"]), f"{r['wall_s']:.1f}", f"{r['prefill_s']:.1f}", f"{r['compression_s']:.2f}",
              f"{r['decode_s']:.1f}", f"{r['other_s']:.1f}"] for r in runs]
-    cells = [headers] + body
-    widths = [max(len(c[i]) for c in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(headers, body)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -58,13 +58,16 @@ def string_match_part(prediction: str, references: Sequence[str]) -> float:
     return float(any(ref.lower() in pred for ref in references))
 
 
-def _f1(pred: Sequence[str], ref: Sequence[str]) -> float:
-    common = Counter(pred) & Counter(ref)
-    same = sum(common.values())
-    if same == 0:
+def _f_measure(matched: int, n_pred: int, n_ref: int) -> float:
+    """Harmonic mean of precision ``matched / n_pred`` and recall ``matched / n_ref`` (0 when nothing matches)."""
+    if matched == 0:
         return 0.0
-    precision, recall = same / len(pred), same / len(ref)
+    precision, recall = matched / n_pred, matched / n_ref
     return 2 * precision * recall / (precision + recall)
+
+
+def _f1(pred: Sequence[str], ref: Sequence[str]) -> float:
+    return _f_measure(sum((Counter(pred) & Counter(ref)).values()), len(pred), len(ref))
 
 
 def qa_f1(prediction: str, references: Sequence[str]) -> float:
@@ -90,11 +93,7 @@ def rouge_n(prediction: str, reference: str, n: int = 1) -> float:
     if n < 1:
         raise ValueError(f"rouge_n needs n >= 1, got {n}")
     pred, ref = _ngrams(tokens(prediction), n), _ngrams(tokens(reference), n)
-    overlap = sum((pred & ref).values())
-    if overlap == 0:
-        return 0.0
-    precision, recall = overlap / sum(pred.values()), overlap / sum(ref.values())
-    return 2 * precision * recall / (precision + recall)
+    return _f_measure(sum((pred & ref).values()), sum(pred.values()), sum(ref.values()))
 
 
 def lcs_length(a: Sequence, b: Sequence) -> int:
@@ -114,11 +113,7 @@ def lcs_length(a: Sequence, b: Sequence) -> int:
 def rouge_l(prediction: str, reference: str) -> float:
     """ROUGE-L F-measure: LCS of the token sequences over prediction length (precision) and reference length."""
     pred, ref = tokens(prediction), tokens(reference)
-    lcs = lcs_length(pred, ref)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    return _f_measure(lcs_length(pred, ref), len(pred), len(ref))
 
 
 def max_rouge_l(prediction: str, references: Sequence[str]) -> float:
