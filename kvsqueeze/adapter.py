@@ -725,8 +725,28 @@ class ModelAdapter:
             max_position_embeddings=getattr(text_config, "max_position_embeddings", None),
         )
         self._rotary = self._find_rotary()
+        self._rotary_takes_layer_type = self._rotary is not None and (
+            "layer_type" in inspect.signature(self._rotary.forward).parameters
+        )
         forward_params = inspect.signature(type(self.attention_modules[0]).forward).parameters
         self.cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
+        self._memo: dict[tuple, Any] = {}
+
+    #: Most values :meth:`memoized` keeps; the oldest is dropped first (sweeps over many context lengths).
+    MEMO_SIZE = 64
+
+    def memoized(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()``, computed once per ``key`` for the lifetime of this adapter.
+
+        For values that depend only on the model and on ``key`` — e.g. the RoPE average over the positions after
+        the context, the same for every layer of one type — so a press computes them once per prefill, not once
+        per layer. Presses stay stateless; the adapter lives as long as one press block or recorded prefill.
+        """
+        if key not in self._memo:
+            if len(self._memo) >= self.MEMO_SIZE:
+                del self._memo[next(iter(self._memo))]
+            self._memo[key] = compute()
+        return self._memo[key]
 
     # -- layout ---------------------------------------------------------------------------------------------
     @property
@@ -872,8 +892,7 @@ class ModelAdapter:
         """``cos, sin`` of shape ``(bsz, len, rotary_dim)`` for ``position_ids`` at layer ``layer_idx``."""
         if self._rotary is None:
             raise UnsupportedModelError(f"{type(self.model).__name__} has no rotary embedding module")
-        params = inspect.signature(self._rotary.forward).parameters
-        if "layer_type" in params:
+        if self._rotary_takes_layer_type:
             return self._rotary(like, position_ids, self.layer_types[layer_idx])
         return self._rotary(like, position_ids)
 

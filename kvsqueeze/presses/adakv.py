@@ -71,8 +71,8 @@ def adaptive_head_budgets(scores: torch.Tensor, n_kept: int, alpha: float) -> to
     s = scores.float().clone()
     # At least one entry per head even for alpha·n_kept < 1: an empty head would have nothing to attend to.
     floor = max(1, int(alpha * n_kept))
-    s.scatter_(-1, s.topk(floor, dim=-1).indices, float("inf"))
-    chosen = s.reshape(bsz, heads * seq_len).topk(heads * n_kept, dim=-1).indices
+    s.scatter_(-1, s.topk(floor, dim=-1, sorted=False).indices, float("inf"))
+    chosen = s.reshape(bsz, heads * seq_len).topk(heads * n_kept, dim=-1, sorted=False).indices
     keep = torch.zeros(bsz, heads * seq_len, dtype=torch.bool, device=scores.device)
     keep.scatter_(-1, chosen, True)
     return keep.view(bsz, heads, seq_len)

@@ -216,10 +216,10 @@ class KVzipPress(Press):
             s.scatter_(-1, s.argmax(-1, keepdim=True), float("inf"))
         if self.layerwise:
             flat = s.reshape(bsz * n_layers, n_kv * n)
-            chosen = flat.topk(n_kv * n_kept, dim=-1).indices
+            chosen = flat.topk(n_kv * n_kept, dim=-1, sorted=False).indices
         else:
             flat = s.reshape(bsz, n_layers * n_kv * n)
-            chosen = flat.topk(n_layers * n_kv * n_kept, dim=-1).indices
+            chosen = flat.topk(n_layers * n_kv * n_kept, dim=-1, sorted=False).indices
         keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, chosen, True).view(bsz, n_layers, n_kv, n)
         return {i: keep[:, pos] for pos, i in enumerate(layers)}
 
