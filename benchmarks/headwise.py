@@ -29,7 +29,6 @@ import torch
 from tqdm.auto import tqdm
 
 import kvsqueeze
-from kvsqueeze import adapter as A
 from kvsqueeze.needles import haystack
 
 #: head-wise press -> (its constructor kwargs, the uniform press it is compared with)
@@ -49,10 +48,7 @@ def decode_speed(ctx, n_tokens: int) -> float:
     ids = pipe.question_ids(QUESTION)
     cache = ctx.fork_cache()
     kwargs = pipe.adapter.model_call_kwargs(cache)
-    lengths = {A.layer_physical_length(cache, i) for i in pipe.adapter.compressible_layers}
-    with torch.inference_mode(), (A.ragged_attention(model) if A.has_ragged_layers(cache) else _null()), (
-        pipe.adapter.aligned_masks() if len(lengths) > 1 else _null()
-    ):
+    with torch.inference_mode(), pipe.adapter.attention_for_cache(cache):
         logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
         start = time.perf_counter()
         for _ in range(n_tokens):
@@ -60,13 +56,6 @@ def decode_speed(ctx, n_tokens: int) -> float:
             logits = model(input_ids=step, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
         return n_tokens / (time.perf_counter() - start)
 
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv: list[str] | None = None) -> dict:

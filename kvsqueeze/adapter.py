@@ -9,6 +9,7 @@ this is the file to fix.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -100,8 +101,8 @@ class RaggedLayer(DynamicLayer):
       (questions, generated tokens), the same count for every head, stored densely.
 
     ``update`` returns the context padded to the longest segment followed by the appended tokens, with the
-    per-head validity attached to the returned key tensor (``kvsqueeze_valid``, see :func:`ragged_valid`). The
-    padding is a temporary of one attention call, never stored. The attention function registered by
+    per-head validity attached to the returned key tensor (``kvsqueeze_valid``, see :func:`ragged_valid`;
+    :meth:`padded`). The padding is a temporary of one attention call, never stored. The attention function registered by
     :func:`ragged_attention` reads the validity and masks the padding exactly; with any other attention function
     the padding would be attended to, so :func:`ragged_attention` must be active whenever this layer is used.
     Logical positions are kept as in :class:`CompressedLayer`: ``cumulative_length`` counts every token seen.
@@ -120,43 +121,33 @@ class RaggedLayer(DynamicLayer):
         self.is_initialized = True
         self.cumulative_length = int(logical_length)
         self.max_kept = int(self.lengths.max())
-        flat = self.lengths.reshape(-1).tolist()  # host copy of the index, read by every decoding step
-        starts = [0]
-        for n in flat[:-1]:
-            starts.append(starts[-1] + n)
-        self._segments: list[tuple[int, int]] = list(zip(starts, flat))
-
-    def padded_context(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Context keys/values padded to the longest segment ``(bsz, heads, max_kept, d)`` and their validity
-        ``(bsz, heads, max_kept)`` (a temporary: nothing here is stored)."""
-        bsz, heads = self.lengths.shape
         flat = self.lengths.reshape(-1)
-        starts = flat.cumsum(0) - flat
-        slots = torch.arange(self.max_kept, device=flat.device)
-        valid = slots[None, :] < flat[:, None]
-        index = (starts[:, None] + slots[None, :]).clamp_(max=max(self.ctx_keys.shape[0] - 1, 0)).reshape(-1)
-        # Row copies with index_select: several times faster than advanced indexing with a 2-D index on a CPU.
-        keys = self.ctx_keys.index_select(0, index).view(bsz, heads, self.max_kept, -1)
-        values = self.ctx_values.index_select(0, index).view(bsz, heads, self.max_kept, -1)
-        return keys, values, valid.view(bsz, heads, self.max_kept)
+        # Host copy of the index (segment start, length), read by every decoding step.
+        self._segments: list[tuple[int, int]] = list(zip((flat.cumsum(0) - flat).tolist(), flat.tolist()))
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and values ``(bsz, heads, max_kept + n_appended, d)`` — each head's context entries, zero padding
+        up to the longest head, then the appended tokens — and their validity ``(bsz, heads, max_kept +
+        n_appended)``. A temporary of one attention call: nothing here is stored."""
+        keys = self._padded_with_tail(self.ctx_keys, self.keys)
+        values = self._padded_with_tail(self.ctx_values, self.values)
+        slots = torch.arange(keys.shape[-2], device=self.lengths.device)
+        valid = (slots < self.lengths.unsqueeze(-1)) | (slots >= self.max_kept)
+        return keys, values, valid.to(keys.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         self.cumulative_length += key_states.shape[-2]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        keys = self._padded_with_tail(self.ctx_keys, self.keys)
-        values = self._padded_with_tail(self.ctx_values, self.values)
-        slots = torch.arange(keys.shape[-2], device=self.lengths.device)
-        # Valid: a head's own context entries, then every appended token. (bsz, heads, max_kept + n_appended)
-        valid = (slots < self.lengths.unsqueeze(-1)) | (slots >= self.max_kept)
-        keys.kvsqueeze_valid = valid.to(keys.device)
+        keys, values, valid = self.padded()
+        keys.kvsqueeze_valid = valid
         keys.kvsqueeze_tail = self.keys.shape[-2]
         return keys, values
 
     def _padded_with_tail(self, packed: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-        """``(bsz, heads, max_kept + n_appended, d)``: each head's context segment, zero padding up to the longest
-        segment, then the appended tokens. One copy per segment straight into the result (a temporary of one
-        attention call): no gather index and no second copy by concatenation."""
+        """One copy per segment straight into the padded result: no gather index, no second copy by concatenation.
+        The Python loop over segments is measured faster than one vectorised ``index_copy_`` into a zeroed buffer
+        (125 vs 552 µs for 3 heads, 1.7 vs 4.6 ms for 4 × 8 heads) on this CPU."""
         bsz, heads, n_tail, d = tail.shape
         out = packed.new_empty(bsz * heads, self.max_kept + n_tail, d)
         for row, (start, length) in enumerate(self._segments):
@@ -235,11 +226,7 @@ def layer_entries(cache: Cache, layer_idx: int) -> tuple[torch.Tensor, torch.Ten
     Appended tokens are included after each head's context entries."""
     layer = cache.layers[layer_idx]
     if isinstance(layer, RaggedLayer):
-        ctx_k, ctx_v, valid = layer.padded_context()
-        keys = torch.cat([ctx_k, layer.keys], dim=-2)
-        values = torch.cat([ctx_v, layer.values], dim=-2)
-        tail = torch.ones(*valid.shape[:2], layer.keys.shape[-2], dtype=torch.bool, device=valid.device)
-        valid = torch.cat([valid, tail], dim=-1)
+        keys, values, valid = layer.padded()
         return keys[valid], values[valid], valid.sum(-1)
     keys, values = layer.keys, layer.values
     lengths = torch.full(keys.shape[:2], keys.shape[-2], dtype=torch.int64, device=keys.device)
@@ -475,8 +462,9 @@ def _base_attention(base: str, module_type: type) -> Callable:
 
 def _fit_mask(mask: torch.Tensor | None, kv_len: int, q_len: int) -> torch.Tensor | None:
     """A 4-D mask built for another layer's length, refitted to ``kv_len`` keys: every entry stored before this
-    step visible, the original mask's columns for the ``q_len`` new tokens (as :meth:`ModelAdapter.aligned_masks`).
-    Compressed layers store different counts once heads are ragged, but transformers builds one mask per type."""
+    step visible, the original mask's columns for the ``q_len`` new tokens; any other mask is returned as is.
+    Compressed layers may store different counts (per-layer budgets, ragged heads), but transformers builds one
+    mask per attention type from a single layer's sizes."""
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-1] == kv_len:
         return mask
     stored = kv_len - q_len
@@ -508,14 +496,9 @@ def _make_ragged_attention(base: str) -> Callable:
     return attention
 
 
-_REGISTERED = False
-
-
+@functools.cache
 def register_ragged_attention() -> None:
     """Register kvsqueeze's attention implementations (and their mask builders) with transformers, once."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask, flash_attention_mask, sdpa_mask
 
@@ -523,7 +506,6 @@ def register_ragged_attention() -> None:
     for base, name in RAGGED_IMPLEMENTATIONS.items():
         AttentionInterface.register(name, _make_ragged_attention(base))
         AttentionMaskInterface.register(name, masks[base])
-    _REGISTERED = True
 
 
 @contextmanager
@@ -644,20 +626,14 @@ def _gated_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     return out, None
 
 
-_GATED_REGISTERED = False
-
-
+@functools.cache
 def register_gated_attention() -> None:
     """Register the gated attention implementation (and its sdpa mask builder) with transformers, once."""
-    global _GATED_REGISTERED
-    if _GATED_REGISTERED:
-        return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(GATED_IMPLEMENTATION, _gated_attention)
     AttentionMaskInterface.register(GATED_IMPLEMENTATION, sdpa_mask)
-    _GATED_REGISTERED = True
 
 
 @contextmanager
@@ -944,22 +920,15 @@ class ModelAdapter:
         """
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
-            mask = kwargs.get("attention_mask")
-            if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
-                return None
             c = self.cache_from_call(kwargs)
             if c is None or module.layer_idx >= len(c.layers):
                 return None
-            hidden = self.hidden_states_from_call(args, kwargs)
-            q_len = hidden.shape[1]
-            stored = layer_physical_length(c, module.layer_idx)
-            if mask.shape[-1] == stored + q_len:
+            mask = kwargs.get("attention_mask")
+            q_len = self.hidden_states_from_call(args, kwargs).shape[1]
+            fitted = _fit_mask(mask, layer_physical_length(c, module.layer_idx) + q_len, q_len)
+            if fitted is mask:
                 return None
-            if mask.dtype == torch.bool:
-                visible = torch.ones(*mask.shape[:-1], stored, dtype=torch.bool, device=mask.device)
-            else:
-                visible = torch.zeros(*mask.shape[:-1], stored, dtype=mask.dtype, device=mask.device)
-            kwargs["attention_mask"] = torch.cat([visible, mask[..., -q_len:]], dim=-1)
+            kwargs["attention_mask"] = fitted
             return args, kwargs
 
         handles = [
@@ -971,6 +940,22 @@ class ModelAdapter:
         finally:
             for h in handles:
                 h.remove()
+
+    @contextmanager
+    def compressed_attention(self, uneven_layers: bool, ragged: bool) -> Iterator[None]:
+        """Attention that fits a compressed cache: masks realigned (:meth:`aligned_masks`) when layers store
+        different counts, per-head attention (:func:`ragged_attention`) when heads do; nothing added otherwise."""
+        with contextlib.ExitStack() as stack:
+            if uneven_layers:
+                stack.enter_context(self.aligned_masks())
+            if ragged:
+                stack.enter_context(ragged_attention(self.model))
+            yield
+
+    def attention_for_cache(self, cache: Cache) -> contextlib.AbstractContextManager[None]:
+        """:meth:`compressed_attention` for what ``cache`` holds (decoding after compression)."""
+        lengths = {layer_physical_length(cache, i) for i in self.compressible_layers}
+        return self.compressed_attention(len(lengths) > 1, has_ragged_layers(cache))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ on request) until EOS or ``max_new_tokens``.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -263,13 +262,7 @@ class CompressedContext:
         eos = pipe.eos_token_ids
         kwargs = pipe.adapter.model_call_kwargs(cache)
         out: list[int] = []
-        lengths = {A.layer_physical_length(cache, i) for i in pipe.adapter.compressible_layers}
-        # Realign masks only when compressed layers store different counts (PyramidKV); otherwise skip the hooks.
-        with contextlib.ExitStack() as stack:
-            if len(lengths) > 1:
-                stack.enter_context(pipe.adapter.aligned_masks())
-            if A.has_ragged_layers(cache):  # head-wise budgets: attention over each head's own entries
-                stack.enter_context(A.ragged_attention(pipe.model))
+        with pipe.adapter.attention_for_cache(cache):
             logits = pipe.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
             for _ in range(max_new_tokens):
                 token = _next_token(logits, do_sample, temperature, top_p, generator)

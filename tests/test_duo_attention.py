@@ -193,17 +193,14 @@ def test_kept_counts_follow_head_plan_and_budget(model_name, ratio, tiny_model, 
         assert cache.layers[i].get_seq_length() == seq_len
         # The entries are the sinks and the recent window of streaming heads, everything for retrieval heads.
         keys, values = A.layer_kv(base, i)
-        if A.is_ragged_layer(cache, i):
-            ctx_k, ctx_v, valid = cache.layers[i].padded_context()
-        else:
-            ctx_k, ctx_v = A.layer_kv(cache, i)
-            valid = torch.ones(ctx_k.shape[:3], dtype=torch.bool)
+        packed_k, packed_v, entry_lengths = A.layer_entries(cache, i)  # any layout, one segment per head (batch 1)
+        key_segments = packed_k.split(entry_lengths.reshape(-1).tolist())
+        value_segments = packed_v.split(entry_lengths.reshape(-1).tolist())
         for h in range(keys.shape[1]):
             n_s, n_r = int(plan.sinks[i, h]), int(plan.recent[i, h])
             want = list(range(seq_len)) if not plan.streaming[i, h] else [*range(n_s), *range(seq_len - n_r, seq_len)]
-            got = ctx_v[0, h][valid[0, h]]
-            assert torch.equal(got, values[0, h, want]), f"layer {i} head {h}"
-            assert torch.equal(ctx_k[0, h][valid[0, h]], keys[0, h, want])
+            assert torch.equal(value_segments[h], values[0, h, want]), f"layer {i} head {h}"
+            assert torch.equal(key_segments[h], keys[0, h, want])
     assert report.measured_ratio == pytest.approx(1 - int(seq_len * (1 - ratio)) / seq_len)
 
 

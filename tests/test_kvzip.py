@@ -37,16 +37,13 @@ def _prefill(model, ids, press=None):
 def _kept_positions(cache, base, layer_idx: int) -> list[list[list[int]]]:
     """Original positions kept by each (row, head) of one layer, found by exact value-row matches."""
     _, values = A.layer_kv(base, layer_idx)
-    if A.is_ragged_layer(cache, layer_idx):
-        _, ctx_v, valid = cache.layers[layer_idx].padded_context()
-    else:
-        _, ctx_v = A.layer_kv(cache, layer_idx)
-        valid = torch.ones(ctx_v.shape[:3], dtype=torch.bool)
+    _, packed, lengths = A.layer_entries(cache, layer_idx)  # any layout, one segment per (row, head)
+    segments = packed.split(lengths.reshape(-1).tolist())
     out = []
     for b in range(values.shape[0]):
         row = []
         for h in range(values.shape[1]):
-            kept = ctx_v[b, h][valid[b, h]]
+            kept = segments[b * values.shape[1] + h]
             eq = (kept[:, None] == values[b, h][None]).all(-1)  # (n_kept, L)
             assert (eq.sum(-1) == 1).all(), "a kept entry is not exactly one original context entry"
             row.append(eq.float().argmax(-1).tolist())

@@ -13,7 +13,9 @@ from kvsqueeze.presses.base import (
     Press,
     RaggedKV,
     ScorerPress,
+    check_wrapped_scorer,
     derived_capabilities,
+    has_own_budget,
 )
 from kvsqueeze.presses.expected_attention import ExpectedAttentionPress
 from kvsqueeze.presses.registry import register_press
@@ -21,19 +23,12 @@ from kvsqueeze.presses.registry import register_press
 
 def check_wrapped_budget(wrapper: Press, inner: Press) -> None:
     """A wrapper takes its ratio/budget either itself or from the press it wraps, not from both."""
-    own = bool(wrapper.compression_ratio) or wrapper.budget is not None
-    inner_set = bool(inner.compression_ratio) or inner.budget is not None
-    if own and inner_set:
+    if has_own_budget(wrapper) and has_own_budget(inner):
         raise ValueError(
             f"set the compression ratio/budget on {type(wrapper).__name__} or on the wrapped "
             f"{type(inner).__name__}, not both (got {wrapper.compression_ratio!r}/{wrapper.budget!r} and "
             f"{inner.compression_ratio!r}/{inner.budget!r})"
         )
-
-
-def own_budget(wrapper: Press) -> bool:
-    """Whether a wrapper's own ratio/budget applies (otherwise the wrapped press's does)."""
-    return bool(wrapper.compression_ratio) or wrapper.budget is not None
 
 
 class WrappedBudget:
@@ -46,10 +41,10 @@ class WrappedBudget:
         self.press.validate(adapter)
 
     def n_kept(self, seq_len: int) -> int:
-        return super().n_kept(seq_len) if own_budget(self) else self.press.n_kept(seq_len)
+        return super().n_kept(seq_len) if has_own_budget(self) else self.press.n_kept(seq_len)
 
     def layer_budget(self, layer: LayerInputs) -> int:
-        return super().layer_budget(layer) if own_budget(self) else self.press.layer_budget(layer)
+        return super().layer_budget(layer) if has_own_budget(self) else self.press.layer_budget(layer)
 
 
 def check_alpha(alpha: object) -> None:
@@ -101,8 +96,7 @@ class AdaKVPress(WrappedBudget, Press):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.press, ScorerPress):
-            raise TypeError(f"press must be a ScorerPress to wrap, got {type(self.press).__name__}")
+        check_wrapped_scorer(self.press)
         check_alpha(self.alpha_safeguard)
         check_wrapped_budget(self, self.press)
 

@@ -14,7 +14,6 @@ Conventions, stated once:
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -213,6 +212,12 @@ class CompressionReport:
         total = sum(self.seen.values())
         return 1.0 - sum(self.kept.values()) / total if total else 0.0
 
+    def add(self, layer_idx: int, kept: float, seen: int, bytes_before: int) -> None:
+        """Record one compressed layer."""
+        self.kept[layer_idx] = kept
+        self.seen[layer_idx] = seen
+        self.bytes_before[layer_idx] = bytes_before
+
 
 def check_int(value: Any, name: str, minimum: int | None = None) -> None:
     """Validate an integer press field: TypeError when it is not an int (bools refused), ValueError below
@@ -271,7 +276,7 @@ class Press:
         """Entries kept per head for a layer of ``seq_len`` entries: ``int(seq_len * (1 - r))``, at least one."""
         if self.budget is not None:
             return min(self.budget, seq_len)
-        return min(seq_len, max(1, int(seq_len * (1.0 - self.compression_ratio))))
+        return kept_for_ratio(seq_len, self.compression_ratio)
 
     def layer_budget(self, layer: LayerInputs) -> int:
         """Entries kept per head at this layer; presses with per-layer budgets override this."""
@@ -296,22 +301,12 @@ class Press:
     def apply(self, layer: LayerInputs, cache: Cache, report: CompressionReport | None = None) -> None:
         """Compress ``layer`` and store the result in ``cache`` (used by the hook and by recorded prefills)."""
         start = time.perf_counter()
-        bytes_before = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-        kept = self.compress(layer)
-        if isinstance(kept, RaggedKV) and kept.uniform:  # heads agree: the dense layout needs no index
-            kept = kept.dense()
+        bytes_before = kv_nbytes(layer.keys, layer.values)
         # The logical length never changes: even position-changing presses keep the context's end fixed.
-        if isinstance(kept, RaggedKV):
-            A.write_ragged_layer(cache, layer.layer_idx, kept.keys, kept.values, kept.lengths, layer.seq_len)
-            n_kept: float = float(kept.lengths.double().mean())
-        else:
-            A.write_layer(cache, layer.layer_idx, kept.keys, kept.values, layer.seq_len)
-            n_kept = kept.keys.shape[-2]
+        n_kept = store_kept(cache, layer.layer_idx, self.compress(layer), layer.seq_len)
         if report is not None:
             report.seconds += time.perf_counter() - start
-            report.kept[layer.layer_idx] = n_kept
-            report.seen[layer.layer_idx] = layer.seq_len
-            report.bytes_before[layer.layer_idx] = bytes_before
+            report.add(layer.layer_idx, n_kept, layer.seq_len, bytes_before)
 
     def _hook(self, adapter: A.ModelAdapter, report: CompressionReport, queries: dict[int, torch.Tensor]):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -350,15 +345,40 @@ class Press:
         handles = adapter.register_query_capture(queries)
         handles += adapter.register_attention_hooks(self._hook(adapter, report, queries))
         try:
-            with contextlib.ExitStack() as stack:
-                if not self.capabilities.uniform_layers:  # layers store different counts: realign their masks
-                    stack.enter_context(adapter.aligned_masks())
-                if self.capabilities.headwise:  # heads store different counts: attention over ragged layers
-                    stack.enter_context(A.ragged_attention(model))
+            with adapter.compressed_attention(not self.capabilities.uniform_layers, self.capabilities.headwise):
                 yield report
         finally:
             for h in handles:
                 h.remove()
+
+
+def kv_nbytes(keys: torch.Tensor, values: torch.Tensor) -> int:
+    """Measured bytes of one layer's key and value tensors."""
+    return keys.numel() * keys.element_size() + values.numel() * values.element_size()
+
+
+def store_kept(cache: Cache, layer_idx: int, kept: KV | RaggedKV, logical_length: int) -> float:
+    """Write one layer's kept entries into ``cache`` — ragged when heads keep different counts, dense otherwise
+    (also for a :class:`RaggedKV` whose heads happen to agree: no index needed) — and return the entries kept per
+    head (mean over heads)."""
+    if isinstance(kept, RaggedKV) and kept.uniform:
+        kept = kept.dense()
+    if isinstance(kept, RaggedKV):
+        A.write_ragged_layer(cache, layer_idx, kept.keys, kept.values, kept.lengths, logical_length)
+        return float(kept.lengths.double().mean())
+    A.write_layer(cache, layer_idx, kept.keys, kept.values, logical_length)
+    return float(kept.keys.shape[-2])
+
+
+def kept_for_ratio(seq_len: int, ratio: float) -> int:
+    """Entries a head keeps out of ``seq_len`` at compression ratio ``ratio``: ``int(seq_len·(1 − r))``, at least 1."""
+    return min(seq_len, max(1, int(seq_len * (1.0 - ratio))))
+
+
+def has_own_budget(press: Press) -> bool:
+    """Whether ``press`` was given a compression ratio or an absolute budget (wrappers check this on themselves
+    and on the press they wrap)."""
+    return bool(press.compression_ratio) or press.budget is not None
 
 
 def keep_top(scores: torch.Tensor, n_kept: int) -> torch.Tensor:
@@ -412,3 +432,9 @@ class ScorerPress(Press):
         if n_kept >= layer.seq_len:  # nothing to remove: keep the tensors as they are (bit-identical)
             return KV(layer.keys, layer.values)
         return gather_kv(layer.keys, layer.values, self.select(layer, n_kept))
+
+
+def check_wrapped_scorer(press: object) -> None:
+    """Wrappers that re-select from scores need a :class:`ScorerPress` inside; anything else fails here."""
+    if not isinstance(press, ScorerPress):
+        raise TypeError(f"press must be a ScorerPress to wrap, got {type(press).__name__}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvsqueeze.presses.base import KV, Capabilities, LayerInputs, Press, derived_capabilities
+from kvsqueeze.presses.base import KV, Capabilities, LayerInputs, Press, derived_capabilities, has_own_budget
 from kvsqueeze.presses.registry import register_press
 
 
@@ -27,7 +27,7 @@ class ComposedPress(Press):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.compression_ratio or self.budget is not None:
+        if has_own_budget(self):
             raise ValueError(
                 "ComposedPress takes its ratios from its inner presses; "
                 f"got compression_ratio={self.compression_ratio!r}, budget={self.budget!r}"

@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 import torch
 
 from kvsqueeze.presses.adakv import AdaKVPress, WrappedBudget, adaptive_head_budgets, check_wrapped_budget
-from kvsqueeze.presses.base import Capabilities, LayerInputs, Press, ScorerPress, derived_capabilities
+from kvsqueeze.presses.base import (
+    Capabilities,
+    LayerInputs,
+    Press,
+    ScorerPress,
+    check_wrapped_scorer,
+    derived_capabilities,
+)
 from kvsqueeze.presses.expected_attention import ExpectedAttentionPress
 from kvsqueeze.presses.registry import register_press
 
@@ -41,6 +48,12 @@ def _rank(scores: torch.Tensor) -> torch.Tensor:
     return order.argsort(dim=-1)
 
 
+def first_stage(scores: torch.Tensor, n_kept: torch.Tensor, first_stage_ratio: float) -> torch.Tensor:
+    """Stage 1: each head's top ``int(first_stage_ratio · n_kept)`` entries by ``scores``, mask ``(bsz, heads, n)``."""
+    n1 = (n_kept.float() * first_stage_ratio).floor().long()
+    return _rank(scores) < n1.unsqueeze(-1)
+
+
 def two_stage_keep(
     scores: torch.Tensor, vnorm: torch.Tensor, n_kept: torch.Tensor, first_stage_ratio: float, epsilon: float
 ) -> torch.Tensor:
@@ -49,8 +62,7 @@ def two_stage_keep(
     Stage 1 keeps each head's top ``int(first_stage_ratio · n_kept)`` entries by ``scores``; stage 2 fills the rest
     of the head's budget by ``(score + ε)·‖W_o v‖₁``.
     """
-    n1 = (n_kept.float() * first_stage_ratio).floor().long()
-    stage1 = _rank(scores) < n1.unsqueeze(-1)
+    stage1 = first_stage(scores, n_kept, first_stage_ratio)
     critical = ((scores + epsilon) * vnorm).masked_fill(stage1, float("inf"))
     return _rank(critical) < n_kept.unsqueeze(-1)
 
@@ -82,8 +94,7 @@ class CriticalKVPress(WrappedBudget, ScorerPress):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.press, ScorerPress):
-            raise TypeError(f"press must be a ScorerPress to wrap, got {type(self.press).__name__}")
+        check_wrapped_scorer(self.press)
         _check_fields(self)
         check_wrapped_budget(self, self.press)
 
@@ -96,8 +107,7 @@ class CriticalKVPress(WrappedBudget, ScorerPress):
         scores = base_scores(self.press, layer)
         vnorm = layer.adapter.value_output_norms(layer.module, layer.values)
         n = torch.full(scores.shape[:2], min(self.layer_budget(layer), layer.seq_len), device=scores.device)
-        n1 = (n.float() * self.first_stage_ratio).floor().long()
-        stage1 = _rank(scores) < n1.unsqueeze(-1)
+        stage1 = first_stage(scores, n, self.first_stage_ratio)
         critical = (scores + self.epsilon) * vnorm
         top = critical.amax(dim=-1, keepdim=True)
         # Stage-1 entries above every stage-2 score, in their base-score order.

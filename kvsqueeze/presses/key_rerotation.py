@@ -7,7 +7,17 @@ from dataclasses import dataclass
 import torch
 
 from kvsqueeze import adapter as A
-from kvsqueeze.presses.base import KV, Capabilities, LayerInputs, Press, ScorerPress, derived_capabilities, gather_kv
+from kvsqueeze.presses.base import (
+    KV,
+    Capabilities,
+    LayerInputs,
+    Press,
+    ScorerPress,
+    check_wrapped_scorer,
+    derived_capabilities,
+    gather_kv,
+    has_own_budget,
+)
 from kvsqueeze.presses.registry import register_press
 
 
@@ -32,9 +42,8 @@ class KeyRerotationPress(Press):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.press, ScorerPress):
-            raise TypeError(f"press must be a ScorerPress to wrap, got {type(self.press).__name__}")
-        if self.compression_ratio or self.budget is not None:
+        check_wrapped_scorer(self.press)
+        if has_own_budget(self):
             raise ValueError(
                 "set the ratio/budget on the wrapped press; "
                 f"got compression_ratio={self.compression_ratio!r}, budget={self.budget!r}"

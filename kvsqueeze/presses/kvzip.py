@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from torch import nn
 
 from kvsqueeze import adapter as A
 from kvsqueeze.presses.base import (
+    KV,
     Capabilities,
     CompressionReport,
     LayerInputs,
@@ -22,6 +22,8 @@ from kvsqueeze.presses.base import (
     RaggedKV,
     check_int,
     derived_capabilities,
+    kv_nbytes,
+    store_kept,
 )
 from kvsqueeze.presses.registry import register_press
 
@@ -240,23 +242,12 @@ class KVzipPress(Press):
             keys, values = A.layer_kv(cache, i)
             if A.layer_logical_length(cache, i) != n_ctx or keys.shape[-2] != n_ctx:
                 raise RuntimeError(f"layer {i} holds {keys.shape[-2]} entries, expected the {n_ctx} context tokens")
-            bytes_before = keys.numel() * keys.element_size() + values.numel() * values.element_size()
+            bytes_before = kv_nbytes(keys, values)
             keep = None if masks is None else masks[i]
-            if keep is None or bool(keep.all()):
-                A.write_layer(cache, i, keys, values, n_ctx)
-                kept = float(n_ctx)
-            else:
-                ragged = RaggedKV.from_mask(keys, values, keep)
-                if ragged.uniform:
-                    dense = ragged.dense()
-                    A.write_layer(cache, i, dense.keys, dense.values, n_ctx)
-                else:
-                    A.write_ragged_layer(cache, i, ragged.keys, ragged.values, ragged.lengths, n_ctx)
-                kept = float(ragged.lengths.double().mean())
+            kept = KV(keys, values) if keep is None or bool(keep.all()) else RaggedKV.from_mask(keys, values, keep)
+            n_kept = store_kept(cache, i, kept, n_ctx)
             if report is not None:
-                report.kept[i] = kept
-                report.seen[i] = n_ctx
-                report.bytes_before[i] = bytes_before
+                report.add(i, n_kept, n_ctx, bytes_before)
         if report is not None:
             report.seconds += time.perf_counter() - start
 
@@ -295,9 +286,7 @@ class KVzipPress(Press):
             model.register_forward_hook(hook, with_kwargs=True),
         ]
         try:
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(adapter.aligned_masks())  # layers store different counts
-                stack.enter_context(A.ragged_attention(model))  # heads store different counts
+            with adapter.compressed_attention(uneven_layers=True, ragged=True):
                 yield report
         finally:
             for h in handles:

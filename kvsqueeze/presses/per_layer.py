@@ -7,7 +7,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvsqueeze.presses.base import Capabilities, LayerInputs, ScorerPress, _check_ratio, derived_capabilities
+from kvsqueeze.presses.base import (
+    Capabilities,
+    LayerInputs,
+    ScorerPress,
+    _check_ratio,
+    check_wrapped_scorer,
+    derived_capabilities,
+    has_own_budget,
+    kept_for_ratio,
+)
 from kvsqueeze.presses.registry import register_press
 
 
@@ -31,14 +40,13 @@ class PerLayerCompressionPress(ScorerPress):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.press, ScorerPress):
-            raise TypeError(f"press must be a ScorerPress to wrap, got {type(self.press).__name__}")
-        if self.compression_ratio or self.budget is not None:
+        check_wrapped_scorer(self.press)
+        if has_own_budget(self):
             raise ValueError(
                 "PerLayerCompressionPress takes one ratio per layer in compression_ratios; "
                 f"got compression_ratio={self.compression_ratio!r}, budget={self.budget!r}"
             )
-        if self.press.compression_ratio or self.press.budget is not None:
+        if has_own_budget(self.press):
             raise ValueError(
                 f"the wrapped {type(self.press).__name__} must have no ratio/budget of its own "
                 f"(got {self.press.compression_ratio!r}/{self.press.budget!r}); set compression_ratios"
@@ -62,7 +70,7 @@ class PerLayerCompressionPress(ScorerPress):
 
     def n_kept(self, seq_len: int) -> int:
         """Mean over layers of the kept count (each layer uses its own ratio)."""
-        kept = [min(seq_len, max(1, int(seq_len * (1.0 - r)))) for r in self.compression_ratios]
+        kept = [kept_for_ratio(seq_len, r) for r in self.compression_ratios]
         return math.floor(sum(kept) / len(kept))
 
     def layer_budget(self, layer: LayerInputs) -> int:
@@ -70,8 +78,7 @@ class PerLayerCompressionPress(ScorerPress):
             raise ValueError(
                 f"layer {layer.layer_idx} has no entry in compression_ratios ({len(self.compression_ratios)} given)"
             )
-        ratio = float(self.compression_ratios[layer.layer_idx])
-        return min(layer.seq_len, max(1, int(layer.seq_len * (1.0 - ratio))))
+        return kept_for_ratio(layer.seq_len, float(self.compression_ratios[layer.layer_idx]))
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
         return self.press.score(layer)
