@@ -233,3 +233,26 @@ def hook_counts(model: torch.nn.Module) -> dict[str, int]:
         counts["forward_pre"] += len(module._forward_pre_hooks)
         counts["with_kwargs"] += len(module._forward_hooks_with_kwargs) + len(module._forward_pre_hooks_with_kwargs)
     return counts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Hugging Face hub, made unreachable or missing for the dataset loaders.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """The hub answers no probe, and no environment variable short-cuts the check."""
+    from kvsqueeze.evaluation import hub
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=0: False)
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def no_datasets_package(monkeypatch):
+    """``import datasets`` fails as if the package were not installed."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)

@@ -57,7 +57,7 @@ PRESS_KWARGS: dict[str, list[dict[str, Any]]] = {
         {"n_future_positions": 32, "n_sink": 0, "use_covariance": False},
     ],
     "qfilters": [{}],
-    # Threshold 0: every layer is lazy (uniform StreamingLLM budgets); 1.0: almost never lazy.
+    # Threshold 0: every layer is lazy (uniform budgets); tests/test_simlayerkv.py checks the lazy decision.
     "simlayerkv": [{"lazy_threshold": 0.0}, {"lazy_threshold": 0.0, "n_initial": 0, "n_last": 4}],
     "duo_attention": [{"n_sink": 2, "n_recent": 8}, {"n_sink": 0, "n_recent": 4}],
     "kvzip": [

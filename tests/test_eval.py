@@ -63,7 +63,9 @@ def test_eval_then_report(tiny_load, tmp_path, capsys):
 
     code, out, err = run(argv[:-1], capsys)  # the same command again: everything is skipped, table printed
     assert code == 0, err
-    assert "0 units run, 7 already done" in out and "| " not in out
+    assert "0 units run, 7 already done" in out
+    rows = [line.split() for line in out.splitlines()]
+    assert any(r[:2] == ["knorm", "0.25"] for r in rows if len(r) > 1), out  # the results table, one row per unit
     assert "observed_attention" in out.split("prefills (")[1]  # names the presses that got their own prefill
 
     code, out, err = run(["report", directory, "--output", str(tmp_path / "report")], capsys)

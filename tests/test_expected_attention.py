@@ -77,14 +77,15 @@ def _record(model, seq_len: int = SEQ_LEN, batch: int = 1):
 
 def test_rotate_half_matrix_is_what_rope_applies(tiny_model):
     """The reference's per-position matrix really is transformers' RoPE (else the next test proves nothing)."""
-    from kvsqueeze.adapter import apply_rope
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     adapter = ModelAdapter(tiny_model("llama"))
     cos, sin = adapter.rope(0, torch.tensor([[5]]), torch.zeros(1))
     d = cos.shape[-1]
     x = torch.randn(1, 1, 1, d, generator=torch.Generator().manual_seed(0))
     mat = torch.diag(cos[0, 0]) + torch.diag(sin[0, 0]) @ _rotate_half_matrix(d).float()
-    torch.testing.assert_close(apply_rope(x, cos, sin)[0, 0, 0], mat @ x[0, 0, 0], rtol=1e-5, atol=1e-6)
+    rotated, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    torch.testing.assert_close(rotated[0, 0, 0], mat @ x[0, 0, 0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)

@@ -171,18 +171,15 @@ def _pipeline_context(model_name, tiny_model, press):
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_cache_unchanged_after_answering(model_name, tiny_model):
     model, pipe, ctx = _pipeline_context(model_name, tiny_model, _press(compression_ratio=0.5))
-    snapshot = [
-        tuple(t.clone() for t in (vars(layer).get("ctx_keys"), layer.keys, layer.values) if t is not None)
-        for layer in ctx.cache.layers
-    ]
+    assert any(A.is_ragged_layer(ctx.cache, i) for i in range(len(ctx.cache.layers)))
+    snapshot = [tuple(t.clone() for t in A.layer_entries(ctx.cache, i)) for i in range(len(ctx.cache.layers))]
     lengths = [layer.get_seq_length() for layer in ctx.cache.layers]
     first = [ctx.answer("What is the magic number?", max_new_tokens=6) for _ in range(2)]
     ctx.answer("Something else?", max_new_tokens=4)
     assert first[0] == first[1]
     assert [layer.get_seq_length() for layer in ctx.cache.layers] == lengths == [ctx.n_tokens] * len(lengths)
-    for layer, saved in zip(ctx.cache.layers, snapshot):
-        now = tuple(t for t in (vars(layer).get("ctx_keys"), layer.keys, layer.values) if t is not None)
-        assert all(torch.equal(a, b) for a, b in zip(now, saved))
+    for i, saved in enumerate(snapshot):  # every stored entry (packed context and appended tail), any layout
+        assert all(torch.equal(a, b) for a, b in zip(A.layer_entries(ctx.cache, i), saved)), f"layer {i}"
 
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)

@@ -12,7 +12,6 @@ import pytest
 
 from kvsqueeze.corpus import essays
 from kvsqueeze.evaluation import Prediction, make_benchmark
-from kvsqueeze.evaluation import hub as hub_module
 from kvsqueeze.evaluation.ruler import TASKS, TOLERANCE, QaDataUnavailable, Ruler
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ruler"
@@ -222,15 +221,7 @@ def test_score_rejects_unknown_task():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def offline_hub(monkeypatch):
-    monkeypatch.setattr(hub_module, "hub_reachable", lambda timeout=0: False)
-    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-
-
-def test_qa_tasks_skipped_with_a_warning_when_offline(tokenizer, offline_hub, caplog):
+def test_qa_tasks_skipped_with_a_warning_when_offline(tokenizer, unreachable_hub, caplog):
     with caplog.at_level(logging.WARNING, logger="kvsqueeze.evaluation.ruler"):
         samples = _samples(tokenizer, 2000, tasks=["niah_single_1", "qa_1", "qa_2"], n=1)
     assert [s.task for s in samples] == ["niah_single_1"]
@@ -239,22 +230,12 @@ def test_qa_tasks_skipped_with_a_warning_when_offline(tokenizer, offline_hub, ca
     assert "rajpurkar/squad" in text and "unreachable" in text
 
 
-def test_only_qa_tasks_offline_is_an_error(tokenizer, offline_hub):
+def test_only_qa_tasks_offline_is_an_error(tokenizer, unreachable_hub):
     with pytest.raises(QaDataUnavailable, match="only qa tasks.*hotpotqa/hotpot_qa.*unreachable"):
         _samples(tokenizer, 2000, tasks=["qa_2"], n=1)
 
 
-def test_missing_datasets_package_is_named(tokenizer, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name == "datasets":
-            raise ImportError("No module named 'datasets'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
+def test_missing_datasets_package_is_named(tokenizer, no_datasets_package):
     with pytest.raises(QaDataUnavailable, match=r"`datasets` package is missing.*pip install"):
         _samples(tokenizer, 2000, tasks=["qa_1"], n=1)
 
