@@ -180,6 +180,22 @@ def token_ids(seq_len: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def prefill(model, ids: torch.Tensor, press=None):
+    """Prefill ``ids`` into a fresh cache (with ``press`` active); returns ``(cache, report, last logits)``."""
+    from kvsqueeze.adapter import ModelAdapter
+
+    adapter = ModelAdapter(model)
+    cache = adapter.new_cache()
+    report = None
+    with torch.inference_mode():
+        if press is None:
+            out = model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))
+        else:
+            with press(model) as report:
+                out = model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))
+    return cache, report, out.logits[:, -1]
+
+
 def _calibrate(model, method: str, output: Path):
     """Run ``kvsqueeze.calibration.calibrate`` on seeded random batches, adapting to its signature."""
     from kvsqueeze.calibration import calibrate

@@ -12,21 +12,9 @@ from kvsqueeze import adapter as A
 from kvsqueeze.calibration import calibrate, load_artifact
 from kvsqueeze.calibration.duo_attention import duo_loss, given_sequence_sample, passkey_sample
 
-from conftest import MODEL_NAMES, build_tokenizer, token_ids
+from conftest import MODEL_NAMES, build_tokenizer, prefill, token_ids
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def _prefill(model, ids, press=None):
-    adapter = A.ModelAdapter(model)
-    cache = adapter.new_cache()
-    with torch.inference_mode():
-        if press is None:
-            model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))
-            return cache, None
-        with press(model) as report:
-            model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))
-    return cache, report
 
 
 def _press(calibration_artifact, model_name, **kwargs):
@@ -180,8 +168,8 @@ def test_kept_counts_follow_head_plan_and_budget(model_name, ratio, tiny_model, 
     press = _press(calibration_artifact, model_name, compression_ratio=ratio)
     plan = press.head_plan(adapter, seq_len)
     ids = token_ids(seq_len, seed=7)
-    base, _ = _prefill(model, ids)
-    cache, report = _prefill(model, ids, press)
+    base, _, _ = prefill(model, ids)
+    cache, report, _ = prefill(model, ids, press)
     full = adapter.compressible_layers
     n_heads = len(full) * adapter.shape.num_key_value_heads
     kept = plan.kept(seq_len)
@@ -229,7 +217,7 @@ def test_plan_is_deterministic_and_stateless(tiny_model, calibration_artifact):
     press = _press(calibration_artifact, "qwen3", compression_ratio=0.5)
     before = dict(vars(press))
     a = press.head_plan(adapter, 80)
-    _prefill(model, token_ids(80, seed=8), press)
+    prefill(model, token_ids(80, seed=8), press)
     b = press.head_plan(adapter, 80)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert vars(press) == before
@@ -242,8 +230,8 @@ def test_measured_bytes_follow_ratio(model_name, ratio, tiny_model, calibration_
     adapter = A.ModelAdapter(model)
     ids = token_ids(200, seed=9)
     press = _press(calibration_artifact, model_name, compression_ratio=ratio)
-    base, _ = _prefill(model, ids)
-    cache, _ = _prefill(model, ids, press)
+    base, _, _ = prefill(model, ids)
+    cache, _, _ = prefill(model, ids, press)
     full = adapter.compressible_layers
     before = sum(A.layer_nbytes(base, i) for i in full)
     after = sum(A.layer_nbytes(cache, i) for i in full)

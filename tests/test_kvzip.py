@@ -9,7 +9,7 @@ import kvsqueeze
 from kvsqueeze import adapter as A
 from kvsqueeze.record import record_prefill
 
-from conftest import MODEL_NAMES, build_model, build_tokenizer, hook_counts, token_ids
+from conftest import MODEL_NAMES, build_model, build_tokenizer, hook_counts, prefill, token_ids
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -19,19 +19,6 @@ TOKENIZER = build_tokenizer()
 def _press(**kwargs):
     kwargs.setdefault("tokenizer", TOKENIZER)
     return kvsqueeze.make_press("kvzip", **kwargs)
-
-
-def _prefill(model, ids, press=None):
-    adapter = A.ModelAdapter(model)
-    cache = adapter.new_cache()
-    report = None
-    with torch.inference_mode():
-        if press is None:
-            model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))
-        else:
-            with press(model) as report:
-                model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))
-    return cache, report
 
 
 def _kept_positions(cache, base, layer_idx: int) -> list[list[list[int]]]:
@@ -60,8 +47,8 @@ def test_kept_total_is_exact_and_sinks_are_kept(model_name, ratio, layerwise, ti
     seq_len = 57
     ids = token_ids(seq_len, seed=1)
     press = _press(compression_ratio=ratio, layerwise=layerwise, chunk_size=20)
-    base, _ = _prefill(model, ids)
-    cache, report = _prefill(model, ids, press)
+    base, _, _ = prefill(model, ids)
+    cache, report, _ = prefill(model, ids, press)
     full = adapter.compressible_layers
     n_kv = adapter.shape.num_key_value_heads
     n_kept = press.n_kept(seq_len)
@@ -85,10 +72,10 @@ def test_global_eviction_gives_non_uniform_layers(tiny_model):
     adapter = A.ModelAdapter(model)
     ids = token_ids(60, seed=2)
     press = _press(compression_ratio=0.5)
-    base, _ = _prefill(model, ids)
+    base, _, _ = prefill(model, ids)
     with torch.inference_mode():
         scores = press.scores(adapter, ids, base)
-    cache, _ = _prefill(model, ids, press)
+    cache, _, _ = prefill(model, ids, press)
     totals = [int(A.layer_head_lengths(cache, i).sum()) for i in adapter.compressible_layers]
     assert len(set(totals)) > 1, totals
     kept_scores, dropped_scores = [], []
@@ -115,7 +102,7 @@ def test_scores_match_eager_attention_of_the_repeated_context(model_name, tiny_m
     adapter = A.ModelAdapter(model)
     ids = token_ids(40, seed=3)
     press = _press(compression_ratio=0.5)
-    base, _ = _prefill(model, ids)
+    base, _, _ = prefill(model, ids)
     with torch.inference_mode():
         scores = press.scores(adapter, ids, base)
         (repeat,) = press.chunks(model, ids)
@@ -146,9 +133,9 @@ def test_context_cache_holds_only_context_entries(model_name, tiny_model):
     model = tiny_model(model_name)
     adapter = A.ModelAdapter(model)
     ids = token_ids(50, seed=5)
-    base, _ = _prefill(model, ids)
+    base, _, _ = prefill(model, ids)
     press = _press(compression_ratio=0.25, chunk_size=16)
-    cache, _ = _prefill(model, ids, press)
+    cache, _, _ = prefill(model, ids, press)
     assert cache.get_seq_length() == 50
     for i, layer in enumerate(cache.layers):
         assert layer.get_seq_length() == 50, f"layer {i}"
@@ -228,8 +215,8 @@ def test_measured_bytes_follow_ratio(model_name, ratio, tiny_model):
     model = tiny_model(model_name)
     adapter = A.ModelAdapter(model)
     ids = token_ids(200, seed=7)
-    base, _ = _prefill(model, ids)
-    cache, _ = _prefill(model, ids, _press(compression_ratio=ratio))
+    base, _, _ = prefill(model, ids)
+    cache, _, _ = prefill(model, ids, _press(compression_ratio=ratio))
     full = adapter.compressible_layers
     before = sum(A.layer_nbytes(base, i) for i in full)
     after = sum(A.layer_nbytes(cache, i) for i in full)
@@ -242,9 +229,9 @@ def test_ratio_zero_runs_no_reconstruction_and_is_bit_identical(tiny_model):
     handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
         ids = token_ids(30, seed=8)
-        base, _ = _prefill(model, ids)
+        base, _, _ = prefill(model, ids)
         calls.clear()
-        cache, report = _prefill(model, ids, _press())
+        cache, report, _ = prefill(model, ids, _press())
     finally:
         handle.remove()
     assert len(calls) == 1

@@ -26,7 +26,7 @@ from kvsqueeze.presses import ScorerPress, keep_top
 from kvsqueeze.presses.base import Capabilities, LayerInputs, Press
 from kvsqueeze.record import record_prefill
 
-from conftest import MODEL_NAMES, hook_counts, token_ids
+from conftest import MODEL_NAMES, hook_counts, prefill, token_ids
 from press_matrix import CASES, FIRST_CASES, PRESS_KWARGS, PROTECTED, RATIOS, ROW_DEPENDENT, WRAPPERS, PressCase
 
 SEQ_LEN = 48
@@ -51,20 +51,6 @@ def setup(model_for, calibration_artifact):
         return press, expected, model_for(model_name, press)
 
     return make
-
-
-def prefill(model, ids: torch.Tensor, press: Press | None = None):
-    """Prefill ``ids`` into a fresh cache (with ``press`` active); returns ``(cache, report, last logits)``."""
-    adapter = A.ModelAdapter(model)
-    cache = adapter.new_cache()
-    report = None
-    with torch.inference_mode():
-        if press is None:
-            out = model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))
-        else:
-            with press(model) as report:
-                out = model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))
-    return cache, report, out.logits[:, -1]
 
 
 def assert_layers_equal(a, b, layers=None, what: str = "") -> None:
