@@ -403,21 +403,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Compute a calibration artifact with ``kvsqueeze.calibration.calibrate`` and print where it was written."""
-    _positive(args.n_sequences, "--n-sequences")
-    if args.seq_len is not None:
-        _positive(args.seq_len, "--seq-len")
-    _positive(args.n_samples, "--n-samples")
-    _positive(args.steps, "--steps")
+    for value, flag in ((args.n_sequences, "--n-sequences"), (args.seq_len, "--seq-len"),
+                        (args.n_samples, "--n-samples"), (args.steps, "--steps")):
+        if value is not None:
+            _positive(value, flag)
     from kvsqueeze.calibration import METHODS, calibrate  # the heavy part, imported only for this command
 
     if args.method not in METHODS:
         raise CLIError(f"unknown calibration method {args.method!r}; known methods: {', '.join(METHODS)}")
+    duo = args.method == "duo_attention"
+    wrong = [flag for flag, value, applies in (("--n-sequences", args.n_sequences, not duo),
+                                               ("--n-samples", args.n_samples, args.method == "qfilters"), ("--steps", args.steps, duo))
+             if value is not None and not applies]
+    if wrong:
+        raise CLIError(f"not used by --method {args.method}: {', '.join(wrong)}")
     from kvsqueeze.models import load_model
 
-    if args.method == "duo_attention":
-        options = {"seq_len": args.seq_len or 1024, "steps": args.steps}
+    if duo:
+        options = {"seq_len": args.seq_len or 1024, "steps": 50 if args.steps is None else args.steps}
     else:
-        options = {"n_sequences": args.n_sequences, "seq_len": args.seq_len or 2048, "n_samples": args.n_samples}
+        options = {"n_sequences": 20 if args.n_sequences is None else args.n_sequences,
+                   "seq_len": args.seq_len or 2048, "n_samples": args.n_samples}
     model, tokenizer = load_model(args.model)
     path = calibrate(model, tokenizer, args.method, output=args.output, progress=True, **options)
     print(path)
@@ -622,13 +628,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--method", required=True, help="qfilters, expected_attention_stats or duo_attention")
     p.add_argument("--output", default=None, help="where to write (default: where the presses look for it)")
-    p.add_argument("--n-sequences", type=int, default=20, help="calibration sequences (default 20; not duo_attention)")
+    p.add_argument("--n-sequences", type=int, default=None, help="calibration sequences (default 20; not duo_attention)")
     p.add_argument(
         "--seq-len", type=int, default=None, help="tokens per sequence (default 2048; duo_attention: 1024)"
     )
-    p.add_argument("--n-samples", type=int, default=3000, help="qfilters: queries sampled per head (default 3000)")
+    p.add_argument("--n-samples", type=int, default=None, help="qfilters: queries sampled per head (default 3000)")
     p.add_argument(
-        "--steps", type=int, default=50, help="duo_attention: gate training steps, one passkey sample each (default 50)"
+        "--steps", type=int, default=None, help="duo_attention: gate training steps, one passkey sample each (default 50)"
     )
     p.set_defaults(func=cmd_calibrate)
 

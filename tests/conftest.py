@@ -13,7 +13,6 @@ their weights or configs (presses only add hooks, which the press tests check ar
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -197,22 +196,13 @@ def prefill(model, ids: torch.Tensor, press=None):
 
 
 def _calibrate(model, method: str, output: Path):
-    """Run ``kvsqueeze.calibration.calibrate`` on seeded random batches, adapting to its signature."""
+    """Run ``kvsqueeze.calibration.calibrate`` on seeded random batches into ``output``."""
     from kvsqueeze.calibration import calibrate
 
     batches = [token_ids(96, seed=100 + i) for i in range(4)]
-    params = inspect.signature(calibrate).parameters
-    kwargs = {}
-    if "input_ids_batches" in params:
-        kwargs["input_ids_batches"] = batches
-    if "output" in params:
-        kwargs["output"] = output
-    if "progress" in params:
-        kwargs["progress"] = False
-    result = calibrate(model, None, method, **kwargs)
-    path = Path(result) if isinstance(result, (str, Path)) else Path(getattr(result, "path", output))
-    if not path.is_file():
-        path = output
+    result = calibrate(model, None, method, input_ids_batches=batches, output=output, progress=False)
+    path = Path(result)
+    assert path == Path(output), f"calibrate wrote to {result!r}, not to output={output}"
     assert path.is_file(), f"calibrate(..., {method!r}) wrote no artifact at {output} (returned {result!r})"
     return path
 

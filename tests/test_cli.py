@@ -28,6 +28,9 @@ def test_ls_json_lists_every_press_with_fields_and_capabilities(capsys):
         (["run", "--press", "knrom", "--ratio", "0.5", "--context", "README.md", "--question", "q"], "knorm"),
         (["run", "--press", "knorm", "--ratio", "1.5", "--context", "README.md", "--question", "q"], "1.5"),
         (["run", "--press", "knorm", "--ratio", "0.5", "--context", "missing.txt", "--question", "q"], "missing.txt"),
+        (["calibrate", "--method", "qfilters", "--steps", "3"], "not used by --method qfilters: --steps"),
+        (["calibrate", "--method", "duo_attention", "--n-sequences", "3"], "--n-sequences"),
+        (["calibrate", "--method", "expected_attention_stats", "--n-samples", "3"], "--n-samples"),
     ],
 )
 def test_bad_cli_input_is_one_error_line(argv, message, capsys):

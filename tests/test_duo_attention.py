@@ -68,6 +68,18 @@ def test_calibration_rejects_bad_options(tiny_model, tmp_path):
         calibrate(model, None, "qfilters", input_ids_batches=ids, output=tmp_path / "a", steps=3)
     with pytest.raises(ValueError, match="tokenizer"):
         calibrate(model, None, "duo_attention", output=tmp_path / "a")
+    # Options another method uses are refused, not ignored; so are non-finite numbers and a bare string of text.
+    with pytest.raises(TypeError, match=r"n_sink not used by 'duo_attention'.*duo_sink"):
+        calibrate(model, None, "duo_attention", input_ids_batches=ids, output=tmp_path / "a", n_sink=8)
+    with pytest.raises(TypeError, match=r"n_samples not used by 'expected_attention_stats'"):
+        calibrate(model, None, "expected_attention_stats", input_ids_batches=ids, output=tmp_path / "a", n_samples=9)
+    with pytest.raises(ValueError, match=r"l1_weight must be finite, got nan"):
+        calibrate(model, None, "duo_attention", input_ids_batches=ids, output=tmp_path / "a", l1_weight=float("nan"))
+    with pytest.raises(TypeError, match=r"texts must be a list of strings, got str"):
+        calibrate(model, build_tokenizer(), "duo_attention", texts="one essay", output=tmp_path / "a")
+    with pytest.raises(TypeError, match=r"seed must be an int, got '0'"):
+        calibrate(model, None, "duo_attention", input_ids_batches=ids, output=tmp_path / "a", seed="0")
+    assert not (tmp_path / "a").exists()
 
 
 def test_passkey_sample_layout():

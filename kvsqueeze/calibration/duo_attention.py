@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from kvsqueeze import adapter as A
+from kvsqueeze.presses.base import check_int, check_number
 
 PASSKEY_SENTENCE = " The pass key is {key}. Remember it. {key} is the pass key. "
 RECALL_PROMPT = "\n\nWhat are the pass keys mentioned in the text above? The pass keys are:"
@@ -108,30 +109,18 @@ def duo_loss(
     n_sink: int,
     n_recent: int,
     l1_weight: float,
-    reference: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(total loss, distillation loss)`` of one sample (see the module docstring).
-
-    ``reference`` is the full model's final hidden states at the answer positions (computed when None).
-    """
+    """``(total loss, distillation loss)`` of one sample (see the module docstring); the reference is the full
+    model's final hidden states at the answer positions."""
     device = gates.device
     ids = sample.input_ids.to(device)
     pos = sample.answer_positions.to(device)
-    if reference is None:
-        with torch.no_grad():
-            reference = _final_hidden(model, ids)[:, pos]
+    with torch.no_grad():
+        reference = _final_hidden(model, ids)[:, pos]
     with A.gated_attention(model, gates, n_sink, n_recent):
         mixed = _final_hidden(model, ids)[:, pos]
     distill = (mixed.float() - reference.float()).pow(2).sum(-1).mean()
     return distill + l1_weight * gates.abs().sum(), distill
-
-
-def _check(value, name: str, kind=int, minimum=None):
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise TypeError(f"{name} must be {'an int' if kind is int else 'a number'}, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return value
 
 
 def calibrate_duo_attention(
@@ -181,16 +170,16 @@ def calibrate_duo_attention(
     Gates of layers that are not full attention (sliding-window layers of hybrid models) are not trained and
     stay 1: presses never compress those layers.
     """
-    steps = _check(steps, "steps", int, 1)
-    seq_len = _check(seq_len, "seq_len", int, 2)
-    n_sink = _check(n_sink, "n_sink", int, 0)
-    n_recent = _check(n_recent, "n_recent", int, 1)
-    n_passkeys = _check(n_passkeys, "n_passkeys", int, 1)
-    passkey_digits = _check(passkey_digits, "passkey_digits", int, 1)
-    lr = _check(lr, "lr", (int, float), 0)
-    l1_weight = _check(l1_weight, "l1_weight", (int, float), 0)
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
+    for value, name, minimum in ((steps, "steps", 1), (seq_len, "seq_len", 2), (n_sink, "n_sink", 0),
+                                 (n_recent, "n_recent", 1), (n_passkeys, "n_passkeys", 1),
+                                 (passkey_digits, "passkey_digits", 1), (seed, "seed", None)):
+        check_int(value, name, minimum)
+    check_number(lr, "lr", positive=True)
+    check_number(l1_weight, "l1_weight", minimum=0)
+    if texts is not None:
+        from kvsqueeze.calibration.runner import check_texts
+
+        check_texts(texts)
     adapter = A.ModelAdapter(model)
     if adapter.attention_softcap(adapter.attention_modules[0]) is not None:
         raise A.UnsupportedModelError(
@@ -233,17 +222,18 @@ def calibrate_duo_attention(
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
+        untrained = (~trained).to(device)  # sliding-window layers: gates stay 1
         with torch.inference_mode(False), torch.enable_grad():
             bar = tqdm(range(steps), desc="calibrating duo_attention", unit="step", disable=not progress)
             for step in bar:
                 optimizer.zero_grad(set_to_none=True)
                 loss, distill = duo_loss(model, sample(step), gates, n_sink, n_recent, l1_weight)
                 loss.backward()
-                gates.grad[~trained.to(device)] = 0.0
+                gates.grad[untrained] = 0.0
                 optimizer.step()
                 with torch.no_grad():
                     gates.clamp_(0.0, 1.0)
-                    gates[~trained.to(device)] = 1.0
+                    gates[untrained] = 1.0
                 history.append(float(distill.detach()))
                 bar.set_postfix(distill=f"{history[-1]:.3g}", retrieval=int((gates[trained] > 0.5).sum()))
     finally:

@@ -19,6 +19,7 @@ from kvsqueeze.corpus import essays, essays_dir  # noqa: F401  essays_dir is re-
 from kvsqueeze.calibration.artifacts import _check_method, default_artifact_path, save_artifact
 from kvsqueeze.calibration.qfilters import QFilterCollector
 from kvsqueeze.calibration.query_stats import QueryMomentCollector
+from kvsqueeze.presses.base import check_int
 
 
 def default_texts() -> list[str]:
@@ -27,9 +28,14 @@ def default_texts() -> list[str]:
 
 
 def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    check_int(value, name, minimum)
     return value
+
+
+def check_texts(texts: Any) -> None:
+    """Calibration texts must be a list of strings (a bare string would be read character by character)."""
+    if isinstance(texts, str) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+        raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
 
 
 def text_sequences(tokenizer, texts: Sequence[str], n_sequences: int, seq_len: int) -> list[torch.Tensor]:
@@ -39,8 +45,7 @@ def text_sequences(tokenizer, texts: Sequence[str], n_sequences: int, seq_len: i
     every text, then the second, ...) so a few sequences already span many texts. A chunk that does not start its
     text still gets the special prefix tokens (BOS) the tokenizer puts in front of a text.
     """
-    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-        raise TypeError("texts must be a list of strings")
+    check_texts(texts)
     probe = tokenizer("a", add_special_tokens=True).input_ids
     bare = tokenizer("a", add_special_tokens=False).input_ids
     prefix = probe[: len(probe) - len(bare)] if probe[len(probe) - len(bare) :] == bare else []
@@ -82,13 +87,13 @@ def calibrate(
     tokenizer,
     method: str,
     texts: Sequence[str] | None = None,
-    n_sequences: int = 16,
+    n_sequences: int | None = None,
     seq_len: int = 1024,
-    n_samples: int = 3000,
+    n_samples: int | None = None,
     output: str | os.PathLike | None = None,
     progress: bool = True,
     input_ids_batches: torch.Tensor | Sequence[torch.Tensor] | None = None,
-    n_sink: int = 4,
+    n_sink: int | None = None,
     seed: int = 0,
     **method_options: Any,
 ) -> Path:
@@ -109,12 +114,12 @@ def calibrate(
         :mod:`kvsqueeze.calibration.duo_attention`).
     texts : list of str or None, default None
         Calibration text; None uses :func:`default_texts` (the shipped essays).
-    n_sequences : int, default 16
+    n_sequences : int or None, default None (16)
         Sequences cut from ``texts``. The Q-Filters paper uses 20 of 2,048 tokens; 16 of 1,024 keep a CPU run
         to minutes and still give >5x more tokens than the 3,000 samples the SVD needs.
     seq_len : int, default 1024
         Tokens per sequence (at most; the last chunk of a text may be shorter).
-    n_samples : int, default 3000
+    n_samples : int or None, default None (3000)
         ``qfilters``: query vectors sampled per head (uniformly over all calibration positions) for the SVD.
     output : path or None, default None
         Where to write; None is :func:`default_artifact_path` (where the presses look by default).
@@ -122,15 +127,17 @@ def calibrate(
         Show a tqdm bar over the forward passes.
     input_ids_batches : LongTensor or list of LongTensor, optional
         Pre-tokenized ``(bsz, seq_len)`` batches used as given, instead of ``texts`` (no padding allowed).
-    n_sink : int, default 4
+    n_sink : int or None, default None (4)
         ``expected_attention_stats``: leading positions of each sequence left out of the statistics.
     seed : int, default 0
         Seed of the Q-filter sample positions (``duo_attention``: of the passkey samples).
     **method_options
         ``duo_attention`` only: ``steps``, ``lr``, ``l1_weight``, ``n_recent``, ``n_passkeys``, ``passkey_digits``
         and ``duo_sink`` (the streaming window's sink tokens), see
-        :func:`kvsqueeze.calibration.duo_attention.calibrate_duo_attention`. ``n_sequences`` and ``n_samples`` do
-        not apply to it (one fresh passkey sample per step).
+        :func:`kvsqueeze.calibration.duo_attention.calibrate_duo_attention`. ``n_sequences``, ``n_samples`` and
+        ``n_sink`` do not apply to it (one fresh passkey sample per step; its sinks are ``duo_sink``). An option
+        the method does not use raises a TypeError (``n_samples`` is qfilters-only, ``n_sink`` is
+        expected_attention_stats-only) instead of being ignored.
 
     Returns
     -------
@@ -138,38 +145,32 @@ def calibrate(
         The written artifact.
     """
     _check_method(method)
-    if method == "duo_attention":
-        return _calibrate_duo(
-            model, tokenizer, texts, seq_len, output, progress, input_ids_batches, seed, method_options
-        )
-    if method_options:
-        raise TypeError(f"unexpected options for {method!r} calibration: {sorted(method_options)}")
-    return _calibrate_queries(
-        model, tokenizer, method, texts, n_sequences, seq_len, n_samples, output, progress, input_ids_batches,
-        n_sink, seed,
-    )
-
-
-def _calibrate_duo(model, tokenizer, texts, seq_len, output, progress, input_ids_batches, seed, options) -> Path:
-    """DuoAttention's gate training (needs gradients, so it runs outside inference mode)."""
-    from kvsqueeze.calibration.duo_attention import calibrate_duo_attention
-
-    known = {"steps", "lr", "l1_weight", "n_recent", "n_passkeys", "passkey_digits", "duo_sink"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TypeError(f"unexpected options for 'duo_attention' calibration: {unknown}; known: {sorted(known)}")
-    if "duo_sink" in options:
-        options = dict(options, n_sink=options.pop("duo_sink"))
+    seq_len = _positive_int(seq_len, "seq_len", 2)
+    check_int(seed, "seed")
     batches = None
     if input_ids_batches is not None:
         if texts is not None:
             raise ValueError("give either texts or input_ids_batches, not both")
         batches = _check_input_ids(input_ids_batches)
-    seq_len = _positive_int(seq_len, "seq_len", 2)
-    tensors, settings = calibrate_duo_attention(
-        model, tokenizer, texts=texts, input_ids_batches=batches, seq_len=seq_len, seed=seed, progress=progress,
-        **options,
-    )
+    elif texts is not None:
+        check_texts(texts)
+    elif tokenizer is None:
+        raise ValueError(f"{method} calibration from text needs a tokenizer (or pass input_ids_batches)")
+    applies = {"qfilters": ("n_sequences", "n_samples"), "expected_attention_stats": ("n_sequences", "n_sink")}
+    given = {"n_sequences": n_sequences, "n_samples": n_samples, "n_sink": n_sink}
+    unused = [name for name, value in given.items() if value is not None and name not in applies.get(method, ())]
+    if unused:
+        raise TypeError(f"{', '.join(unused)} not used by {method!r} calibration"
+                        + (" (its streaming sinks are duo_sink)" if "n_sink" in unused and method == "duo_attention" else ""))
+    if method == "duo_attention":
+        tensors, settings = _calibrate_duo(model, tokenizer, texts, seq_len, progress, batches, seed, method_options)
+    else:
+        if method_options:
+            raise TypeError(f"unexpected options for {method!r} calibration: {sorted(method_options)}")
+        tensors, settings = _calibrate_queries(
+            model, tokenizer, method, texts, 16 if n_sequences is None else n_sequences, seq_len,
+            3000 if n_samples is None else n_samples, progress, batches, 4 if n_sink is None else n_sink, seed,
+        )
     import transformers
 
     import kvsqueeze
@@ -179,28 +180,38 @@ def _calibrate_duo(model, tokenizer, texts, seq_len, output, progress, input_ids
         kvsqueeze_version=kvsqueeze.__version__,
         transformers_version=transformers.__version__,
     )
-    path = default_artifact_path(model, "duo_attention") if output is None else Path(output)
-    return save_artifact(path, tensors, model, "duo_attention", settings)
+    path = default_artifact_path(model, method) if output is None else Path(output)
+    return save_artifact(path, tensors, model, method, settings)
+
+
+def _calibrate_duo(model, tokenizer, texts, seq_len, progress, batches, seed, options) -> tuple[dict, dict]:
+    """DuoAttention's gate training (needs gradients, so it runs outside inference mode)."""
+    from kvsqueeze.calibration.duo_attention import calibrate_duo_attention
+
+    known = {"steps", "lr", "l1_weight", "n_recent", "n_passkeys", "passkey_digits", "duo_sink"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unexpected options for 'duo_attention' calibration: {unknown}; known: {sorted(known)}")
+    if "duo_sink" in options:
+        options = dict(options)
+        options["n_sink"] = options.pop("duo_sink")
+    return calibrate_duo_attention(
+        model, tokenizer, texts=texts, input_ids_batches=batches, seq_len=seq_len, seed=seed, progress=progress,
+        **options,
+    )
 
 
 @torch.inference_mode()
 def _calibrate_queries(
-    model, tokenizer, method, texts, n_sequences, seq_len, n_samples, output, progress, input_ids_batches, n_sink, seed
-) -> Path:
+    model, tokenizer, method, texts, n_sequences, seq_len, n_samples, progress, batches, n_sink, seed
+) -> tuple[dict, dict]:
     n_sequences = _positive_int(n_sequences, "n_sequences")
-    seq_len = _positive_int(seq_len, "seq_len", 2)
     n_samples = _positive_int(n_samples, "n_samples")
     n_sink = _positive_int(n_sink, "n_sink", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
     adapter = ModelAdapter(model)
-    if input_ids_batches is not None:
-        if texts is not None:
-            raise ValueError("give either texts or input_ids_batches, not both")
-        batches, source = _check_input_ids(input_ids_batches), "input_ids"
+    if batches is not None:
+        source = "input_ids"
     else:
-        if tokenizer is None:
-            raise ValueError("calibrating from text needs a tokenizer (or pass input_ids_batches)")
         source = "essays" if texts is None else "texts"
         batches = text_sequences(tokenizer, default_texts() if texts is None else texts, n_sequences, seq_len)
 
@@ -250,24 +261,14 @@ def _calibrate_queries(
     finally:
         for h in handles:
             h.remove()
-    tensors = collector.finish()
-
-    import transformers
-
-    import kvsqueeze
-
     settings = {
         "source": source,
         "n_sequences": sum(b.shape[0] for b in batches),
         "seq_len": max(b.shape[1] for b in batches),
         "n_tokens": sum(b.numel() for b in batches),
-        "dtype": str(next(model.parameters()).dtype),
-        "kvsqueeze_version": kvsqueeze.__version__,
-        "transformers_version": transformers.__version__,
     }
     if method == "qfilters":
         settings.update(n_samples=int(picked.numel()), seed=seed, queries="post-rope")
     else:
         settings.update(n_sink=n_sink, queries="pre-rope", covariance="divided by N")
-    path = default_artifact_path(model, method) if output is None else Path(output)
-    return save_artifact(path, tensors, model, method, settings)
+    return collector.finish(), settings

@@ -14,6 +14,7 @@ Conventions, stated once:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -226,6 +227,19 @@ def check_int(value: Any, name: str, minimum: int | None = None) -> None:
         raise TypeError(f"{name} must be an int, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_number(value: Any, name: str, minimum: float | None = None, positive: bool = False) -> None:
+    """Validate a real-valued field: TypeError unless an int or float (bools refused), ValueError when it is not
+    finite, below ``minimum``, or not > 0 with ``positive``; every message names the field and the value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
 def _check_ratio(value: Any, name: str = "compression_ratio") -> None:
