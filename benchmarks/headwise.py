@@ -1,7 +1,7 @@
 """Head-wise budgets against uniform ones: measured cache bytes, prefill + compression time, decode speed.
 
 For each head-wise press (AdaKV(ExpectedAttention), CriticalAdaKV, DuoAttention, KVzip) and each ratio, the same
-context (essays, ``--length`` tokens of the default model's tokenizer) is compressed by the head-wise press and
+context (essays, ``--length`` tokens of the model's own tokenizer) is compressed by the head-wise press and
 by a uniform press at the same ratio (its natural counterpart), and both are timed side by side:
 
 * ``bytes``: measured bytes of the compressed cache / measured bytes of the uncompressed cache (the ragged
@@ -29,14 +29,15 @@ import torch
 from tqdm.auto import tqdm
 
 import kvsqueeze
+from kvsqueeze.cli import CLIError, format_table, parse_ratios
 from kvsqueeze.needles import haystack
 
-#: head-wise press -> (its constructor kwargs, the uniform press it is compared with)
-PAIRS: dict[str, tuple[dict, str]] = {
-    "adakv": ({}, "expected_attention"),  # AdaKV(ExpectedAttention), as the EA paper evaluates it
-    "critical_adakv": ({}, "criticalkv"),
-    "duo_attention": ({}, "streaming_llm"),
-    "kvzip": ({}, "expected_attention"),
+#: head-wise press (default fields) -> the uniform press it is compared with
+PAIRS: dict[str, str] = {
+    "adakv": "expected_attention",  # AdaKV(ExpectedAttention), as the EA paper evaluates it
+    "critical_adakv": "criticalkv",
+    "duo_attention": "streaming_llm",
+    "kvzip": "expected_attention",
 }
 QUESTION = "What is the main point of the text above? Answer in one sentence."
 
@@ -67,13 +68,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode", type=int, default=32, help="decoded tokens per timing (default 32)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds (default 2)")
     args = parser.parse_args(argv)
-    ratios = [float(r) for r in args.ratios.split(",")]
+    try:
+        ratios = parse_ratios(args.ratios)
+    except CLIError as exc:
+        parser.error(str(exc))
     names = [n.strip() for n in args.presses.split(",") if n.strip()]
     unknown = [n for n in names if n not in PAIRS]
     if unknown:
         parser.error(f"no uniform counterpart defined for {unknown}; known: {', '.join(PAIRS)}")
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model, tokenizer = kvsqueeze.load_model(args.model)
     pipe = kvsqueeze.Pipeline(model, tokenizer)
     context = haystack(tokenizer, args.length, seed=0)
@@ -82,10 +85,10 @@ def main(argv: list[str] | None = None) -> dict:
     configs = []  # (label, headwise name, ratio, press)
     skipped = {}
     for name in names:
-        kwargs, uniform = PAIRS[name]
+        uniform = PAIRS[name]
         for ratio in ratios:
             try:
-                press = kvsqueeze.make_press(name, compression_ratio=ratio, **kwargs)
+                press = kvsqueeze.make_press(name, compression_ratio=ratio)
                 press.validate(pipe.adapter)
             except (FileNotFoundError, ValueError, KeyError) as exc:
                 skipped[name] = f"{type(exc).__name__}: {exc}"
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in names:
         if name in skipped:
             continue
-        uniform = PAIRS[name][1]
+        uniform = PAIRS[name]
         for ratio in ratios:
             h = timings[(name, name, ratio)]
             u = timings[(uniform, name, ratio)]
@@ -134,7 +137,6 @@ def main(argv: list[str] | None = None) -> dict:
     base_speed = statistics.median(timings[("none", "none", 0.0)]["speed"])
     headers = ["press", "ratio", "bytes", "<=1-r+.02", "prefill+c s", "decode tok/s", "uniform", "bytes",
                "prefill+c s", "decode tok/s", "decode h/u"]
-    from kvsqueeze.cli import format_table
 
     print(f"model {model.name_or_path}, {n_tokens} context tokens, {torch.get_num_threads()} threads, "
           f"{args.repeats} rounds; uncompressed cache {full_bytes / 1e6:.2f} MB, decode {base_speed:.1f} tok/s")

@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
             kwargs = {"max_new_tokens": args.max_new_tokens, "answer_prefix": case.answer_prefix}
             baseline += case.is_correct(pipe.from_recorded(recorded).answer(case.question, **kwargs))
             for key, press in presses.items():
-                # Presses that need extra model passes (KVzip) cannot share the recording: their own prefill.
-                if press.capabilities.extra_passes:
+                # Presses that cannot share the recording (KVzip's extra passes): their own prefill.
+                if not press.capabilities.shares_recording:
                     ctx = pipe.compress(case.context, press)
                 else:
                     ctx = pipe.from_recorded(recorded, press)

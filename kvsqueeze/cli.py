@@ -80,7 +80,7 @@ def parse_press_options(items: Sequence[str] | None) -> dict[str, Any]:
         if not sep or not key.isidentifier():
             raise CLIError(f"--press-option takes KEY=VALUE (e.g. n_sink=8), got {item!r}")
         if key in ("compression_ratio",):
-            raise CLIError("set the compression ratio with --ratio, not --press-option")
+            raise CLIError("set the compression ratio with --ratio (eval: --ratios), not --press-option")
         try:
             options[key] = ast.literal_eval(raw.strip())
         except (ValueError, SyntaxError):
@@ -361,7 +361,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     pipe = Pipeline(model, tokenizer)
     text = demo_text()
     # One shared prefill when the press can work from recorded layer inputs; otherwise one prefill per ratio.
-    shared = caps is None or not (caps.extra_passes or caps.needs_attention_weights)
+    shared = caps is None or caps.shares_recording
     recorded = pipe.record(text) if shared else None
 
     rows, results = [], []
@@ -491,7 +491,7 @@ def benchmark_options(cls, args: argparse.Namespace) -> dict[str, Any]:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate presses × ratios on a benchmark (one shared prefill per sample) into a results directory."""
     from kvsqueeze.evaluation.base import benchmark_class
-    from kvsqueeze.evaluation.sweep import BASELINE, build_entries
+    from kvsqueeze.evaluation.sweep import build_entries
 
     # Everything is checked before the model loads.
     cls = benchmark_class(args.benchmark)  # unknown name: KeyError with close matches
@@ -547,9 +547,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for r in result.metrics
     ]
     print(format_table(["press", "ratio", "average", "cache MB", "saved %", "samples"], rows))
-    eager = sorted({e.name for e in entries if not e.shared and e.name != BASELINE})
+    own = sorted({e.name for e in entries if not e.shared})  # the baseline is always shared
     note = "one prefill per press and ratio (--naive)" if args.naive else "one prefill per sample shared by " + (
-        "every press" if not eager else f"every press but {', '.join(eager)} (own prefill)"
+        "every press" if not own else f"every press but {', '.join(own)} (own prefill)"
     )
     print(
         f"\n{result.units_run} units run, {result.units_skipped} already done; {result.prefills} prefills ({note}); "

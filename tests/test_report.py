@@ -71,5 +71,5 @@ def test_report_refuses_unfinished_or_missing_directories(two_runs, tmp_path):
         write_report([tmp_path / "nowhere"], tmp_path / "out")
     with pytest.raises(ValueError, match="non-empty"):
         write_report([], tmp_path / "out")
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(TypeError, match="list of results directories"):
         write_report(str(two_runs[0]), tmp_path / "out")

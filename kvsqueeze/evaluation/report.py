@@ -192,10 +192,12 @@ def write_report(result_dirs: Sequence[str | Path], output_dir: str | Path) -> d
     -----
     Rows are press × ratio (baseline first), columns the per-task scores, their average, the mean measured cache
     bytes after and before compression and the fraction saved. NIAH heatmaps are drawn when the predictions carry
-    ``length`` and ``depth`` metadata; cells are scored with the benchmark's own ``score`` when the benchmark can
-    be rebuilt from its recorded config, else by a case-sensitive substring match of any reference answer.
+    ``length`` and ``depth`` metadata; each cell is the mean RULER ``string_match_all`` score (case-insensitive,
+    fraction of the reference answers found) of its predictions, as the NIAH benchmark scores.
     """
-    if isinstance(result_dirs, (str, Path)) or not isinstance(result_dirs, Sequence) or not result_dirs:
+    if isinstance(result_dirs, (str, Path)) or not isinstance(result_dirs, Sequence):
+        raise TypeError(f"result_dirs must be a list of results directories, got {result_dirs!r}")
+    if not result_dirs:
         raise ValueError(f"result_dirs must be a non-empty list of results directories, got {result_dirs!r}")
     groups = _groups(result_dirs)
     out = Path(output_dir)

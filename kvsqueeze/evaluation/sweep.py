@@ -18,7 +18,6 @@ import contextlib
 import datetime
 import hashlib
 import json
-import math
 import platform
 import re
 import subprocess
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from kvsqueeze.evaluation.base import Benchmark, Prediction, Sample
+from kvsqueeze.presses.base import _check_ratio, check_int
 
 #: The name of the uncompressed baseline in predictions and metrics (ratio 0).
 BASELINE = "none"
@@ -100,10 +100,7 @@ def check_ratios(ratios: Sequence[float]) -> list[float]:
         raise TypeError(f"ratios must be a list of numbers in [0, 1), got {ratios!r}")
     out = []
     for r in ratios:
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
-            raise TypeError(f"compression ratios must be numbers in [0, 1), got {r!r}")
-        if not 0.0 <= r < 1.0:
-            raise ValueError(f"compression ratios must be in [0, 1) (fraction of KV entries removed), got {r!r}")
+        _check_ratio(r, "compression ratio")
         out.append(float(r))
     if len(set(out)) != len(out):
         raise ValueError(f"duplicate compression ratios in {list(ratios)!r}")
@@ -153,7 +150,7 @@ def build_entries(
                     name,
                     ratio,
                     press,
-                    shared=not (caps.extra_passes or caps.needs_attention_weights),
+                    shared=caps.shares_recording,
                     eager=caps.needs_attention_weights,
                 )
             )
@@ -383,14 +380,6 @@ def eager_attention(model: nn.Module) -> Iterator[nn.Module]:
         model.set_attn_implementation(previous)
 
 
-def _check_int(value: Any, name: str, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        none = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be an int >= {minimum}{none}, got {value!r}")
-
-
 def run_sweep(
     model: nn.Module,
     tokenizer,
@@ -458,9 +447,9 @@ def run_sweep(
         raise TypeError(f"benchmark must be a kvsqueeze Benchmark, got {type(benchmark).__name__}")
     if not benchmark.name:
         raise ValueError(f"{type(benchmark).__name__} has no name; register it (register_benchmark) or set `name`")
-    _check_int(limit, "limit", 1, allow_none=True)
-    _check_int(seed, "seed", 0)
-    _check_int(max_new_tokens, "max_new_tokens", 1, allow_none=True)
+    for value, name, minimum in ((limit, "limit", 1), (seed, "seed", 0), (max_new_tokens, "max_new_tokens", 1)):
+        if value is not None or name == "seed":
+            check_int(value, name, minimum)
     entries = build_entries(presses, ratios, press_options)
     pipe = Pipeline(model, tokenizer, use_chat_template=use_chat_template)
     if eager_model is not None:
@@ -471,7 +460,8 @@ def run_sweep(
                              f"'eager')), it runs {eager_model.config._attn_implementation!r}")
         if model_identity(eager_model)["fingerprint"] != model_identity(model)["fingerprint"]:
             raise ValueError("eager_model does not hold the same weights as model (their fingerprints differ)")
-    for entry in entries:  # a missing calibration artifact fails here, before any prefill
+    for entry in entries:  # a missing calibration artifact fails here, before any prefill (eager-only presses are
+        # validated when they run, on the eager model: against this sdpa model they would refuse it)
         if entry.press is not None and not entry.eager:
             entry.press.validate(pipe.adapter)
     config = resolved_config(model, model_name, benchmark, entries, limit, seed, pipe.template, max_new_tokens)
@@ -492,7 +482,9 @@ def run_sweep(
     result = SweepResult(directory, [])
     result.units_skipped = sum(1 for s in samples for e in entries if (s.id, *e.key) in finished)
 
-    eager_pipe_model = eager_model
+    # Presses that need attention weights run on eager_model when given, else on `model` switched to eager
+    # attention in place (the pipeline reads the implementation live, so one pipeline serves both).
+    eager_pipe = pipe if eager_model is None else Pipeline(eager_model, tokenizer, use_chat_template=use_chat_template)
     bar = tqdm(samples, desc=f"{benchmark.name} samples", unit="sample", disable=not progress, file=sys.stderr)
     with path.open("a", encoding="utf-8") as out:
         for sample in bar:
@@ -520,14 +512,9 @@ def run_sweep(
                 if not group:
                     continue
                 with contextlib.ExitStack() as stack:
-                    if not eager:
-                        solo_pipe = pipe
-                    elif eager_pipe_model is not None:
-                        solo_pipe = Pipeline(eager_pipe_model, tokenizer, use_chat_template=use_chat_template)
-                    else:
-                        solo_pipe = Pipeline(
-                            stack.enter_context(eager_attention(model)), tokenizer, use_chat_template=use_chat_template
-                        )
+                    solo_pipe = eager_pipe if eager else pipe
+                    if eager and eager_model is None:
+                        stack.enter_context(eager_attention(model))
                     for entry in group:
                         steps.set_postfix_str(f"{entry.name} {entry.ratio:g} (own prefill)")
                         ctx = solo_pipe.compress(sample.context, press=entry.press)
@@ -557,6 +544,7 @@ def _finish_unit(
     """Decode every question of ``sample`` against ``ctx`` and append the unit's rows (then flush)."""
     compression = ctx.compression_seconds
     result.compression_seconds += compression
+    cache_bytes, full_cache_bytes = ctx.cache_bytes, ctx.full_cache_bytes  # measured once: the context is fixed
     lines = []
     for index, question in enumerate(sample.questions):
         start = time.perf_counter()
@@ -578,8 +566,8 @@ def _finish_unit(
             "answers": list(prediction.answers),
             "metadata": dict(prediction.metadata),
             "context_tokens": ctx.n_tokens,
-            "cache_bytes": ctx.cache_bytes,
-            "full_cache_bytes": ctx.full_cache_bytes,
+            "cache_bytes": cache_bytes,
+            "full_cache_bytes": full_cache_bytes,
             "prefill_seconds": prefill_seconds,
             "compression_seconds": compression,
             "decode_seconds": seconds,

@@ -63,6 +63,12 @@ class Capabilities:
     changes_positions: bool = False
     uniform_layers: bool = True
 
+    @property
+    def shares_recording(self) -> bool:
+        """Whether the press can compress from one plain (sdpa) recorded prefill shared with other presses: no
+        extra model passes, no attention weights (those need an eager prefill of their own)."""
+        return not (self.extra_passes or self.needs_attention_weights)
+
     def merge(self, other: Capabilities) -> Capabilities:
         """Capabilities of two presses applied in sequence."""
         return Capabilities(
