@@ -262,3 +262,28 @@ def no_datasets_package(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "datasets", None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The default real model (tests marked real_model), loaded once per session and never modified.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """``(model, tokenizer)`` of the embedded default model, SmolLM2-135M-Instruct."""
+    import kvsqueeze
+
+    return kvsqueeze.load_model()
+
+
+@pytest.fixture(scope="session")
+def smollm_duo_artifact(smollm, tmp_path_factory) -> Path:
+    """DuoAttention gates for the default model from a 3-step calibration on 512-token passkey samples, kept out
+    of the default location (the full run takes ~10 CPU minutes). The gates' ranking is rough, but the press
+    runs, budgets and frees memory exactly as with calibrated gates."""
+    from kvsqueeze.calibration import calibrate
+
+    model, tokenizer = smollm
+    path = tmp_path_factory.mktemp("duo") / "duo_attention.safetensors"
+    return calibrate(model, tokenizer, "duo_attention", seq_len=512, steps=3, progress=False, output=path)

@@ -285,16 +285,13 @@ def test_bad_fields(kwargs, error, match):
 
 
 @pytest.mark.real_model
-def test_default_model_press_with_calibrated_gates(tmp_path):
-    """SmolLM2-135M with gates from a short calibration run (3 steps on 512-token passkey samples: the budget
-    and memory do not depend on how well the gates are trained): exact budget and real memory savings on ~600
-    tokens of essays."""
-    from kvsqueeze.calibration import calibrate
+def test_default_model_press_with_calibrated_gates(smollm, smollm_duo_artifact):
+    """SmolLM2-135M with gates from a short calibration run (the budget and memory do not depend on how well the
+    gates are trained): exact budget and real memory savings on ~600 tokens of essays."""
     from kvsqueeze.corpus import essays
 
-    model, tokenizer = kvsqueeze.load_model()
-    artifact = calibrate(model, tokenizer, "duo_attention", seq_len=512, steps=3, progress=False,
-                         output=tmp_path / "duo.safetensors")
+    model, tokenizer = smollm
+    artifact = smollm_duo_artifact
     text = essays()[0][:2400]
     pipe = kvsqueeze.Pipeline(model, tokenizer)
     press = kvsqueeze.make_press("duo_attention", compression_ratio=0.5, artifact=str(artifact))

@@ -281,11 +281,11 @@ def test_bad_fields(kwargs, error, match):
 
 
 @pytest.mark.real_model
-def test_default_model_kvzip():
+def test_default_model_kvzip(smollm):
     """SmolLM2-135M, ~600 tokens of essays at ratio 0.5: exact total, real savings, an answer."""
     from kvsqueeze.corpus import essays
 
-    model, tokenizer = kvsqueeze.load_model()
+    model, tokenizer = smollm
     pipe = kvsqueeze.Pipeline(model, tokenizer)
     press = kvsqueeze.make_press("kvzip", compression_ratio=0.5)  # tokenizer found next to the model
     ctx = pipe.compress(essays()[0][:2400], press)

@@ -19,11 +19,6 @@ from ragged_reference import masked_dense_decode, masked_dense_logits, ragged_de
 pytestmark = pytest.mark.real_model
 
 
-@pytest.fixture(scope="module")
-def smollm():
-    return kvsqueeze.load_model()
-
-
 def _headwise_presses(ratio: float) -> dict[str, kvsqueeze.Press]:
     make = kvsqueeze.make_press
     return {
@@ -64,23 +59,13 @@ def recorded_4k(smollm):
     return pipe, recorded, text
 
 
-@pytest.fixture(scope="module")
-def duo_artifact(smollm, tmp_path_factory):
-    """Gates from a short calibration (the budget and the bytes do not depend on how well they are trained)."""
-    from kvsqueeze.calibration import calibrate
-
-    model, tokenizer = smollm
-    path = tmp_path_factory.mktemp("duo") / "duo_attention.safetensors"
-    return calibrate(model, tokenizer, "duo_attention", seq_len=512, steps=2, progress=False, output=path)
-
-
 @pytest.mark.parametrize("ratio", [0.5, 0.75])
-def test_headwise_memory_is_really_freed_at_4k(recorded_4k, duo_artifact, ratio, capsys):
+def test_headwise_memory_is_really_freed_at_4k(recorded_4k, smollm_duo_artifact, ratio, capsys):
     pipe, recorded, text = recorded_4k
     full = A.cache_nbytes(recorded.cache)
     lines = []
     presses = _headwise_presses(ratio)
-    presses["duo_attention"] = kvsqueeze.make_press("duo_attention", compression_ratio=ratio, artifact=str(duo_artifact))
+    presses["duo_attention"] = kvsqueeze.make_press("duo_attention", compression_ratio=ratio, artifact=str(smollm_duo_artifact))
     presses["kvzip"] = kvsqueeze.make_press("kvzip", compression_ratio=ratio)
     for name, press in presses.items():
         if press.capabilities.extra_passes:  # KVzip: its own prefill and reconstruction passes

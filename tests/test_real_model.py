@@ -21,13 +21,7 @@ MAX_NEW_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def smollm():
-    model, tokenizer = kvsqueeze.load_model()
-    return model, tokenizer
-
-
-@pytest.fixture(scope="module")
-def calibrated(smollm, tmp_path_factory):
+def calibrated(smollm, smollm_duo_artifact):
     """Calibrate the default model's artifacts once (reused from the user cache on later runs)."""
     from kvsqueeze import calibration
 
@@ -38,12 +32,7 @@ def calibrated(smollm, tmp_path_factory):
         if not path.exists():
             calibration.calibrate(model, tokenizer, method, progress=False)
         paths[method] = path
-    # DuoAttention's full calibration takes ~10 CPU minutes; a 3-step run (kept out of the default location)
-    # gives gates whose ranking is rough but whose press runs exactly like a calibrated one.
-    paths["duo_attention"] = calibration.calibrate(
-        model, tokenizer, "duo_attention", seq_len=512, steps=3, progress=False,
-        output=tmp_path_factory.mktemp("duo") / "duo_attention.safetensors",
-    )
+    paths["duo_attention"] = smollm_duo_artifact  # a short run, see conftest
     return paths
 
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
-import torch
 
-import kvsqueeze
 from kvsqueeze.evaluation.base import Benchmark, Prediction, Sample
 from kvsqueeze.evaluation.sweep import read_predictions, run_sweep
 from kvsqueeze.needles import needle_cases
@@ -32,16 +30,12 @@ class OneNeedle(Benchmark):
         return {"needle": 100.0 * sum(hits) / len(hits), "average": 100.0 * sum(hits) / len(hits)}
 
 
-def test_shared_prefill_sweep_matches_naive_on_the_default_model(tmp_path):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared CPU: one thread
-    try:
-        model, tokenizer = kvsqueeze.load_model()
-        kwargs = dict(presses=["knorm", "keydiff"], ratios=[0.5], limit=1, progress=False)
-        shared = run_sweep(model, tokenizer, OneNeedle(), output_dir=tmp_path / "shared", **kwargs)
-        naive = run_sweep(model, tokenizer, OneNeedle(), output_dir=tmp_path / "naive", naive=True, **kwargs)
-    finally:
-        torch.set_num_threads(previous)
+@pytest.mark.usefixtures("single_thread")  # a shared CPU: one thread
+def test_shared_prefill_sweep_matches_naive_on_the_default_model(smollm, tmp_path):
+    model, tokenizer = smollm
+    kwargs = dict(presses=["knorm", "keydiff"], ratios=[0.5], limit=1, progress=False)
+    shared = run_sweep(model, tokenizer, OneNeedle(), output_dir=tmp_path / "shared", **kwargs)
+    naive = run_sweep(model, tokenizer, OneNeedle(), output_dir=tmp_path / "naive", naive=True, **kwargs)
     assert shared.prefills == 1 and naive.prefills == 3
     a = read_predictions(shared.directory / "predictions.jsonl")
     b = read_predictions(naive.directory / "predictions.jsonl")
