@@ -21,12 +21,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 #: ``config.model_type`` values whose attention modules this adapter knows how to read.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "gemma3")
 
 FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
 
 # Architectures whose config carries ``attn_logit_softcapping`` that their attention never applies.
 _SOFTCAP_UNUSED = frozenset({"gemma3", "gemma3_text"})
@@ -710,7 +711,14 @@ class ModelAdapter:
             raise UnsupportedModelError(f"found no attention modules in {type(model).__name__}")
         self.attention_modules: list[nn.Module] = [modules[i] for i in sorted(modules)]
         n = len(self.attention_modules)
-        layer_types = getattr(text_config, "layer_types", None) or [FULL_ATTENTION] * n
+        layer_types = getattr(text_config, "layer_types", None)
+        if layer_types is None:
+            # Without per-layer types, transformers' cache makes every layer a sliding-window layer when the config
+            # sets a window (Mistral-7B-v0.1: 4096 tokens, Phi-3-mini-4k: 2047): read the layout off that cache.
+            layer_types = [
+                SLIDING_ATTENTION if isinstance(layer, DynamicSlidingWindowLayer) else FULL_ATTENTION
+                for layer in DynamicCache(config=model.config).layers
+            ]
         self.layer_types: list[str] = list(layer_types)[:n]
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         self.shape = ModelShape(
@@ -752,6 +760,18 @@ class ModelAdapter:
 
     def is_compressible(self, layer_idx: int) -> bool:
         return self.layer_types[layer_idx] == FULL_ATTENTION
+
+    def check_compressible(self) -> None:
+        """Raise when the model has no full-attention layer: a press would then silently compress nothing."""
+        if self.compressible_layers:
+            return
+        window = getattr(self.config, "sliding_window", None)
+        raise ValueError(
+            f"{type(self.model).__name__} has no full-attention layer to compress: all {len(self.layer_types)} "
+            f"layers are {sorted(set(self.layer_types))} (sliding_window={window!r}), and kvsqueeze leaves "
+            "sliding-window layers alone. If the context and answers fit in the window, full attention is exact: "
+            "load the model with sliding_window=None (kvsqueeze.load_model(..., sliding_window=None))"
+        )
 
     @property
     def attn_implementation(self) -> str:

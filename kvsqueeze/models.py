@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -203,6 +204,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     device: str | torch.device = "cpu",
+    **config_overrides: Any,
 ):
     """Load a causal LM and its tokenizer.
 
@@ -215,12 +217,15 @@ def load_model(
     attn_implementation : str, default "sdpa"
         ``"eager"`` for presses that need attention weights.
     device : str or torch.device, default "cpu"
+    **config_overrides
+        Model config attributes to replace, e.g. ``sliding_window=None`` to run a model whose every layer has a
+        sliding window (Mistral-7B-v0.1, Phi-3-mini-4k) with full attention, which kvsqueeze can compress.
 
     Returns
     -------
     (model, tokenizer)
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float32), got {dtype!r}")
@@ -229,7 +234,16 @@ def load_model(
     name = resolve_name(name_or_path)
     source = str(converted_dir(name)) if name in EMBEDDED else name
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
+    extra = {}
+    if config_overrides:
+        config = AutoConfig.from_pretrained(source)
+        text_config = config.get_text_config()
+        for key, value in config_overrides.items():
+            if not hasattr(text_config, key):
+                raise ValueError(f"{name} has no config attribute {key!r} to override (with {value!r})")
+            setattr(text_config, key, value)
+        extra["config"] = config
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, **extra)
     model.to(device).eval()
     model.name_or_path = name
     return model, tokenizer

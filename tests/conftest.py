@@ -1,10 +1,14 @@
 """Tiny seeded models, a character-level tokenizer and calibration artifacts, all built offline inside the tests.
 
-Three architectures cover what the adapter has to handle:
+Six architectures cover what the adapter has to handle; every invariant test runs on each:
 
-* ``llama``  — LlamaForCausalLM with GQA (4 query heads, 2 KV heads), every layer full attention;
-* ``gemma3`` — Gemma3ForCausalLM hybrid: sliding-window layers (window 8) around one full-attention layer;
-* ``qwen3``  — Qwen3ForCausalLM with QK-norm (``q_norm``/``k_norm`` before RoPE).
+* ``llama``   — LlamaForCausalLM with GQA (4 query heads, 2 KV heads), every layer full attention;
+* ``gemma3``  — Gemma3ForCausalLM hybrid: sliding-window layers (window 8) around one full-attention layer;
+* ``qwen3``   — Qwen3ForCausalLM with QK-norm (``q_norm``/``k_norm`` before RoPE);
+* ``mistral`` — MistralForCausalLM with ``sliding_window=None`` (with a window every layer is sliding, which
+  ``test_architectures.py`` checks is refused);
+* ``qwen2``   — Qwen2ForCausalLM: biases on the query, key and value projections;
+* ``phi3``    — Phi3ForCausalLM: one fused ``qkv_proj`` and partial rotary (half of each head rotated).
 
 Each is built from a fixed seed in milliseconds; the ``eager`` variant has the same weights (same seed), for presses
 whose capabilities say ``needs_attention_weights``. Models are session-scoped and shared: tests must never modify
@@ -19,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-MODEL_NAMES = ("llama", "gemma3", "qwen3")
+MODEL_NAMES = ("llama", "gemma3", "qwen3", "mistral", "qwen2", "phi3")
 SEED = 1234
 VOCAB_SIZE = 128
 MAX_POSITIONS = 256
@@ -42,36 +46,33 @@ _COMMON = dict(
 )
 
 
-def build_model(name: str, attn_implementation: str = "sdpa", seed: int = SEED):
-    """A tiny random causal LM of architecture ``name`` (see module docstring), in eval mode, float32, CPU."""
-    from transformers import (
-        Gemma3ForCausalLM,
-        Gemma3TextConfig,
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen3Config,
-        Qwen3ForCausalLM,
-    )
+def build_model(name: str, attn_implementation: str = "sdpa", seed: int = SEED, **config_overrides):
+    """A tiny random causal LM of architecture ``name`` (see module docstring), in eval mode, float32, CPU.
 
-    torch.manual_seed(seed)
-    common = dict(_COMMON, attn_implementation=attn_implementation)
-    if name == "llama":
-        config = LlamaConfig(**common)
-        cls = LlamaForCausalLM
-    elif name == "gemma3":
-        config = Gemma3TextConfig(
-            **common,
-            head_dim=16,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-            sliding_window=8,
-        )
-        cls = Gemma3ForCausalLM
-    elif name == "qwen3":
-        config = Qwen3Config(**common, head_dim=16)
-        cls = Qwen3ForCausalLM
-    else:
+    ``config_overrides`` replace config fields (e.g. ``sliding_window=16``); the weights depend on the seed and
+    the shapes only, so a variant with the same shapes has the same weights.
+    """
+    import transformers
+
+    classes, defaults = {
+        "llama": ("Llama", {}),
+        "gemma3": ("Gemma3", {
+            "head_dim": 16,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "sliding_window": 8,
+        }),
+        "qwen3": ("Qwen3", {"head_dim": 16}),
+        "mistral": ("Mistral", {"head_dim": 16, "sliding_window": None}),
+        "qwen2": ("Qwen2", {}),
+        "phi3": ("Phi3", {"partial_rotary_factor": 0.5}),
+    }.get(name, (None, None))
+    if classes is None:
         raise ValueError(f"unknown tiny model {name!r}; known: {MODEL_NAMES}")
-    model = cls(config).eval()
+    config_cls = getattr(transformers, f"{classes}TextConfig" if name == "gemma3" else f"{classes}Config")
+    model_cls = getattr(transformers, f"{classes}ForCausalLM")
+    torch.manual_seed(seed)
+    config = config_cls(**_COMMON, attn_implementation=attn_implementation, **{**defaults, **config_overrides})
+    model = model_cls(config).eval()
     model.name_or_path = f"tiny-{name}"
     model.generation_config.eos_token_id = EOS_ID
     model.generation_config.pad_token_id = PAD_ID

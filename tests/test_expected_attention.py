@@ -3,7 +3,8 @@
 The press computes its scores with fused matmuls (the linear term folded into the
 quadratic one, the average RoPE matrix built once per prefill); these tests rebuild each step the way the paper
 writes it — explicit rotation matrices per future position, a centred covariance, one softmax per query head —
-and check the press against it on the three tiny architectures (GQA, Gemma-3 scaling, QK-norm).
+and check the press against it on the six tiny architectures (GQA, Gemma-3 scaling, QK-norm, biases, partial
+rotary).
 """
 
 from __future__ import annotations

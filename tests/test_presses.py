@@ -1,4 +1,5 @@
-"""Invariants of every registered press on three tiny seeded models (Llama GQA, Gemma3 hybrid, Qwen3 QK-norm).
+"""Invariants of every registered press on six tiny seeded models (Llama GQA, Gemma3 hybrid, Qwen3 QK-norm,
+Mistral, Qwen2 with projection biases, Phi-3 with fused qkv and partial rotary).
 
 For each press of the matrix (``tests/press_matrix.py``) and each model:
 

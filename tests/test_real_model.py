@@ -178,3 +178,11 @@ def test_generate_under_press_matches_positions(smollm, cases):
     kept = int(n_prompt * 0.5)
     assert report.kept and all(k == kept for k in report.kept.values())
     assert kvsqueeze.adapter.layer_lengths(cache) == [kept + n_new - 1] * len(cache.layers)
+
+
+def test_load_model_config_overrides():
+    """``load_model(**overrides)`` replaces config fields; one the config does not have is an error naming it."""
+    model, _ = kvsqueeze.load_model(max_position_embeddings=4096)
+    assert model.config.max_position_embeddings == 4096
+    with pytest.raises(ValueError, match=r"no config attribute 'sliding_window'"):
+        kvsqueeze.load_model(sliding_window=None)

@@ -308,7 +308,9 @@ class Press:
         raise NotImplementedError
 
     def validate(self, adapter: A.ModelAdapter) -> None:
-        """Raise early if this press cannot run on the model (attention implementation, missing artifacts)."""
+        """Raise early if this press cannot run on the model (no layer to compress, attention implementation,
+        missing artifacts)."""
+        adapter.check_compressible()
         if self.capabilities.needs_attention_weights and adapter.attn_implementation != "eager":
             raise ValueError(
                 f"{type(self).__name__} needs attention weights, but the model runs "

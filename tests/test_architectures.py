@@ -1,0 +1,116 @@
+"""The adapter's view of each supported architecture matches what transformers itself does.
+
+For the six tiny architectures of ``conftest.py``: the queries and keys the adapter recomputes are the ones the
+model's attention received, and the layers it calls compressible are exactly the full-attention layers of the
+cache transformers builds — also for configs with no ``layer_types`` whose every layer has a sliding window
+(Mistral-7B-v0.1, Phi-3-mini-4k), which must be refused with a clear error rather than compressed as if full.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+import kvsqueeze
+from conftest import MODEL_NAMES, build_model, build_tokenizer, prefill, token_ids
+from kvsqueeze import adapter as A
+from kvsqueeze.record import record_prefill
+
+SEQ_LEN = 24
+CAPTURE = "kvsqueeze_test_capture"
+
+
+@pytest.fixture(scope="module")
+def captured() -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """An attention function that records the (layer, query, key) it is called with, then runs sdpa."""
+    calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        calls.append((module.layer_idx, query.detach().clone(), key.detach().clone()))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(CAPTURE, capture)
+    return calls
+
+
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+def test_recomputed_queries_and_keys_are_what_the_attention_received(model_name, captured, single_thread):
+    model = build_model(model_name, attn_implementation=CAPTURE)
+    captured.clear()
+    recorded = record_prefill(model, token_ids(SEQ_LEN, seed=21, batch=2))
+    seen = {idx: (q, k) for idx, q, k in captured}
+    adapter = recorded.adapter
+    assert recorded.layers, model_name
+    for layer in recorded.layers:
+        query, key = seen[layer.layer_idx]
+        with torch.inference_mode():
+            torch.testing.assert_close(layer.queries(), query, rtol=1e-5, atol=1e-6)  # post-RoPE, from the capture
+            hidden_only = layer.replace(projected_queries=None)  # projected again from the hidden states
+            torch.testing.assert_close(hidden_only.queries(), query, rtol=1e-5, atol=1e-6)
+            pre_keys = adapter.key_states(layer.module, layer.hidden_states)
+            cos, sin = layer.position_embeddings
+            torch.testing.assert_close(A.apply_rope(pre_keys, cos, sin), key, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.keys, key)
+
+
+def _layout_cases():
+    cases = [(name, {}) for name in MODEL_NAMES]
+    cases += [
+        ("qwen2", {"use_sliding_window": True, "max_window_layers": 1, "sliding_window": 8}),  # hybrid, no layer_types
+        ("mistral", {"sliding_window": 16}),  # Mistral-7B-v0.1 style: every layer sliding
+        ("phi3", {"sliding_window": 16}),  # Phi-3-mini-4k style
+    ]
+    return [pytest.param(name, overrides, id=f"{name}-{overrides or 'default'}") for name, overrides in cases]
+
+
+@pytest.mark.parametrize("model_name, overrides", _layout_cases())
+def test_compressible_layers_are_the_full_attention_layers_of_the_cache(model_name, overrides, single_thread):
+    model = build_model(model_name, **overrides)
+    adapter = A.ModelAdapter(model)
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=token_ids(SEQ_LEN, seed=22), use_cache=True, **adapter.model_call_kwargs(cache))
+    full = [i for i, layer in enumerate(cache.layers) if not isinstance(layer, DynamicSlidingWindowLayer)]
+    assert adapter.compressible_layers == full, (adapter.layer_types, [type(x).__name__ for x in cache.layers])
+
+
+def test_hybrid_qwen2_compresses_only_its_full_attention_layer(single_thread):
+    model = build_model("qwen2", use_sliding_window=True, max_window_layers=1, sliding_window=8)
+    ids = token_ids(SEQ_LEN, seed=23)
+    base, _, _ = prefill(model, ids)
+    cache, report, _ = prefill(model, ids, kvsqueeze.make_press("knorm", compression_ratio=0.5))
+    assert list(report.kept) == [0] and A.layer_physical_length(cache, 0) == SEQ_LEN // 2
+    for i in (1, 2):  # sliding-window layers: left as transformers keeps them, equal to the run without a press
+        assert isinstance(cache.layers[i], DynamicSlidingWindowLayer)
+        for got, want in zip(A.layer_kv(cache, i), A.layer_kv(base, i), strict=True):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("model_name", ["mistral", "phi3"])
+def test_model_with_every_layer_sliding_is_refused_clearly(model_name, single_thread):
+    """Nothing to compress must not pass silently; the error says why and how to run the model with full attention."""
+    model = build_model(model_name, sliding_window=16)
+    assert A.ModelAdapter(model).compressible_layers == []
+    press = kvsqueeze.make_press("knorm", compression_ratio=0.5)
+    message = r"no full-attention layer.*sliding_window=16.*sliding_window=None"
+    with pytest.raises(ValueError, match=message):
+        with press(model):
+            pass
+    pipe = kvsqueeze.Pipeline(model, build_tokenizer())
+    with pytest.raises(ValueError, match=message):
+        pipe.compress("a context of a few words", press=press)
+    with pytest.raises(ValueError, match=message):
+        pipe.from_recorded(pipe.record("a context of a few words"), press)
+    assert pipe.compress("a context of a few words").n_tokens > 0  # without a press the model still runs
+
+    # The advice holds: inside the window, the same weights with sliding_window=None give the same logits, and
+    # that model compresses.
+    full = build_model(model_name, sliding_window=None)
+    ids = token_ids(12, seed=24)
+    with torch.inference_mode():
+        torch.testing.assert_close(full(input_ids=ids).logits, model(input_ids=ids).logits)
+    _, report, _ = prefill(full, ids, press)
+    assert report.kept == {i: 6 for i in range(3)}
