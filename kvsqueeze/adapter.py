@@ -715,8 +715,15 @@ class ModelAdapter:
         if layer_types is None:
             # Without per-layer types, transformers' cache makes every layer a sliding-window layer when the config
             # sets a window (Mistral-7B-v0.1: 4096 tokens, Phi-3-mini-4k: 2047): read the layout off that cache.
+            # A window at least as long as the model's maximum context never drops a token (Phi-3-mini-128k:
+            # 262144 for 131072 positions): such layers are full attention in effect, and compressible.
+            window = getattr(text_config, "sliding_window", None)
+            max_positions = getattr(text_config, "max_position_embeddings", None)
+            never_slides = bool(window and max_positions and window >= max_positions)
             layer_types = [
-                SLIDING_ATTENTION if isinstance(layer, DynamicSlidingWindowLayer) else FULL_ATTENTION
+                SLIDING_ATTENTION
+                if isinstance(layer, DynamicSlidingWindowLayer) and not never_slides
+                else FULL_ATTENTION
                 for layer in DynamicCache(config=model.config).layers
             ]
         self.layer_types: list[str] = list(layer_types)[:n]

@@ -8,7 +8,9 @@ Six architectures cover what the adapter has to handle; every invariant test run
 * ``mistral`` — MistralForCausalLM with ``sliding_window=None`` (with a window every layer is sliding, which
   ``test_architectures.py`` checks is refused);
 * ``qwen2``   — Qwen2ForCausalLM: biases on the query, key and value projections;
-* ``phi3``    — Phi3ForCausalLM: one fused ``qkv_proj`` and partial rotary (half of each head rotated).
+* ``phi3``    — Phi3ForCausalLM: one fused ``qkv_proj``, partial rotary (half of each head rotated), and a
+  sliding window longer than the maximum context (as Phi-3-mini-128k): the cache holds sliding-window layers that
+  never slide, which the adapter treats as full attention.
 
 Each is built from a fixed seed in milliseconds; the ``eager`` variant has the same weights (same seed), for presses
 whose capabilities say ``needs_attention_weights``. Models are session-scoped and shared: tests must never modify
@@ -64,7 +66,7 @@ def build_model(name: str, attn_implementation: str = "sdpa", seed: int = SEED, 
         "qwen3": ("Qwen3", {"head_dim": 16}),
         "mistral": ("Mistral", {"head_dim": 16, "sliding_window": None}),
         "qwen2": ("Qwen2", {}),
-        "phi3": ("Phi3", {"partial_rotary_factor": 0.5}),
+        "phi3": ("Phi3", {"partial_rotary_factor": 0.5, "sliding_window": 2 * MAX_POSITIONS}),  # never slides
     }.get(name, (None, None))
     if classes is None:
         raise ValueError(f"unknown tiny model {name!r}; known: {MODEL_NAMES}")

@@ -1,9 +1,10 @@
 """The adapter's view of each supported architecture matches what transformers itself does.
 
 For the six tiny architectures of ``conftest.py``: the queries and keys the adapter recomputes are the ones the
-model's attention received, and the layers it calls compressible are exactly the full-attention layers of the
-cache transformers builds — also for configs with no ``layer_types`` whose every layer has a sliding window
-(Mistral-7B-v0.1, Phi-3-mini-4k), which must be refused with a clear error rather than compressed as if full.
+model's attention received, and the layers it calls compressible are exactly those of the cache transformers
+builds that keep every token — also for configs with no ``layer_types`` whose every layer has a sliding window:
+shorter than the context (Mistral-7B-v0.1, Phi-3-mini-4k), they must be refused with a clear error rather than
+compressed as if full; longer than the maximum context (Phi-3-mini-128k), they are full attention in effect.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import kvsqueeze
-from conftest import MODEL_NAMES, build_model, build_tokenizer, prefill, token_ids
+from conftest import MAX_POSITIONS, MODEL_NAMES, build_model, build_tokenizer, prefill, token_ids
 from kvsqueeze import adapter as A
 from kvsqueeze.record import record_prefill
 
@@ -67,14 +68,18 @@ def _layout_cases():
 
 
 @pytest.mark.parametrize("model_name, overrides", _layout_cases())
-def test_compressible_layers_are_the_full_attention_layers_of_the_cache(model_name, overrides, single_thread):
+def test_compressible_layers_are_those_that_keep_every_token(model_name, overrides, single_thread):
+    """Compressible = the layers of transformers' own cache that keep every token of a context as long as the model
+    allows: full-attention layers, and sliding-window layers whose window is longer than that (the tiny Phi-3, as
+    Phi-3-mini-128k). Layers that really slide are never compressed."""
     model = build_model(model_name, **overrides)
     adapter = A.ModelAdapter(model)
+    n = MAX_POSITIONS - 8
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(input_ids=token_ids(SEQ_LEN, seed=22), use_cache=True, **adapter.model_call_kwargs(cache))
-    full = [i for i, layer in enumerate(cache.layers) if not isinstance(layer, DynamicSlidingWindowLayer)]
-    assert adapter.compressible_layers == full, (adapter.layer_types, [type(x).__name__ for x in cache.layers])
+        model(input_ids=token_ids(n, seed=22), use_cache=True, **adapter.model_call_kwargs(cache))
+    keep_all = [i for i, layer in enumerate(cache.layers) if A.layer_kv(cache, i)[0].shape[-2] == n]
+    assert adapter.compressible_layers == keep_all, (adapter.layer_types, [type(x).__name__ for x in cache.layers])
 
 
 def test_hybrid_qwen2_compresses_only_its_full_attention_layer(single_thread):
