@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 import torch
 
-MODEL_NAMES = ("llama", "gemma3", "qwen3", "mistral", "qwen2", "phi3")
 SEED = 1234
 VOCAB_SIZE = 128
 MAX_POSITIONS = 256
@@ -48,6 +47,22 @@ _COMMON = dict(
 )
 
 
+#: name -> (config class, model class, config fields beyond ``_COMMON``); see the module docstring.
+_ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "head_dim": 16,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "sliding_window": 8,
+    }),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"head_dim": 16, "sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"partial_rotary_factor": 0.5, "sliding_window": 2 * MAX_POSITIONS}),
+}
+MODEL_NAMES = tuple(_ARCHITECTURES)
+
+
 def build_model(name: str, attn_implementation: str = "sdpa", seed: int = SEED, **config_overrides):
     """A tiny random causal LM of architecture ``name`` (see module docstring), in eval mode, float32, CPU.
 
@@ -56,22 +71,10 @@ def build_model(name: str, attn_implementation: str = "sdpa", seed: int = SEED, 
     """
     import transformers
 
-    classes, defaults = {
-        "llama": ("Llama", {}),
-        "gemma3": ("Gemma3", {
-            "head_dim": 16,
-            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
-            "sliding_window": 8,
-        }),
-        "qwen3": ("Qwen3", {"head_dim": 16}),
-        "mistral": ("Mistral", {"head_dim": 16, "sliding_window": None}),
-        "qwen2": ("Qwen2", {}),
-        "phi3": ("Phi3", {"partial_rotary_factor": 0.5, "sliding_window": 2 * MAX_POSITIONS}),  # never slides
-    }.get(name, (None, None))
-    if classes is None:
+    if name not in _ARCHITECTURES:
         raise ValueError(f"unknown tiny model {name!r}; known: {MODEL_NAMES}")
-    config_cls = getattr(transformers, f"{classes}TextConfig" if name == "gemma3" else f"{classes}Config")
-    model_cls = getattr(transformers, f"{classes}ForCausalLM")
+    config_name, model_name, defaults = _ARCHITECTURES[name]
+    config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, model_name)
     torch.manual_seed(seed)
     config = config_cls(**_COMMON, attn_implementation=attn_implementation, **{**defaults, **config_overrides})
     model = model_cls(config).eval()
