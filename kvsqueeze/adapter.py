@@ -777,7 +777,8 @@ class ModelAdapter:
             f"{type(self.model).__name__} has no full-attention layer to compress: all {len(self.layer_types)} "
             f"layers are {sorted(set(self.layer_types))} (sliding_window={window!r}), and kvsqueeze leaves "
             "sliding-window layers alone. If the context and answers fit in the window, full attention is exact: "
-            "load the model with sliding_window=None (kvsqueeze.load_model(..., sliding_window=None))"
+            "load the model with sliding_window=None (kvsqueeze.load_model(..., sliding_window=None); on the command "
+            "line --model-option sliding_window=None)"
         )
 
     @property

@@ -71,20 +71,43 @@ def parse_ratios(text: str) -> list[float]:
     return ratios
 
 
-def parse_press_options(items: Sequence[str] | None) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs; values are Python literals (``8``, ``0.5``, ``True``, ``None``) or plain strings."""
+def parse_key_values(items: Sequence[str] | None, flag: str, example: str) -> dict[str, Any]:
+    """``KEY=VALUE`` items as a dict; values are Python literals (``8``, ``0.5``, ``True``, ``None``) or plain
+    strings. A malformed item or a key given twice is refused, naming ``flag``."""
     options: dict[str, Any] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key.isidentifier():
-            raise CLIError(f"--press-option takes KEY=VALUE (e.g. n_sink=8), got {item!r}")
-        if key in ("compression_ratio",):
-            raise CLIError("set the compression ratio with --ratio (eval: --ratios), not --press-option")
+            raise CLIError(f"{flag} takes KEY=VALUE (e.g. {example}), got {item!r}")
+        if key in options:
+            raise CLIError(f"{flag} sets {key!r} twice")
         try:
             options[key] = ast.literal_eval(raw.strip())
         except (ValueError, SyntaxError):
             options[key] = raw.strip()
+    return options
+
+
+def parse_press_options(items: Sequence[str] | None) -> dict[str, Any]:
+    """``--press-option KEY=VALUE`` items: press fields other than the ratio."""
+    options = parse_key_values(items, "--press-option", "n_sink=8")
+    if "compression_ratio" in options:
+        raise CLIError("set the compression ratio with --ratio (eval: --ratios), not --press-option")
+    return options
+
+
+#: ``load_model`` arguments that are not config attributes (they have flags of their own, or none on purpose).
+_LOAD_ARGUMENTS = ("name_or_path", "dtype", "attn_implementation", "device")
+
+
+def parse_model_options(items: Sequence[str] | None) -> dict[str, Any]:
+    """``--model-option KEY=VALUE`` items: model config attributes to replace when loading (``load_model``'s
+    ``config_overrides``), e.g. ``sliding_window=None``."""
+    options = parse_key_values(items, "--model-option", "sliding_window=None")
+    for key in options:
+        if key in _LOAD_ARGUMENTS:
+            raise CLIError(f"--model-option sets model config attributes; {key!r} is not one")
     return options
 
 
@@ -133,12 +156,13 @@ def build_press(name: str, ratio: float | None, options: dict[str, Any] | None =
     return make_press(name, **kwargs)
 
 
-def load_for(model_name: str | None, press) -> tuple[Any, Any]:
-    """Load ``model_name`` with the attention implementation ``press`` needs (eager for attention weights)."""
+def load_for(model_name: str | None, press, model_options: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """Load ``model_name`` with the attention implementation ``press`` needs (eager for attention weights) and the
+    config attributes ``model_options`` replaced."""
     from kvsqueeze.models import load_model
 
     needs_eager = press is not None and press.capabilities.needs_attention_weights
-    return load_model(model_name, attn_implementation="eager" if needs_eager else "sdpa")
+    return load_model(model_name, attn_implementation="eager" if needs_eager else "sdpa", **(model_options or {}))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,12 +316,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     ratio = None if args.ratio is None else parse_ratio(args.ratio)
     press = build_press(args.press, ratio, parse_press_options(args.press_option))
+    model_options = parse_model_options(args.model_option)
     _positive(args.max_new_tokens, "--max-new-tokens")
     if not args.question.strip():
         raise CLIError("--question is empty")
     context = read_context(args.context)
 
-    model, tokenizer = load_for(args.model, press)
+    model, tokenizer = load_for(args.model, press, model_options)
     pipe = Pipeline(model, tokenizer)
     ctx = pipe.compress(context, press=press)
     answer = ctx.answer(args.question, max_new_tokens=args.max_new_tokens, answer_prefix=args.answer_prefix)
@@ -305,6 +330,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     compression = ctx.compression_seconds
     result = {
         "model": model.name_or_path,
+        "model_options": model_options,
         "attn_implementation": pipe.adapter.attn_implementation,
         "press": press_config(press),
         "context_tokens": ctx.n_tokens,
@@ -353,11 +379,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         press_class(press_name)  # unknown name: KeyError with close matches
     _positive(args.max_new_tokens, "--max-new-tokens")
+    model_options = parse_model_options(args.model_option)
     presses = [build_press(press_name, r) if r else None for r in ratios]
     pressed = [p for p in presses if p is not None]
     caps = pressed[0].capabilities if pressed else None
 
-    model, tokenizer = load_for(args.model, pressed[0] if pressed else None)
+    model, tokenizer = load_for(args.model, pressed[0] if pressed else None, model_options)
     pipe = Pipeline(model, tokenizer)
     text = demo_text()
     # One shared prefill when the press can work from recorded layer inputs; otherwise one prefill per ratio.
@@ -417,6 +444,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
              if value is not None and not applies]
     if wrong:
         raise CLIError(f"not used by --method {args.method}: {', '.join(wrong)}")
+    model_options = parse_model_options(args.model_option)
     from kvsqueeze.models import load_model
 
     if duo:
@@ -424,7 +452,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         options = {"n_sequences": 20 if args.n_sequences is None else args.n_sequences,
                    "seq_len": args.seq_len or 2048, "n_samples": args.n_samples}
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, **model_options)
     path = calibrate(model, tokenizer, args.method, output=args.output, progress=True, **options)
     print(path)
     return 0
@@ -505,6 +533,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
     if args.max_new_tokens is not None:
         _positive(args.max_new_tokens, "--max-new-tokens")
+    model_options = parse_model_options(args.model_option)
     entries = build_entries(presses, ratios, press_options)  # unknown press names: KeyError with close matches
     benchmark = cls(**options)
 
@@ -512,7 +541,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kvsqueeze.models import load_model, resolve_name
 
     name = resolve_name(args.model)
-    model, tokenizer = load_model(name)
+    model, tokenizer = load_model(name, **model_options)
     result = run_sweep(
         model,
         tokenizer,
@@ -592,6 +621,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     model_help = "embedded model name (kvsqueeze models), local directory or hub id; default: smollm2-135m"
 
+    def add_model_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--model-option", action="append", metavar="KEY=VALUE",
+            help="replace a model config attribute when loading, e.g. sliding_window=None (repeatable)",
+        )
+
     p = sub.add_parser("ls", help="list registered presses with their fields and capabilities")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_ls)
@@ -606,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", required=True, metavar="FILE", help="UTF-8 text file to compress ('-': stdin)")
     p.add_argument("--question", required=True, help="question answered from the compressed context")
     p.add_argument("--model", default=None, help=model_help)
+    add_model_option(p)
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32)")
     p.add_argument("--answer-prefix", default="", help="text the answer starts with (e.g. 'The code is')")
     p.add_argument(
@@ -616,6 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="offline demo: one shipped document at several compression ratios")
     p.add_argument("--model", default=None, help=model_help)
+    add_model_option(p)
     p.add_argument("--press", default=DEMO_PRESS, help=f"press name (default {DEMO_PRESS})")
     p.add_argument("--ratios", default=DEMO_RATIOS, help=f"comma-separated ratios (default {DEMO_RATIOS})")
     p.add_argument("--max-new-tokens", type=int, default=12, help="answer length limit (default 12)")
@@ -626,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate", help="compute a calibration artifact (Q-filters, query statistics, DuoAttention gates)"
     )
     p.add_argument("--model", default=None, help=model_help)
+    add_model_option(p)
     p.add_argument("--method", required=True, help="qfilters, expected_attention_stats or duo_attention")
     p.add_argument("--output", default=None, help="where to write (default: where the presses look for it)")
     p.add_argument("--n-sequences", type=int, default=None, help="calibration sequences (default 20; not duo_attention)")
@@ -646,6 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=None, help="context length option of the benchmark (e.g. 4096)")
     p.add_argument("--tasks", default=None, help="comma-separated tasks of the benchmark (default: all)")
     p.add_argument("--model", default=None, help=model_help)
+    add_model_option(p)
     p.add_argument("--output-dir", default="results", help="parent of the results directory (default results)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the benchmark rows (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="override every sample's answer length")

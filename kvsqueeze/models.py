@@ -246,7 +246,13 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, **extra)
     model.to(device).eval()
     model.name_or_path = name
+    model._kvsqueeze_config_overrides = dict(config_overrides)  # part of a sweep's results key (config_overrides)
     return model, tokenizer
+
+
+def config_overrides(model: torch.nn.Module) -> dict[str, Any]:
+    """The config attributes :func:`load_model` replaced on ``model`` (empty for any other model)."""
+    return dict(getattr(model, "_kvsqueeze_config_overrides", None) or {})
 
 
 def load_tokenizer(name_or_path: str | None = None):

@@ -8,6 +8,7 @@ import pytest
 import transformers
 
 import kvsqueeze
+from conftest import build_model, build_tokenizer
 from kvsqueeze import cli
 
 
@@ -31,6 +32,11 @@ def test_ls_json_lists_every_press_with_fields_and_capabilities(capsys):
         (["calibrate", "--method", "qfilters", "--steps", "3"], "not used by --method qfilters: --steps"),
         (["calibrate", "--method", "duo_attention", "--n-sequences", "3"], "--n-sequences"),
         (["calibrate", "--method", "expected_attention_stats", "--n-samples", "3"], "--n-samples"),
+        (["demo", "--model-option", "sliding_window"], "--model-option takes KEY=VALUE"),
+        (["demo", "--model-option", "dtype=float16"], "'dtype' is not one"),
+        (["calibrate", "--method", "qfilters", "--model-option", "rope_theta=1", "--model-option", "rope_theta=2"],
+         "sets 'rope_theta' twice"),
+        (["demo", "--model-option", "no_such_attribute=1"], "no config attribute 'no_such_attribute'"),
     ],
 )
 def test_bad_cli_input_is_one_error_line(argv, message, capsys):
@@ -53,3 +59,33 @@ def test_transformers_pipeline_task_matches_kvsqueeze_pipeline(tiny_model, token
     assert out == {"answer": ours}
     several = hf(context, question=["what jumps?", "who is lazy?"], press=press, max_new_tokens=5)
     assert [row["answer"] for row in several][0] == ours and len(several) == 2
+
+
+def test_model_option_lets_the_cli_compress_a_model_whose_every_layer_slides(tmp_path, capsys, single_thread):
+    """A saved model with a sliding window on every layer (as Mistral-7B-v0.1) has nothing kvsqueeze compresses:
+    the CLI says so and names the flag; with ``--model-option sliding_window=None`` it runs with full attention and
+    halves the measured cache."""
+    folder = tmp_path / "tiny-mistral"
+    build_model("mistral", sliding_window=16).save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    context = tmp_path / "context.txt"
+    context.write_text("the quick brown fox jumps over the lazy dog", encoding="utf-8")
+    argv = ["run", "--model", str(folder), "--press", "knorm", "--ratio", "0.5", "--context", str(context),
+            "--question", "what jumps?", "--max-new-tokens", "3", "--json"]
+
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no full-attention layer" in err and "--model-option sliding_window=None" in err
+
+    assert cli.main(argv + ["--model-option", "sliding_window=None"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model_options"] == {"sliding_window": None}
+    n = result["context_tokens"]
+    assert result["cache_bytes_after"] * n == result["cache_bytes_before"] * (n // 2)  # every layer keeps n // 2
+
+    # The override is part of a sweep's results key (it changes every prediction); without one the key is as before.
+    from kvsqueeze.evaluation.sweep import model_key
+    from kvsqueeze.models import load_model
+
+    assert model_key(load_model(str(folder), sliding_window=None)[0], None)["config_overrides"] == {"sliding_window": None}
+    assert "config_overrides" not in model_key(load_model(str(folder))[0], None)

@@ -158,18 +158,24 @@ def build_entries(
 
 
 def model_key(model: nn.Module, model_name: str | None) -> dict[str, Any]:
-    """How the model enters the results key: name, weight fingerprint, dtype and attention implementation."""
+    """How the model enters the results key: name, weight fingerprint, dtype, attention implementation, and the
+    config attributes :func:`~kvsqueeze.models.load_model` replaced (only when there are any)."""
     from kvsqueeze.calibration.artifacts import model_identity
+    from kvsqueeze.models import config_overrides
 
     identity = model_identity(model)
     dtype = next(model.parameters()).dtype
-    return {
+    key = {
         "name": model_name or identity["name_or_path"],
         "model_type": identity["model_type"],
         "fingerprint": identity["fingerprint"],
         "dtype": str(dtype).removeprefix("torch."),
         "attn_implementation": getattr(model.config, "_attn_implementation", None) or "eager",
     }
+    overrides = config_overrides(model)
+    if overrides:  # e.g. sliding_window=None changes every prediction; absent otherwise, so older keys still match
+        key["config_overrides"] = overrides
+    return key
 
 
 def resolved_config(
