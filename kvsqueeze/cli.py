@@ -62,11 +62,9 @@ def parse_ratio(text: str, flag: str = "--ratio") -> float:
 
 def parse_ratios(text: str) -> list[float]:
     """A comma-separated list of ratios, e.g. ``"0,0.25,0.5"``; duplicates are refused."""
-    parts = [p.strip() for p in str(text).split(",")]
-    if not parts or any(not p for p in parts):
-        raise CLIError(f"--ratios must be comma-separated numbers in [0, 1), e.g. {DEMO_RATIOS!r}; got {text!r}")
+    parts = parse_list(text, "--ratios", "numbers in [0, 1)", DEMO_RATIOS)
     ratios = [parse_ratio(p, "--ratios") for p in parts]
-    if len(set(ratios)) != len(ratios):
+    if len(set(ratios)) != len(ratios):  # also "0.5,0.50"
         raise CLIError(f"--ratios has duplicates: {text!r}")
     return ratios
 
@@ -458,14 +456,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_names(text: str, flag: str) -> list[str]:
-    """A comma-separated list of names, e.g. ``"knorm,snapkv"``; empty items and duplicates are refused."""
+def parse_list(text: str, flag: str, what: str, example: str) -> list[str]:
+    """The items of a comma-separated list (stripped); empty items and duplicates are refused, naming ``flag``."""
     parts = [p.strip() for p in str(text).split(",")]
-    if not parts or any(not p for p in parts):
-        raise CLIError(f"{flag} must be comma-separated names, e.g. knorm,snapkv; got {text!r}")
+    if any(not p for p in parts):
+        raise CLIError(f"{flag} must be comma-separated {what}, e.g. {example}; got {text!r}")
     if len(set(parts)) != len(parts):
         raise CLIError(f"{flag} has duplicates: {text!r}")
     return parts
+
+
+def parse_names(text: str, flag: str) -> list[str]:
+    """A comma-separated list of names, e.g. ``"knorm,snapkv"``; empty items and duplicates are refused."""
+    return parse_list(text, flag, "names", "knorm,snapkv")
 
 
 def parse_sweep_press_options(items: Sequence[str] | None, presses: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvsqueeze.evaluation.sweep import BASELINE, config_hash, read_predictions
+from kvsqueeze.evaluation.sweep import BASELINE, config_hash, read_predictions, slug
 
 _MB = 1e6
 
@@ -54,10 +53,6 @@ def _load(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return json.loads(config_path.read_text(encoding="utf-8")), json.loads(metrics_path.read_text(encoding="utf-8"))
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "results"
-
-
 def _groups(result_dirs: Sequence[str | Path]) -> list[_Group]:
     groups: dict[str, _Group] = {}
     seen: set[Path] = set()
@@ -74,7 +69,8 @@ def _groups(result_dirs: Sequence[str | Path]) -> list[_Group]:
             options = ", ".join(f"{k}={v}" for k, v in bench.get("config", {}).items())
             title = f"{bench['name']}" + (f" ({options})" if options else "") + f" - {config['model']['name']}"
             title += f", limit {config['limit']}, seed {config['seed']}"
-            groups[key] = _Group(title, _slug(f"{bench['name']}-{Path(config['model']['name']).name}-{key}"), bench)
+            name = f"{bench['name']}-{Path(config['model']['name']).name}-{key}"
+            groups[key] = _Group(title, slug(name, "results"), bench)
         group = groups[key]
         group.directories.append(directory)
         have = {(r["press"], r["ratio"]) for r in group.rows}
@@ -162,7 +158,7 @@ def _niah_heatmaps(group: _Group, output_dir: Path) -> list[Path]:
         by_config.setdefault((p["press"], p["ratio"]), []).append(to_prediction(p))
     paths = []
     for (press, ratio), predictions in sorted(by_config.items(), key=lambda kv: (kv[0][0] != BASELINE, kv[0])):
-        path = output_dir / f"niah-{group.slug}-{_slug(press)}-{ratio:.2f}.png"
+        path = output_dir / f"niah-{group.slug}-{slug(press, 'results')}-{ratio:.2f}.png"
         niah_heatmap(predictions, path, title=f"{press} at ratio {ratio:g}\n{textwrap.shorten(group.title, 90)}")
         paths.append(path)
     return paths

@@ -219,13 +219,15 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:48] or "model"
+def slug(text: str, fallback: str, max_len: int | None = None) -> str:
+    """``text`` as a file-name part: runs of other characters than ``A-Za-z0-9._-`` become ``-``, no leading or
+    trailing ``-``/``.``, at most ``max_len`` characters; ``fallback`` when nothing is left."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:max_len] or fallback
 
 
 def results_dir(output_dir: str | Path, config: Mapping[str, Any]) -> Path:
     """``<output_dir>/<benchmark>-<model>-<hash of config>``."""
-    name = f"{config['benchmark']['name']}-{_safe(Path(str(config['model']['name'])).name)}-{config_hash(config)}"
+    name = f"{config['benchmark']['name']}-{slug(Path(str(config['model']['name'])).name, 'model', 48)}-{config_hash(config)}"
     return Path(output_dir) / name
 
 
