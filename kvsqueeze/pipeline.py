@@ -242,13 +242,22 @@ class CompressedContext:
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> list[int]:
-        """The generated token ids (EOS excluded) for ``question``."""
+        """The generated token ids (EOS excluded) for ``question``.
+
+        Greedy unless ``do_sample``; ``temperature``, ``top_p`` and ``seed`` only apply when sampling, and giving
+        them without ``do_sample=True`` is an error rather than silently ignored.
+        """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         if do_sample and not (temperature > 0):
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if not do_sample:
+            ignored = [f"{name}={value!r}" for name, value, default in
+                       (("temperature", temperature, 1.0), ("top_p", top_p, 1.0), ("seed", seed, None)) if value != default]
+            if ignored:  # greedy decoding would silently ignore them
+                raise ValueError(f"{', '.join(ignored)} only apply when sampling; pass do_sample=True (greedy by default)")
         pipe = self.pipeline
         ids = pipe.question_ids(question, answer_prefix)
         limit = pipe.max_length

@@ -369,6 +369,12 @@ def test_answer_arguments_are_checked(tiny_model, tokenizer):
         ctx.generate_ids("q", do_sample=True, temperature=0)
     with pytest.raises(ValueError, match=r"top_p.*1\.5"):
         ctx.generate_ids("q", top_p=1.5)
+    # Sampling settings without do_sample=True would be silently ignored by greedy decoding.
+    for kwargs, named in ((dict(temperature=0.7), "temperature=0.7"), (dict(top_p=0.9), "top_p=0.9"),
+                          (dict(seed=3), "seed=3")):
+        with pytest.raises(ValueError, match=rf"{re.escape(named)}.*do_sample=True"):
+            ctx.generate_ids("q", **kwargs)
+    assert ctx.generate_ids("q", max_new_tokens=2, do_sample=True, temperature=0.7, top_p=0.9, seed=3)
 
 
 class _NeedsWeights(ScorerPress):
