@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kvsqueeze import adapter as A
-from kvsqueeze.presses.base import CompressionReport, Press
+from kvsqueeze.presses.base import CompressionReport, Press, check_no_active_press
 from kvsqueeze.record import RecordedPrefill, record_prefill
 
 _SLOT = "\u2063KVSQUEEZE_QUESTION\u2063"
@@ -130,6 +130,7 @@ class Pipeline:
         report = CompressionReport()
         start = time.perf_counter()
         if press is None:
+            check_no_active_press(self.model)  # an open press block would compress this "keep everything" prefill
             self._prefill(ids, cache)
         else:
             with press(self.model) as report:

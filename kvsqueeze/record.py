@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kvsqueeze import adapter as A
-from kvsqueeze.presses.base import CompressionReport, LayerInputs, Press
+from kvsqueeze.presses.base import CompressionReport, LayerInputs, Press, check_no_active_press
 
 
 @dataclass
@@ -67,6 +67,7 @@ def record_prefill(model: nn.Module, input_ids: torch.Tensor, keep_attentions: b
     ``keep_attentions`` keeps eager attention weights ``(bsz, heads, seq_len, seq_len)`` per layer — quadratic
     memory, only for small inputs and presses that need them.
     """
+    check_no_active_press(model)  # its hooks would compress the recorded prefill
     adapter = A.ModelAdapter(model)
     if keep_attentions and adapter.attn_implementation != "eager":
         raise ValueError(

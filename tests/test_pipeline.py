@@ -355,6 +355,23 @@ def test_unknown_press_suggests_close_names():
         make_press("knorm", windw_size=3)
 
 
+def test_no_prefill_under_an_open_press_block(tiny_model, tokenizer):
+    """Inside ``with press(model)`` the press's hooks would compress any prefill: a recording or a "keep
+    everything" compress there is refused; answering a context compressed before still works."""
+    model = tiny_model("llama")
+    pipe = Pipeline(model, tokenizer)
+    ctx = pipe.compress(CONTEXT, press=make_press("knorm", compression_ratio=0.5))
+    with make_press("random", compression_ratio=0.5)(model):
+        with pytest.raises(ValueError, match=r"already active on this model \(RandomPress\)"):
+            pipe.record(CONTEXT)
+        with pytest.raises(ValueError, match="already active"):
+            pipe.compress(CONTEXT)
+        with pytest.raises(ValueError, match="already active"):
+            pipe.compress(CONTEXT, press=make_press("knorm", compression_ratio=0.25))
+        inside = ctx.answer(QUESTIONS[0], max_new_tokens=4)
+    assert inside == ctx.answer(QUESTIONS[0], max_new_tokens=4)
+
+
 def test_press_argument_must_be_a_press(tiny_model, tokenizer):
     pipe = Pipeline(tiny_model("llama"), tokenizer)
     with pytest.raises(TypeError, match="str"):

@@ -547,6 +547,18 @@ def test_hooks_removed_after_block_and_after_exception(case, model_name, setup):
         with press(model):
             model(input_ids=torch.full((1, 4), 10_000), use_cache=True)
     assert hook_counts(model) == before
+    # Presses do not nest (the inner one would find every layer already compressed and do nothing): a second
+    # block on the same model is refused, also of the same press; closed blocks, raised or not, leave no mark.
+    other = kvsqueeze.make_press("knorm", compression_ratio=0.5)
+    with press(model):
+        for second in (other, press):
+            with pytest.raises(ValueError, match="already active"):
+                with second(model):
+                    pass
+        assert hook_counts(model) == inside
+    with other(model):
+        pass
+    assert hook_counts(model) == before
 
 
 def test_hooks_removed_when_compression_raises(tiny_model):

@@ -360,18 +360,45 @@ class Press:
 
     @contextmanager
     def __call__(self, model: nn.Module) -> Iterator[CompressionReport]:
-        adapter = A.ModelAdapter(model)
-        self.validate(adapter)
-        report = CompressionReport()
-        queries: dict[int, torch.Tensor] = {}
-        handles = adapter.register_query_capture(queries)
-        handles += adapter.register_attention_hooks(self._hook(adapter, report, queries))
-        try:
-            with adapter.compressed_attention(not self.capabilities.uniform_layers, self.capabilities.headwise):
-                yield report
-        finally:
-            for h in handles:
-                h.remove()
+        with active_press(model, self):
+            adapter = A.ModelAdapter(model)
+            self.validate(adapter)
+            report = CompressionReport()
+            queries: dict[int, torch.Tensor] = {}
+            handles = adapter.register_query_capture(queries)
+            handles += adapter.register_attention_hooks(self._hook(adapter, report, queries))
+            try:
+                with adapter.compressed_attention(not self.capabilities.uniform_layers, self.capabilities.headwise):
+                    yield report
+            finally:
+                for h in handles:
+                    h.remove()
+
+
+#: Attribute set on a model while a press block is open on it.
+_ACTIVE = "_kvsqueeze_active_press"
+
+
+def check_no_active_press(model: nn.Module) -> None:
+    """Refuse a second press block (or a recorded prefill) on a model that already has one open: the first press
+    compresses each layer in its prefill, so a second one would silently find nothing left to do."""
+    active = getattr(model, _ACTIVE, None)
+    if active is not None:
+        raise ValueError(
+            f"a press is already active on this model ({type(active).__name__}); presses do not nest: chain them "
+            "with kvsqueeze.make_press('composed', presses=[...]), or close the first block"
+        )
+
+
+@contextmanager
+def active_press(model: nn.Module, press: Press) -> Iterator[None]:
+    """Mark ``press`` as the one press open on ``model`` for the duration of the block (refusing a second)."""
+    check_no_active_press(model)
+    setattr(model, _ACTIVE, press)
+    try:
+        yield
+    finally:
+        delattr(model, _ACTIVE)
 
 
 def kv_nbytes(keys: torch.Tensor, values: torch.Tensor) -> int:

@@ -20,6 +20,7 @@ from kvsqueeze.presses.base import (
     LayerInputs,
     Press,
     RaggedKV,
+    active_press,
     check_int,
     derived_capabilities,
     kv_nbytes,
@@ -253,6 +254,10 @@ class KVzipPress(Press):
 
     @contextmanager
     def __call__(self, model: nn.Module) -> Iterator[CompressionReport]:
+        with active_press(model, self):
+            yield from self._block(model)
+
+    def _block(self, model: nn.Module) -> Iterator[CompressionReport]:
         adapter = A.ModelAdapter(model)
         self.validate(adapter)
         report = CompressionReport()
