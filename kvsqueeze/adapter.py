@@ -933,6 +933,31 @@ class ModelAdapter:
         layers = self.compressible_layers if layers is None else layers
         return [self.attention_modules[i].register_forward_hook(hook, with_kwargs=True) for i in layers]
 
+    def register_padding_guard(self) -> list[Any]:
+        """A forward pre-hook on the model that refuses a padded prefill (a 2-D ``attention_mask`` with zeros).
+
+        Compression evicts entries per head wherever they are, so a padding mask cannot follow the kept entries:
+        padded entries would be scored like tokens and attended to afterwards. Only prefills (empty cache) are
+        checked, so decoding steps pay no host sync.
+        """
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+                return
+            cache = self.cache_from_call(kwargs)
+            if cache is not None and cache.get_seq_length() > 0:
+                return
+            padded = (mask == 0).any(dim=-1)
+            if bool(padded.any()):
+                rows = padded.nonzero().flatten().tolist()
+                raise ValueError(
+                    f"a padded batch cannot be compressed: attention_mask has padding in row(s) {rows} of "
+                    f"{mask.shape[0]}; compress one sequence at a time (kvsqueeze.Pipeline does)"
+                )
+
+        return [self.model.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+
     @staticmethod
     def hidden_states_from_call(args: tuple, kwargs: dict) -> torch.Tensor:
         return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]

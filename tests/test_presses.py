@@ -561,6 +561,28 @@ def test_hooks_removed_after_block_and_after_exception(case, model_name, setup):
     assert hook_counts(model) == before
 
 
+@pytest.mark.parametrize("case", first_case_params)
+def test_padded_batch_is_refused_before_compression(case, setup):
+    """A padding mask cannot follow per-head eviction, so a padded prefill under a press is an error naming the
+    padded rows, raised before any layer runs; the same batch without padding compresses every row."""
+    press, _, model = setup(case, "llama", ratio=0.5)
+    ids = token_ids(16, seed=11, batch=3)
+    mask = torch.ones_like(ids)
+    mask[2, :5] = 0  # left padding on the last row
+    calls = []
+    handle = model.model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"padded batch.*row\(s\) \[2\] of 3"):
+            with torch.inference_mode(), press(model):
+                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+        assert calls == [], "a layer ran before the padded batch was refused"
+    finally:
+        handle.remove()
+    with torch.inference_mode(), press(model) as report:
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+    assert report.seen and all(n == 16 for n in report.seen.values())
+
+
 def test_hooks_removed_when_compression_raises(tiny_model):
     """A press whose compression fails inside the hook leaves no hook behind and propagates the error."""
 

@@ -392,13 +392,17 @@ def check_no_active_press(model: nn.Module) -> None:
 
 @contextmanager
 def active_press(model: nn.Module, press: Press) -> Iterator[None]:
-    """Mark ``press`` as the one press open on ``model`` for the duration of the block (refusing a second)."""
+    """Mark ``press`` as the one press open on ``model`` for the duration of the block (refusing a second), and
+    refuse padded prefills meanwhile (:meth:`ModelAdapter.register_padding_guard`)."""
     check_no_active_press(model)
+    handles = A.ModelAdapter(model).register_padding_guard()
     setattr(model, _ACTIVE, press)
     try:
         yield
     finally:
         delattr(model, _ACTIVE)
+        for h in handles:
+            h.remove()
 
 
 def kv_nbytes(keys: torch.Tensor, values: torch.Tensor) -> int:
