@@ -360,8 +360,8 @@ class Press:
 
     @contextmanager
     def __call__(self, model: nn.Module) -> Iterator[CompressionReport]:
-        with active_press(model, self):
-            adapter = A.ModelAdapter(model)
+        adapter = A.ModelAdapter(model)
+        with active_press(adapter, self):
             self.validate(adapter)
             report = CompressionReport()
             queries: dict[int, torch.Tensor] = {}
@@ -391,11 +391,12 @@ def check_no_active_press(model: nn.Module) -> None:
 
 
 @contextmanager
-def active_press(model: nn.Module, press: Press) -> Iterator[None]:
-    """Mark ``press`` as the one press open on ``model`` for the duration of the block (refusing a second), and
-    refuse padded prefills meanwhile (:meth:`ModelAdapter.register_padding_guard`)."""
+def active_press(adapter: A.ModelAdapter, press: Press) -> Iterator[None]:
+    """Mark ``press`` as the one press open on the adapter's model for the duration of the block (refusing a
+    second), and refuse padded prefills meanwhile (:meth:`ModelAdapter.register_padding_guard`)."""
+    model = adapter.model
     check_no_active_press(model)
-    handles = A.ModelAdapter(model).register_padding_guard()
+    handles = adapter.register_padding_guard()
     setattr(model, _ACTIVE, press)
     try:
         yield

@@ -254,11 +254,11 @@ class KVzipPress(Press):
 
     @contextmanager
     def __call__(self, model: nn.Module) -> Iterator[CompressionReport]:
-        with active_press(model, self):
-            yield from self._block(model)
-
-    def _block(self, model: nn.Module) -> Iterator[CompressionReport]:
         adapter = A.ModelAdapter(model)
+        with active_press(adapter, self):
+            yield from self._block(model, adapter)
+
+    def _block(self, model: nn.Module, adapter: A.ModelAdapter) -> Iterator[CompressionReport]:
         self.validate(adapter)
         report = CompressionReport()
         state: dict[str, Any] = {"pending": None, "busy": False}
