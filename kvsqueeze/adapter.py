@@ -933,20 +933,30 @@ class ModelAdapter:
         layers = self.compressible_layers if layers is None else layers
         return [self.attention_modules[i].register_forward_hook(hook, with_kwargs=True) for i in layers]
 
-    def register_padding_guard(self) -> list[Any]:
-        """A forward pre-hook on the model that refuses a padded prefill (a 2-D ``attention_mask`` with zeros).
+    def register_prefill_guard(self) -> list[Any]:
+        """A forward pre-hook on the model that refuses, before any layer runs, a call a press cannot compress:
 
-        Compression evicts entries per head wherever they are, so a padding mask cannot follow the kept entries:
-        padded entries would be scored like tokens and attended to afterwards. Only prefills (empty cache) are
-        checked, so decoding steps pay no host sync.
+        * no KV cache (``use_cache=False``, or the config's ``use_cache`` off): there is nothing to compress;
+        * a padded prefill (a 2-D ``attention_mask`` with zeros): compression evicts entries per head wherever they
+          are, so a padding mask cannot follow the kept entries, and padded entries would be scored like tokens
+          and attended to afterwards. Only prefills (empty cache) are checked, so decoding steps pay no host sync.
         """
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            cache = self.cache_from_call(kwargs)
+            if cache is None:
+                use_cache = kwargs.get("use_cache")
+                if use_cache is None:
+                    use_cache = getattr(self.config, "use_cache", True)
+                if not use_cache:
+                    raise ValueError(
+                        "the model was called without a KV cache (use_cache=False), so a press has nothing to "
+                        "compress; call it with use_cache=True (generate's default)"
+                    )
+            elif cache.get_seq_length() > 0:
+                return  # a decoding step: the prefill was checked
             mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
             if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-                return
-            cache = self.cache_from_call(kwargs)
-            if cache is not None and cache.get_seq_length() > 0:
                 return
             padded = (mask == 0).any(dim=-1)
             if bool(padded.any()):
@@ -957,6 +967,12 @@ class ModelAdapter:
                 )
 
         return [self.model.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+
+    @staticmethod
+    def cache_from_output(output: Any) -> Cache | None:
+        """The cache a model's forward returned (``cache`` from 5.24, ``past_key_values`` before), or None."""
+        cache = getattr(output, "cache", None)
+        return cache if cache is not None else getattr(output, "past_key_values", None)
 
     @staticmethod
     def hidden_states_from_call(args: tuple, kwargs: dict) -> torch.Tensor:

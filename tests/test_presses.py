@@ -583,6 +583,30 @@ def test_padded_batch_is_refused_before_compression(case, setup):
     assert report.seen and all(n == 16 for n in report.seen.values())
 
 
+@pytest.mark.parametrize("case", first_case_params)
+def test_bare_forward_is_compressed_and_no_cache_is_refused(case, setup):
+    """``model(input_ids)`` with no cache passed (the model makes its own) compresses exactly like a prefill into
+    a given cache; a call without a KV cache has nothing to compress and is refused before any layer runs."""
+    press, _, model = setup(case, "llama", ratio=0.5)
+    ids = token_ids(16, seed=12)
+    expected, _, _ = prefill(model, ids, press)
+    with torch.inference_mode(), press(model) as report:
+        out = model(input_ids=ids)
+    assert report.kept, "nothing was compressed"
+    assert_layers_equal(A.ModelAdapter.cache_from_output(out), expected, what="bare forward: ")
+    calls = []
+    handle = model.model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        for call in (lambda: model(input_ids=ids, use_cache=False),
+                     lambda: model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, use_cache=False)):
+            with pytest.raises(ValueError, match="without a KV cache"):
+                with torch.inference_mode(), press(model):
+                    call()
+    finally:
+        handle.remove()
+    assert calls == [], "a layer ran before the call without a cache was refused"
+
+
 def test_hooks_removed_when_compression_raises(tiny_model):
     """A press whose compression fails inside the hook leaves no hook behind and propagates the error."""
 

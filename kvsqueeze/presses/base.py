@@ -335,8 +335,11 @@ class Press:
             idx = module.layer_idx
             projected = queries.pop(idx, None)
             cache = adapter.cache_from_call(kwargs)
-            if cache is None:
-                return
+            if cache is None:  # the prefill guard refuses use_cache=False; anything else must not pass silently
+                raise ValueError(
+                    f"{type(self).__name__}: attention layer {idx} ran without a KV cache, so there is nothing to "
+                    "compress; call the model with use_cache=True"
+                )
             hidden = adapter.hidden_states_from_call(args, kwargs)
             # Compress once: in the forward that filled this layer from empty (its prefill).
             if A.is_compressed_layer(cache, idx) or A.layer_logical_length(cache, idx) != hidden.shape[1]:
@@ -393,10 +396,10 @@ def check_no_active_press(model: nn.Module) -> None:
 @contextmanager
 def active_press(adapter: A.ModelAdapter, press: Press) -> Iterator[None]:
     """Mark ``press`` as the one press open on the adapter's model for the duration of the block (refusing a
-    second), and refuse padded prefills meanwhile (:meth:`ModelAdapter.register_padding_guard`)."""
+    second), and refuse prefills it cannot compress meanwhile (:meth:`ModelAdapter.register_prefill_guard`)."""
     model = adapter.model
     check_no_active_press(model)
-    handles = adapter.register_padding_guard()
+    handles = adapter.register_prefill_guard()
     setattr(model, _ACTIVE, press)
     try:
         yield

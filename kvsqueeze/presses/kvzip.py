@@ -268,18 +268,23 @@ class KVzipPress(Press):
                 return
             state["pending"] = None
             cache = adapter.cache_from_call(kwargs)
-            if cache is None or cache.get_seq_length() != 0:
-                return
+            if cache is not None and cache.get_seq_length() != 0:
+                return  # a decoding step
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is None:
                 raise ValueError("KVzipPress needs the context's input_ids (the model was called with inputs_embeds)")
-            state["pending"] = (ids, cache)
+            state["pending"] = (ids, cache)  # no cache passed: the model creates one, read from its output
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if state["busy"] or state["pending"] is None:
                 return
             ids, cache = state["pending"]
             state["pending"] = None
+            if cache is None:
+                cache = adapter.cache_from_output(output)
+                if cache is None:
+                    raise ValueError("KVzipPress: the model returned no KV cache, so there is nothing to compress; "
+                                     "call it with use_cache=True")
             state["busy"] = True
             try:
                 self.compress_cache(adapter, ids, cache, report)
