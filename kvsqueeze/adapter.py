@@ -14,6 +14,7 @@ import copy
 import functools
 import inspect
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -137,6 +138,12 @@ class RaggedLayer(DynamicLayer):
         return keys, values, valid.to(keys.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not _RAGGED_STATE.depth:  # the model's own attention would attend the padding: wrong, silently
+            raise ValueError(
+                "this cache has head-wise compressed layers (each KV head keeps its own count), which need "
+                "kvsqueeze's ragged attention: use it inside `with press(model)`, through kvsqueeze.Pipeline, or "
+                "within `kvsqueeze.adapter.ModelAdapter(model).attention_for_cache(cache)`"
+            )
         self.cumulative_length += key_states.shape[-2]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
@@ -509,6 +516,20 @@ def register_ragged_attention() -> None:
         AttentionMaskInterface.register(name, masks[base])
 
 
+#: How many :func:`ragged_attention` blocks are open in this thread (:class:`RaggedLayer` refuses to run outside).
+_RAGGED_STATE = threading.local()
+_RAGGED_STATE.depth = 0
+
+
+@contextmanager
+def _ragged_depth() -> Iterator[None]:
+    _RAGGED_STATE.depth = getattr(_RAGGED_STATE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _RAGGED_STATE.depth -= 1
+
+
 @contextmanager
 def ragged_attention(model: nn.Module) -> Iterator[None]:
     """Run ``model`` with attention that understands head-wise (ragged) cache layers, then restore it.
@@ -522,7 +543,8 @@ def ragged_attention(model: nn.Module) -> Iterator[None]:
     config = model.config
     current = getattr(config, "_attn_implementation", None) or "eager"
     if current in _BASE_OF:
-        yield
+        with _ragged_depth():
+            yield
         return
     if current not in RAGGED_IMPLEMENTATIONS:
         raise UnsupportedModelError(
@@ -531,7 +553,8 @@ def ragged_attention(model: nn.Module) -> Iterator[None]:
         )
     model.set_attn_implementation(RAGGED_IMPLEMENTATIONS[current])
     try:
-        yield
+        with _ragged_depth():
+            yield
     finally:
         model.set_attn_implementation(current)
 

@@ -198,6 +198,27 @@ def test_ragged_cache_bytes_and_refusals(tiny_model):
         layer.crop(-1)
 
 
+def test_ragged_cache_outside_ragged_attention_is_refused(tiny_model):
+    """The model's own attention would attend a ragged layer's padding (silently wrong logits), so decoding on a
+    head-wise cache outside ``with press(model)`` / the pipeline is refused; ``attention_for_cache`` makes the
+    same call exact again (equal to decoding on a copy inside the press block)."""
+    model = tiny_model("llama")
+    adapter = A.ModelAdapter(model)
+    press = make_press("adakv", press=make_press("knorm"), compression_ratio=0.75)
+    step = torch.tensor([[7]])
+    with torch.inference_mode(), press(model):
+        out = model(input_ids=token_ids(64, seed=5))
+        cache = A.ModelAdapter.cache_from_output(out)
+        assert any(A.is_ragged_layer(cache, i) for i in range(len(cache.layers)))
+        inside = model(input_ids=step, **adapter.model_call_kwargs(A.fork_cache(cache))).logits
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="head-wise compressed layers.*attention_for_cache"):
+            model(input_ids=step, **adapter.model_call_kwargs(A.fork_cache(cache)))
+        with adapter.attention_for_cache(cache):
+            outside = model(input_ids=step, **adapter.model_call_kwargs(cache)).logits
+    torch.testing.assert_close(outside, inside, rtol=0, atol=0)
+
+
 def test_ragged_attention_refuses_unknown_implementation(tiny_model):
     model = tiny_model("llama")
     model.config._attn_implementation_internal = "flex_attention"
