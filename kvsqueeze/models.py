@@ -122,7 +122,8 @@ def resolve_name(name: str | None) -> str:
     TypeError
         ``name`` is neither a string nor None.
     ValueError
-        ``name`` is empty, or is not a path and looks like a misspelled embedded name (``"smolm2"``).
+        ``name`` is empty, looks like a local path that does not exist (``"./models/x"``), or is not a path and
+        looks like a misspelled embedded name (``"smolm2"``).
     """
     if name is None:
         return DEFAULT_MODEL
@@ -132,7 +133,16 @@ def resolve_name(name: str | None) -> str:
     if not name:
         raise ValueError("model name is empty; use e.g. 'smollm2-135m' (see kvsqueeze.models.list_models())")
     name = ALIASES.get(name.lower(), name.lower() if name.lower() in EMBEDDED else name)
-    if name in EMBEDDED or os.path.exists(name) or "/" in name:
+    if name in EMBEDDED or os.path.exists(name):
+        return name
+    # A hub id is "org/name"; anything else with a path shape is a local path, and a missing one is a typo, not
+    # something to look up on the hub (which would fail later with a confusing message, or after retries).
+    if name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name:
+        path = os.path.expanduser(name)
+        if os.path.exists(path):
+            return path
+        raise ValueError(f"model directory not found: {name!r} (a hub id has the form 'org/name')")
+    if "/" in name:
         return name
     close = difflib.get_close_matches(name.lower(), [*EMBEDDED, *ALIASES], n=3, cutoff=0.6)
     if close:

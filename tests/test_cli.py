@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import transformers
@@ -89,3 +90,21 @@ def test_model_option_lets_the_cli_compress_a_model_whose_every_layer_slides(tmp
 
     assert model_key(load_model(str(folder), sliding_window=None)[0], None)["config_overrides"] == {"sliding_window": None}
     assert "config_overrides" not in model_key(load_model(str(folder))[0], None)
+
+
+def test_model_names_resolve_or_fail_clearly(tmp_path, monkeypatch):
+    """Embedded short names and aliases resolve; a local path is used as given (``~`` expanded); a path-shaped
+    name that does not exist is an error naming it, not a hub lookup; ``org/name`` is left for the hub."""
+    from kvsqueeze.models import DEFAULT_MODEL, resolve_name
+
+    assert resolve_name(None) == DEFAULT_MODEL
+    assert resolve_name(str(tmp_path)) == str(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "my-model").mkdir()
+    assert resolve_name("~/my-model") == str(tmp_path / "my-model")
+    for missing in ("./no/such/dir", "../models/x", "/no/such/model", "~/absent", "models/llama/8b"):
+        with pytest.raises(ValueError, match=f"model directory not found: '{re.escape(missing)}'"):
+            resolve_name(missing)
+    assert resolve_name("someone/some-model") == "someone/some-model"
+    with pytest.raises(ValueError, match="Did you mean"):
+        resolve_name("smolm2-135m")
