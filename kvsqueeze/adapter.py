@@ -516,14 +516,19 @@ def register_ragged_attention() -> None:
         AttentionMaskInterface.register(name, masks[base])
 
 
-#: How many :func:`ragged_attention` blocks are open in this thread (:class:`RaggedLayer` refuses to run outside).
-_RAGGED_STATE = threading.local()
-_RAGGED_STATE.depth = 0
+class _RaggedState(threading.local):
+    """How many :func:`ragged_attention` blocks are open in this thread (:class:`RaggedLayer` refuses to run
+    outside); the class attribute is every thread's starting value."""
+
+    depth = 0
+
+
+_RAGGED_STATE = _RaggedState()
 
 
 @contextmanager
 def _ragged_depth() -> Iterator[None]:
-    _RAGGED_STATE.depth = getattr(_RAGGED_STATE, "depth", 0) + 1
+    _RAGGED_STATE.depth += 1
     try:
         yield
     finally:

@@ -7,6 +7,7 @@ that hides, for each (sequence, KV head), the entries the press evicted.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -217,6 +218,21 @@ def test_ragged_cache_outside_ragged_attention_is_refused(tiny_model):
         with adapter.attention_for_cache(cache):
             outside = model(input_ids=step, **adapter.model_call_kwargs(cache)).logits
     torch.testing.assert_close(outside, inside, rtol=0, atol=0)
+
+    # The same refusal in another thread (the open-block count is per thread).
+    errors = []
+
+    def decode_in_thread() -> None:
+        try:
+            with torch.inference_mode():
+                model(input_ids=step, **adapter.model_call_kwargs(A.fork_cache(cache)))
+        except Exception as exc:  # noqa: BLE001 - the type is what the test checks
+            errors.append(exc)
+
+    worker = threading.Thread(target=decode_in_thread)
+    worker.start()
+    worker.join()
+    assert len(errors) == 1 and isinstance(errors[0], ValueError), errors
 
 
 def test_ragged_attention_refuses_unknown_implementation(tiny_model):
