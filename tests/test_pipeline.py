@@ -73,9 +73,7 @@ def strip_eos(ids: list[int]) -> list[int]:
 
 def generated(out) -> tuple[torch.Tensor, object]:
     """``(sequences, cache)`` of a ``generate(..., return_dict_in_generate=True)`` output (5.24: ``.cache``)."""
-    cache = getattr(out, "cache", None)
-    if cache is None:
-        cache = getattr(out, "past_key_values", None)
+    cache = A.ModelAdapter.cache_from_output(out)
     assert cache is not None, f"no cache on {type(out).__name__}: {list(out.keys())}"
     return out.sequences, cache
 

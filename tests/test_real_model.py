@@ -170,7 +170,7 @@ def test_generate_under_press_matches_positions(smollm, cases):
     press = kvsqueeze.make_press("knorm", compression_ratio=0.5)
     with torch.inference_mode(), press(model) as report:
         out = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    cache = getattr(out, "cache", None) or out.past_key_values
+    cache = kvsqueeze.adapter.ModelAdapter.cache_from_output(out)
     n_prompt, n_new = ids.shape[1], out.sequences.shape[1] - ids.shape[1]
     # The last generated token is not fed back, so the cache has seen prompt + n_new - 1 tokens ...
     assert cache.get_seq_length() == n_prompt + n_new - 1
