@@ -52,15 +52,30 @@ class CompressedLayer(DynamicLayer):
     transformers' sliding-window layer (``cumulative_length``).
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, logical_length: int):
+    def __init__(
+        self, keys: torch.Tensor, values: torch.Tensor, logical_length: int, kept: dict[int, int] | None = None
+    ):
         super().__init__()
         self.keys, self.values = keys, values
         self.device = keys.device
         self.is_initialized = True
         self.cumulative_length = int(logical_length)
         self.n_compressed = keys.shape[-2]  # entries that belong to the compressed context (never cropped)
+        # Compressed context entries of every dense compressed layer of the same cache, shared by them (and by
+        # forks, whose layers are copies): {layer_idx: n_compressed}. Filled by :func:`write_layer`.
+        self.kept_by_layer = {} if kept is None else kept
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not _ATTENTION_STATE.fits_uneven and len(set(self.kept_by_layer.values())) > 1:
+            # transformers builds one mask per attention type from one layer's sizes: other lengths mismatch it
+            # (a shape error, or for a one-token SDPA step no mask at all, which happens to be right).
+            lengths = sorted(set(self.kept_by_layer.values()))
+            raise ValueError(
+                f"this cache's compressed layers store different numbers of context entries ({lengths[0]} to "
+                f"{lengths[-1]}: a per-layer budget such as PyramidKV), but transformers builds one attention mask "
+                "for all of them; decode inside `with press(model)`, through kvsqueeze.Pipeline, or within "
+                "`kvsqueeze.adapter.ModelAdapter(model).attention_for_cache(cache)`, which fit the mask to each layer"
+            )
         self.cumulative_length += key_states.shape[-2]
         return super().update(key_states, value_states)
 
@@ -138,7 +153,7 @@ class RaggedLayer(DynamicLayer):
         return keys, values, valid.to(keys.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        if not _RAGGED_STATE.depth:  # the model's own attention would attend the padding: wrong, silently
+        if not _ATTENTION_STATE.ragged:  # the model's own attention would attend the padding: wrong, silently
             raise ValueError(
                 "this cache has head-wise compressed layers (each KV head keeps its own count), which need "
                 "kvsqueeze's ragged attention: use it inside `with press(model)`, through kvsqueeze.Pipeline, or "
@@ -255,7 +270,9 @@ def has_ragged_layers(cache: Cache) -> bool:
 
 def write_layer(cache: Cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, logical_length: int) -> None:
     """Replace one layer's storage by ``keys``/``values`` (the kept entries), keeping ``logical_length``."""
-    cache.layers[layer_idx] = CompressedLayer(keys, values, logical_length)
+    kept = next((layer.kept_by_layer for layer in cache.layers if isinstance(layer, CompressedLayer)), {})
+    kept[layer_idx] = keys.shape[-2]
+    cache.layers[layer_idx] = CompressedLayer(keys, values, logical_length, kept)
 
 
 def write_ragged_layer(
@@ -516,23 +533,29 @@ def register_ragged_attention() -> None:
         AttentionMaskInterface.register(name, masks[base])
 
 
-class _RaggedState(threading.local):
-    """How many :func:`ragged_attention` blocks are open in this thread (:class:`RaggedLayer` refuses to run
-    outside); the class attribute is every thread's starting value."""
+class _AttentionState(threading.local):
+    """Which of kvsqueeze's attention adjustments are open in this thread (the class attributes are every
+    thread's starting values). :class:`RaggedLayer` refuses to run outside :func:`ragged_attention`;
+    :class:`CompressedLayer` refuses uneven layer lengths unless masks are fitted per layer (either block)."""
 
-    depth = 0
+    ragged = 0  # open ragged_attention blocks
+    aligned = 0  # open ModelAdapter.aligned_masks blocks
+
+    @property
+    def fits_uneven(self) -> bool:
+        return bool(self.ragged or self.aligned)
 
 
-_RAGGED_STATE = _RaggedState()
+_ATTENTION_STATE = _AttentionState()
 
 
 @contextmanager
-def _ragged_depth() -> Iterator[None]:
-    _RAGGED_STATE.depth += 1
+def _open(counter: str) -> Iterator[None]:
+    setattr(_ATTENTION_STATE, counter, getattr(_ATTENTION_STATE, counter) + 1)
     try:
         yield
     finally:
-        _RAGGED_STATE.depth -= 1
+        setattr(_ATTENTION_STATE, counter, getattr(_ATTENTION_STATE, counter) - 1)
 
 
 @contextmanager
@@ -548,7 +571,7 @@ def ragged_attention(model: nn.Module) -> Iterator[None]:
     config = model.config
     current = getattr(config, "_attn_implementation", None) or "eager"
     if current in _BASE_OF:
-        with _ragged_depth():
+        with _open("ragged"):
             yield
         return
     if current not in RAGGED_IMPLEMENTATIONS:
@@ -558,7 +581,7 @@ def ragged_attention(model: nn.Module) -> Iterator[None]:
         )
     model.set_attn_implementation(RAGGED_IMPLEMENTATIONS[current])
     try:
-        with _ragged_depth():
+        with _open("ragged"):
             yield
     finally:
         model.set_attn_implementation(current)
@@ -1033,7 +1056,8 @@ class ModelAdapter:
             for i in self.compressible_layers
         ]
         try:
-            yield
+            with _open("aligned"):
+                yield
         finally:
             for h in handles:
                 h.remove()

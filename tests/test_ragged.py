@@ -235,6 +235,34 @@ def test_ragged_cache_outside_ragged_attention_is_refused(tiny_model):
     assert len(errors) == 1 and isinstance(errors[0], ValueError), errors
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("n_new", [1, 3])
+def test_uneven_layer_cache_outside_aligned_masks_is_refused(tiny_model, attn, n_new):
+    """transformers builds one mask from one layer's sizes, which does not fit layers of other lengths (PyramidKV):
+    outside the press block that used to be a bare shape error (or, for one SDPA token, happen to work). It is
+    refused with a message naming the fix, and ``attention_for_cache`` gives the in-block logits exactly."""
+    model = tiny_model("llama", attn)
+    adapter = A.ModelAdapter(model)
+    press = make_press("pyramidkv", compression_ratio=0.5)
+    step = token_ids(n_new, seed=8)
+    with torch.inference_mode(), press(model):
+        cache = A.ModelAdapter.cache_from_output(model(input_ids=token_ids(64, seed=5)))
+        assert len(set(A.layer_lengths(cache))) > 1
+        inside = model(input_ids=step, **adapter.model_call_kwargs(A.fork_cache(cache))).logits
+    with torch.inference_mode():
+        fork = A.fork_cache(cache)
+        with pytest.raises(ValueError, match=r"different numbers of context entries.*attention_for_cache"):
+            model(input_ids=step, **adapter.model_call_kwargs(fork))
+        with adapter.attention_for_cache(cache):
+            outside = model(input_ids=step, **adapter.model_call_kwargs(A.fork_cache(cache))).logits
+    torch.testing.assert_close(outside, inside, rtol=0, atol=0)
+    # Equal lengths need no alignment: a uniform press's cache decodes with the model's own attention.
+    with torch.inference_mode(), make_press("knorm", compression_ratio=0.5)(model):
+        uniform = A.ModelAdapter.cache_from_output(model(input_ids=token_ids(64, seed=5)))
+    with torch.inference_mode():
+        model(input_ids=step, **adapter.model_call_kwargs(uniform))
+
+
 def test_ragged_attention_refuses_unknown_implementation(tiny_model):
     model = tiny_model("llama")
     model.config._attn_implementation_internal = "flex_attention"
