@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -222,8 +223,8 @@ def _plain_expected(ratio: float | None, budget: int | None) -> Callable[[int], 
 
 
 def _kept(seq_len: int, ratio: float) -> int:
-    """``int(seq_len * (1 - ratio))`` entries, at least one (a press never empties a layer)."""
-    return min(seq_len, max(1, int(seq_len * (1.0 - ratio))))
+    """``⌊seq_len · (1 - ratio)⌋`` entries of the decimal ratio, at least one (a press never empties a layer)."""
+    return min(seq_len, max(1, int(seq_len * (1 - Fraction(str(ratio))))))
 
 
 def class_capabilities(name: str) -> Capabilities | None:

@@ -11,6 +11,7 @@ import kvsqueeze
 from kvsqueeze import adapter as A
 from kvsqueeze.calibration import calibrate, load_artifact
 from kvsqueeze.calibration.duo_attention import duo_loss, given_sequence_sample, passkey_sample
+from kvsqueeze.presses.base import kept_for_ratio
 
 from conftest import MODEL_NAMES, build_tokenizer, prefill, token_ids
 
@@ -186,7 +187,7 @@ def test_kept_counts_follow_head_plan_and_budget(model_name, ratio, tiny_model, 
     n_heads = len(full) * adapter.shape.num_key_value_heads
     kept = plan.kept(seq_len)
     # Exactly the uniform total.
-    assert int(kept[full].sum()) == int(seq_len * (1 - ratio)) * n_heads
+    assert int(kept[full].sum()) == kept_for_ratio(seq_len, ratio) * n_heads
     # Streaming heads are those with the lowest gates.
     gates = press.gates(adapter)[full]
     streaming = plan.streaming[full]
@@ -206,7 +207,7 @@ def test_kept_counts_follow_head_plan_and_budget(model_name, ratio, tiny_model, 
             want = list(range(seq_len)) if not plan.streaming[i, h] else [*range(n_s), *range(seq_len - n_r, seq_len)]
             assert torch.equal(value_segments[h], values[0, h, want]), f"layer {i} head {h}"
             assert torch.equal(key_segments[h], keys[0, h, want])
-    assert report.measured_ratio == pytest.approx(1 - int(seq_len * (1 - ratio)) / seq_len)
+    assert report.measured_ratio == pytest.approx(1 - kept_for_ratio(seq_len, ratio) / seq_len)
 
 
 def test_window_shrinks_when_all_streaming_exceeds_budget(tiny_model, calibration_artifact):

@@ -4,7 +4,7 @@ Mistral, Qwen2 with projection biases, Phi-3 with fused qkv and partial rotary).
 For each press of the matrix (``tests/press_matrix.py``) and each model:
 
 * ratio 0 gives a cache bit-identical to no press;
-* the kept count per layer is exact (``int(L * (1 - r))``, chained for compositions, ``min(budget, L)``), per-layer
+* the kept count per layer is exact (``⌊L · (1 - r)⌋``, chained for compositions, ``min(budget, L)``), per-layer
   budgets sum to the uniform total, sliding-window layers are untouched;
 * the kept entries are exactly the top-scored ones, in positional order (re-rotated keys sit at ``0 … n-1``);
 * a recorded prefill compresses to exactly the cache the hooks produce;
@@ -262,11 +262,13 @@ def _plain_scorer(press: Press) -> bool:
 
 
 def _chain_indices(presses: list[Press], layer: LayerInputs) -> torch.Tensor:
-    """Indices into ``layer`` kept by applying ``presses`` one after the other (each on what the last kept)."""
+    """Indices into ``layer`` kept by applying ``presses`` one after the other (each on what the last kept, with
+    the kept entries' original positions)."""
     current = torch.arange(layer.seq_len).expand(*layer.keys.shape[:2], layer.seq_len)
     for i, p in enumerate(presses):
         step = layer if i == 0 else layer.replace(
-            keys=_gather(layer.keys, current), values=_gather(layer.values, current), attentions=None
+            keys=_gather(layer.keys, current), values=_gather(layer.values, current), attentions=None,
+            key_positions=current,
         )
         n = p.layer_budget(step)
         if n >= step.seq_len:

@@ -22,12 +22,20 @@ from kvsqueeze.presses.registry import register_press
 
 
 def check_wrapped_budget(wrapper: Press, inner: Press) -> None:
-    """A wrapper takes its ratio/budget either itself or from the press it wraps, not from both."""
+    """A wrapper takes its ratio/budget either itself or from the press it wraps, not from both; and a press with
+    per-layer budgets (PyramidKV, per-layer ratios) keeps them: a uniform ratio on the wrapper would replace
+    them."""
     if has_own_budget(wrapper) and has_own_budget(inner):
         raise ValueError(
             f"set the compression ratio/budget on {type(wrapper).__name__} or on the wrapped "
             f"{type(inner).__name__}, not both (got {wrapper.compression_ratio!r}/{wrapper.budget!r} and "
             f"{inner.compression_ratio!r}/{inner.budget!r})"
+        )
+    if has_own_budget(wrapper) and not inner.capabilities.uniform_layers:
+        raise ValueError(
+            f"the wrapped {type(inner).__name__} gives each layer its own budget, which a uniform "
+            f"compression_ratio/budget on {type(wrapper).__name__} ({wrapper.compression_ratio!r}/"
+            f"{wrapper.budget!r}) would replace; set the ratio on the wrapped press instead"
         )
 
 
@@ -43,8 +51,8 @@ class WrappedBudget:
     def n_kept(self, seq_len: int) -> int:
         return super().n_kept(seq_len) if has_own_budget(self) else self.press.n_kept(seq_len)
 
-    def layer_budget(self, layer: LayerInputs) -> int:
-        return super().layer_budget(layer) if has_own_budget(self) else self.press.layer_budget(layer)
+    def own_layer_budget(self, layer: LayerInputs) -> int:
+        return super().own_layer_budget(layer) if has_own_budget(self) else self.press.layer_budget(layer)
 
 
 def check_alpha(alpha: object) -> None:
@@ -109,7 +117,8 @@ class AdaKVPress(WrappedBudget, Press):
         n_kept = self.layer_budget(layer)
         if n_kept >= layer.seq_len:
             return torch.ones(layer.keys.shape[:3], dtype=torch.bool, device=layer.keys.device)
-        return adaptive_head_budgets(self.press.score(layer), n_kept, self.alpha_safeguard)
+        scores = self.press.score(layer.replace(budget=n_kept))
+        return adaptive_head_budgets(scores, n_kept, self.alpha_safeguard)
 
     def compress(self, layer: LayerInputs):
         if self.layer_budget(layer) >= layer.seq_len:  # nothing to remove: bit-identical

@@ -2,7 +2,8 @@
 
 Conventions, stated once:
 
-* ``compression_ratio`` is the fraction of KV entries *removed*, ``0 <= r < 1``; ``n_kept = int(seq_len * (1 - r))``.
+* ``compression_ratio`` is the fraction of KV entries *removed*, ``0 <= r < 1``; ``n_kept = ⌊seq_len · (1 - r)⌋``
+  (:func:`kept_for_ratio`).
   A press may instead be given ``budget``, an absolute number of kept entries per head.
 * Shapes follow transformers: keys/values ``(bsz, num_key_value_heads, seq_len, head_dim)``, hidden states
   ``(bsz, seq_len, hidden_size)``, scores ``(bsz, num_key_value_heads, seq_len)`` with higher = keep.
@@ -121,6 +122,13 @@ class LayerInputs:
     projected_queries : Tensor or None
         The query projection's output ``(bsz, seq_len, out_features)`` captured during the forward pass, so
         :meth:`queries` does not project the hidden states again.
+    budget : int or None
+        Entries per head to keep at this layer, when a wrapping press decided it (AdaKV, CriticalKV, per-layer
+        ratios hold the budget of the press they wrap); :meth:`Press.layer_budget` returns it before the press's
+        own. None otherwise.
+    key_positions : Tensor or None
+        Original positions ``(bsz, num_key_value_heads, n)`` of ``keys``/``values`` when they are what an earlier
+        press of a composition kept; None when they are the whole context (position ``i`` at index ``i``).
     """
 
     adapter: A.ModelAdapter
@@ -132,10 +140,24 @@ class LayerInputs:
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
     attentions: torch.Tensor | None = None
     projected_queries: torch.Tensor | None = None
+    budget: int | None = None
+    key_positions: torch.Tensor | None = None
 
     @property
     def seq_len(self) -> int:
+        """Number of keys to choose from (the context length, unless an earlier press already removed some)."""
         return self.keys.shape[-2]
+
+    @property
+    def context_length(self) -> int:
+        """Tokens in the context (hidden states and queries always cover all of them)."""
+        return self.hidden_states.shape[1]
+
+    def positions(self) -> torch.Tensor:
+        """Original positions of the keys, ``(bsz, num_key_value_heads, seq_len)`` (see ``key_positions``)."""
+        if self.key_positions is not None:
+            return self.key_positions
+        return torch.arange(self.seq_len, device=self.keys.device).expand(*self.keys.shape[:2], self.seq_len)
 
     @property
     def num_layers(self) -> int:
@@ -299,13 +321,32 @@ class Press:
         return kept_for_ratio(seq_len, self.compression_ratio)
 
     def layer_budget(self, layer: LayerInputs) -> int:
-        """Entries kept per head at this layer; presses with per-layer budgets override this."""
+        """Entries kept per head at this layer: the budget a wrapping press passed down (``layer.budget``), else
+        this press's own (:meth:`own_layer_budget`). Scores that depend on the budget (StreamingLLM's window,
+        CriticalKV's stages) read it here, so they follow the wrapper's budget."""
+        return layer.budget if layer.budget is not None else self.own_layer_budget(layer)
+
+    def own_layer_budget(self, layer: LayerInputs) -> int:
+        """This press's budget at this layer; presses with per-layer budgets override this."""
         return self.n_kept(layer.seq_len)
 
     # -- the contract ---------------------------------------------------------------------------------------------
     def compress(self, layer: LayerInputs) -> KV | RaggedKV:
-        """Return the kept keys and values of one layer (:class:`RaggedKV` when heads keep different counts)."""
-        raise NotImplementedError
+        """Return the kept keys and values of one layer (:class:`RaggedKV` when heads keep different counts).
+
+        The default gathers :meth:`keep_indices`; presses that do more than select entries override this."""
+        indices = self.keep_indices(layer)
+        if indices is None:  # nothing to remove: keep the tensors as they are (bit-identical)
+            return KV(layer.keys, layer.values)
+        return gather_kv(layer.keys, layer.values, indices)
+
+    def keep_indices(self, layer: LayerInputs) -> torch.Tensor | None:
+        """Indices ``(bsz, num_key_value_heads, n_kept)`` (ascending) of the entries kept, or None when all are.
+
+        Presses that only select the same number of entries in every head implement this; compositions chain
+        them and keep track of the original positions. Head-wise presses and presses that change keys do not.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not select a fixed number of entries per head")
 
     def validate(self, adapter: A.ModelAdapter) -> None:
         """Raise early if this press cannot run on the model (no layer to compress, attention implementation,
@@ -428,8 +469,12 @@ def store_kept(cache: Cache, layer_idx: int, kept: KV | RaggedKV, logical_length
 
 
 def kept_for_ratio(seq_len: int, ratio: float) -> int:
-    """Entries a head keeps out of ``seq_len`` at compression ratio ``ratio``: ``int(seq_len·(1 − r))``, at least 1."""
-    return min(seq_len, max(1, int(seq_len * (1.0 - ratio))))
+    """Entries a head keeps out of ``seq_len`` at compression ratio ``ratio``: ``⌊seq_len·(1 − r)⌋``, at least 1.
+
+    The floor is taken with a 1e-9 tolerance: in binary floating point ``1 - 0.9`` is ``0.0999…``, and a bare
+    ``int(20 * (1 - 0.9))`` keeps 1 entry where the ratio asks for 2 (about a third of (length, common ratio)
+    pairs came out one short that way)."""
+    return min(seq_len, max(1, math.floor(seq_len * (1.0 - ratio) + 1e-9)))
 
 
 def has_own_budget(press: Press) -> bool:
@@ -484,11 +529,9 @@ class ScorerPress(Press):
         scores = self.score(layer)
         return keep_top(scores, n_kept)
 
-    def compress(self, layer: LayerInputs) -> KV:
+    def keep_indices(self, layer: LayerInputs) -> torch.Tensor | None:
         n_kept = self.layer_budget(layer)
-        if n_kept >= layer.seq_len:  # nothing to remove: keep the tensors as they are (bit-identical)
-            return KV(layer.keys, layer.values)
-        return gather_kv(layer.keys, layer.values, self.select(layer, n_kept))
+        return None if n_kept >= layer.seq_len else self.select(layer, n_kept)
 
 
 def check_wrapped_scorer(press: object) -> None:

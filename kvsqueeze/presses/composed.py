@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvsqueeze.presses.base import KV, Capabilities, LayerInputs, Press, derived_capabilities, has_own_budget
+import torch
+
+from kvsqueeze.presses.base import (
+    Capabilities,
+    LayerInputs,
+    Press,
+    derived_capabilities,
+    gather_kv,
+    has_own_budget,
+)
 from kvsqueeze.presses.registry import register_press
 
 
@@ -15,9 +24,12 @@ class ComposedPress(Press):
 
     The kept fraction is the product of the inner presses' kept fractions (``1 - Π(1 - r_i)`` removed, up to
     integer rounding at each step). Every inner press sees the layer's full hidden states and position
-    embeddings but only the keys/values its predecessors kept; attention weights are handed to the first press
-    only (they would be stale for the others), so a press that needs attention weights must come first.
-    Positions stay the original ones unless an inner press changes them.
+    embeddings but only the keys/values its predecessors kept, with their original positions
+    (``LayerInputs.key_positions``: window attention masks the future by position, Expected Attention averages
+    RoPE over the positions after the context); attention weights are handed to the first press only (they would
+    be stale for the others), so a press that needs attention weights must come first. Inner presses must select
+    the same number of entries in every head (:meth:`Press.keep_indices`): head-wise presses, presses that need
+    extra model passes and presses that move keys are refused.
 
     Fields: ``presses`` (list of presses, required, applied in order). ``compression_ratio``/``budget`` of the
     composition itself must stay unset: each inner press carries its own.
@@ -37,6 +49,14 @@ class ComposedPress(Press):
         for i, p in enumerate(self.presses):
             if not isinstance(p, Press):
                 raise TypeError(f"presses[{i}] must be a Press, got {type(p).__name__}")
+            caps = p.capabilities
+            if caps.headwise or caps.extra_passes or type(p).keep_indices is Press.keep_indices:
+                raise ValueError(
+                    f"presses[{i}] ({type(p).__name__}) cannot be chained: a composition passes each press the "
+                    "entries the previous one kept, which needs presses that keep the same number of entries in "
+                    "every head from the prefill alone (no head-wise budgets, no extra model passes); wrap the "
+                    "composition's scorers instead, or use the press on its own"
+                )
             if p.capabilities.changes_positions:
                 raise ValueError(
                     f"presses[{i}] ({type(p).__name__}) moves keys to new positions; inside a composition a later "
@@ -64,9 +84,17 @@ class ComposedPress(Press):
             seq_len = p.n_kept(seq_len)
         return seq_len
 
-    def compress(self, layer: LayerInputs) -> KV:
-        kept = KV(layer.keys, layer.values)
-        for i, p in enumerate(self.presses):
-            step = layer if i == 0 else layer.replace(keys=kept.keys, values=kept.values, attentions=None)
-            kept = p.compress(step)
-        return kept
+    def keep_indices(self, layer: LayerInputs) -> torch.Tensor | None:
+        chosen = None  # indices into layer.keys of what the presses so far kept; None = everything
+        step = layer
+        for p in self.presses:
+            idx = p.keep_indices(step)
+            if idx is None:
+                continue
+            chosen = idx if chosen is None else chosen.gather(-1, idx)
+            positions = chosen if layer.key_positions is None else layer.key_positions.gather(-1, chosen)
+            kept = gather_kv(layer.keys, layer.values, chosen)
+            step = layer.replace(
+                keys=kept.keys, values=kept.values, key_positions=positions, attentions=None, budget=None
+            )
+        return chosen

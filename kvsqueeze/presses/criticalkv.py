@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -29,8 +30,8 @@ def _check_fields(press: Press) -> None:
         value = getattr(press, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a number, got {value!r}")
-    if press.epsilon < 0:
-        raise ValueError(f"epsilon must be >= 0, got {press.epsilon!r}")
+    if not (math.isfinite(press.epsilon) and press.epsilon >= 0):
+        raise ValueError(f"epsilon must be a finite number >= 0, got {press.epsilon!r}")
     if not 0.0 <= press.first_stage_ratio <= 1.0:
         raise ValueError(f"first_stage_ratio must be in [0, 1], got {press.first_stage_ratio!r}")
 
@@ -104,9 +105,10 @@ class CriticalKVPress(WrappedBudget, ScorerPress):
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
         """Scores whose top ``n_kept`` per head are exactly the two-stage selection (stage 1 ranked first)."""
-        scores = base_scores(self.press, layer)
+        n_kept = min(self.layer_budget(layer), layer.seq_len)
+        scores = base_scores(self.press, layer.replace(budget=n_kept))
         vnorm = layer.adapter.value_output_norms(layer.module, layer.values)
-        n = torch.full(scores.shape[:2], min(self.layer_budget(layer), layer.seq_len), device=scores.device)
+        n = torch.full(scores.shape[:2], n_kept, device=scores.device)
         stage1 = first_stage(scores, n, self.first_stage_ratio)
         critical = (scores + self.epsilon) * vnorm
         top = critical.amax(dim=-1, keepdim=True)
@@ -143,7 +145,7 @@ class CriticalAdaKVPress(AdaKVPress):
         n_kept = self.layer_budget(layer)
         if n_kept >= layer.seq_len:
             return torch.ones(layer.keys.shape[:3], dtype=torch.bool, device=layer.keys.device)
-        scores = base_scores(self.press, layer)
+        scores = base_scores(self.press, layer.replace(budget=n_kept))
         per_head = adaptive_head_budgets(scores, n_kept, self.alpha_safeguard).sum(-1)
         vnorm = layer.adapter.value_output_norms(layer.module, layer.values)
         return two_stage_keep(scores, vnorm, per_head, self.first_stage_ratio, self.epsilon)

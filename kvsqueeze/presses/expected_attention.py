@@ -7,6 +7,7 @@ artifact instead of the context.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -133,19 +134,21 @@ def expected_attention_scores(
 ) -> torch.Tensor:
     """Expected Attention scores ``(bsz, num_key_value_heads, seq_len)`` of one layer from pre-RoPE query moments.
 
-    The moments are rotated by the RoPE average over ``[seq_len, seq_len + n_future_positions)``, the expected
+    The moments are rotated by the RoPE average over the ``n_future_positions`` positions after the context
+    (``[context_length, context_length + n_future_positions)``, also when an earlier press of a composition has
+    already removed keys), the expected
     attention is computed over the keys after the first ``n_sink``, multiplied by ``(a + epsilon)·‖v‖`` when
     ``use_vnorm``, and the sinks get the maximum score + 1 so they are always kept.
     """
-    adapter, seq_len, device = layer.adapter, layer.seq_len, layer.keys.device
+    adapter, n_context, device = layer.adapter, layer.context_length, layer.keys.device
     head_dim = mean.shape[-1]
 
     def rope_matrix() -> torch.Tensor:
-        mean_cos, mean_sin = average_rope(adapter, layer.layer_idx, seq_len, n_future_positions, device)
+        mean_cos, mean_sin = average_rope(adapter, layer.layer_idx, n_context, n_future_positions, device)
         return average_rope_matrix(mean_cos, mean_sin, head_dim)
 
     # The same for every layer of one type in a prefill: computed once, not once per layer.
-    key = ("expected_attention.rope", adapter.layer_types[layer.layer_idx], seq_len, n_future_positions, str(device))
+    key = ("expected_attention.rope", adapter.layer_types[layer.layer_idx], n_context, n_future_positions, str(device))
     mean, cov = rotate_moments(adapter.memoized(key, rope_matrix), mean, cov)
     scaling = layer.adapter.scaling(layer.module)
     scores = expected_attention(layer.keys, mean, cov, scaling, n_sink)
@@ -167,8 +170,8 @@ def check_expected_attention_fields(press: ScorerPress) -> None:
     eps = press.epsilon
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"epsilon must be a number >= 0, got {eps!r}")
-    if not eps >= 0:
-        raise ValueError(f"epsilon must be >= 0, got {eps!r}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"epsilon must be a finite number >= 0, got {eps!r}")
 
 
 @register_press("expected_attention")

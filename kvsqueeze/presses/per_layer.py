@@ -73,7 +73,7 @@ class PerLayerCompressionPress(ScorerPress):
         kept = [kept_for_ratio(seq_len, r) for r in self.compression_ratios]
         return math.floor(sum(kept) / len(kept))
 
-    def layer_budget(self, layer: LayerInputs) -> int:
+    def own_layer_budget(self, layer: LayerInputs) -> int:
         if layer.layer_idx >= len(self.compression_ratios):
             raise ValueError(
                 f"layer {layer.layer_idx} has no entry in compression_ratios ({len(self.compression_ratios)} given)"
@@ -81,4 +81,4 @@ class PerLayerCompressionPress(ScorerPress):
         return kept_for_ratio(layer.seq_len, float(self.compression_ratios[layer.layer_idx]))
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
-        return self.press.score(layer)
+        return self.press.score(layer.replace(budget=self.layer_budget(layer)))

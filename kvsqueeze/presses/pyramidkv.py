@@ -78,7 +78,7 @@ class PyramidKVPress(SnapKVPress):
         if not (math.isfinite(self.beta) and self.beta >= 1):
             raise ValueError(f"beta must be a finite number >= 1 (top share = average / beta), got {self.beta!r}")
 
-    def layer_budget(self, layer: LayerInputs) -> int:
+    def own_layer_budget(self, layer: LayerInputs) -> int:
         seq_len = layer.seq_len
         n_kept = self.n_kept(seq_len)
         layers = layer.adapter.compressible_layers

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
-from kvsqueeze.presses.base import KV, Capabilities, LayerInputs, Press, check_int, derived_capabilities, gather_kv
+from kvsqueeze.presses.base import Capabilities, LayerInputs, Press, check_int, derived_capabilities
 from kvsqueeze.presses.utils import window_attention
 from kvsqueeze.presses.registry import register_press
 
@@ -61,13 +61,13 @@ class SimLayerKVPress(Press):
         keep = self.kept_positions(layer.seq_len, n_kept).to(attn.device)
         return attn[..., keep].sum(-1).mean(dim=(1, 2))
 
-    def compress(self, layer: LayerInputs) -> KV:
+    def keep_indices(self, layer: LayerInputs) -> torch.Tensor | None:
         n_kept = self.layer_budget(layer)
         if n_kept >= layer.seq_len:
-            return KV(layer.keys, layer.values)
+            return None
         lazy = self.lazy_mass(layer, n_kept) >= self.lazy_threshold  # (bsz,)
         if not bool(lazy.all()):
             # A layer stores one count for the whole batch: compress only when every sequence finds it lazy.
-            return KV(layer.keys, layer.values)
+            return None
         keep = self.kept_positions(layer.seq_len, n_kept).to(layer.keys.device)
-        return gather_kv(layer.keys, layer.values, keep.expand(*layer.keys.shape[:2], keep.numel()))
+        return keep.expand(*layer.keys.shape[:2], keep.numel())

@@ -18,8 +18,9 @@ def window_attention(layer: LayerInputs, window_size: int) -> torch.Tensor:
 
     The queries are recomputed post-RoPE (QK-norm included) from the layer's hidden states; keys are the cached
     post-RoPE keys, shared by the query heads of each GQA group. Logits are scaled by the module's scaling,
-    softcapped when the model softcaps, and causally masked inside the window (query ``i`` of the window sits at
-    position ``seq_len - window_size + i`` and sees keys up to that position).
+    softcapped when the model softcaps, and causally masked inside the window: query ``i`` of the window sits at
+    position ``context_length - window_size + i`` and sees the keys whose original position is at most that
+    (:meth:`LayerInputs.positions`: after an earlier press of a composition, key ``j`` is not at position ``j``).
 
     Parameters
     ----------
@@ -33,7 +34,7 @@ def window_attention(layer: LayerInputs, window_size: int) -> torch.Tensor:
     Tensor
         ``(bsz, num_heads, window_size, seq_len)`` float32 attention weights; each row sums to 1.
     """
-    seq_len = layer.seq_len
+    seq_len, n_context = layer.seq_len, layer.context_length
     if not 1 <= window_size <= seq_len:
         raise ValueError(f"window_size must be in [1, seq_len={seq_len}], got {window_size}")
     queries = layer.queries(rope=True, last=window_size).float()  # (bsz, num_heads, w, head_dim)
@@ -49,9 +50,14 @@ def window_attention(layer: LayerInputs, window_size: int) -> torch.Tensor:
     cap = layer.adapter.attention_softcap(layer.module)
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
-    key_pos = torch.arange(seq_len, device=logits.device)
-    query_pos = torch.arange(seq_len - window_size, seq_len, device=logits.device)
-    future = key_pos[None, :] > query_pos[:, None]  # (w, seq_len), True where the key is in the query's future
+    query_pos = torch.arange(n_context - window_size, n_context, device=logits.device)
+    if layer.key_positions is None:
+        key_pos = torch.arange(seq_len, device=logits.device)
+        future = key_pos[None, :] > query_pos[:, None]  # (w, seq_len), True where the key is in the query's future
+    else:  # per head: (bsz, kv_heads, 1, w, seq_len), broadcast over each GQA group
+        key_pos = layer.key_positions.to(logits.device)
+        future = (key_pos[:, :, None, None, :] > query_pos[:, None]).expand(-1, -1, group, -1, -1)
+        future = future.reshape(bsz, num_heads, window_size, seq_len)
     logits = logits.masked_fill(future, float("-inf"))
     return logits.softmax(dim=-1)
 

@@ -1,0 +1,275 @@
+"""Presses inside other presses: where the budget is held, what a composition passes on, and what is refused.
+
+* A scorer gives the same selection whether it holds the ratio itself or a wrapper holds it for it (per-layer
+  ratios, AdaKV, CriticalKV): scores that depend on the budget (StreamingLLM's window, CriticalKV's two stages)
+  read the wrapper's budget.
+* A composition passes later presses the original positions of the kept entries: window attention masks the
+  future by position, Expected Attention averages RoPE over the positions after the context.
+* Combinations that cannot work are refused when the press is built, naming the press.
+* The kept count is the exact floor of ``n · (1 − r)``.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+import torch
+
+import kvsqueeze
+from kvsqueeze import adapter as A
+from kvsqueeze.presses import ScorerPress, list_presses, press_class
+from kvsqueeze.presses.base import Capabilities, kept_for_ratio
+from kvsqueeze.presses.expected_attention import (
+    average_rope,
+    average_rope_matrix,
+    expected_attention,
+    query_moments,
+    rotate_moments,
+)
+from kvsqueeze.presses.utils import window_attention
+from kvsqueeze.record import record_prefill
+
+from conftest import MODEL_NAMES, token_ids
+
+SEQ_LEN = 48
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _plain_scorers() -> list[str]:
+    """Every registered scorer that runs from the prefill alone with its defaults (no artifact, no eager weights,
+    one budget for every layer)."""
+    names = []
+    for name in list_presses():
+        cls = press_class(name)
+        caps = getattr(cls, "capabilities", None)
+        if not (issubclass(cls, ScorerPress) and isinstance(caps, Capabilities)):
+            continue  # wrappers derive their capabilities from the press they wrap
+        if caps.calibration or caps.needs_attention_weights or caps.extra_passes or not caps.uniform_layers:
+            continue
+        names.append(name)
+    return names
+
+
+PLAIN = _plain_scorers()
+
+
+def _compress(model, ids, press):
+    recorded = record_prefill(model, ids, keep_attentions=press.capabilities.needs_attention_weights)
+    cache, _ = recorded.compress(press)
+    return cache
+
+
+def _assert_same_cache(a, b, layers, what: str) -> None:
+    for i in layers:
+        ka, va, la = A.layer_entries(a, i)
+        kb, vb, lb = A.layer_entries(b, i)
+        assert torch.equal(la, lb), f"{what}: layer {i} head lengths {la.tolist()} vs {lb.tolist()}"
+        assert torch.equal(ka, kb) and torch.equal(va, vb), f"{what}: layer {i} kept different entries"
+
+
+def test_plain_scorers_are_found():
+    assert {"knorm", "streaming_llm", "snapkv", "expected_attention", "keydiff"} <= set(PLAIN), PLAIN
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gemma3"])
+@pytest.mark.parametrize("name", PLAIN)
+def test_budget_held_by_a_wrapper_selects_the_same(name, model_name, tiny_model):
+    """``per_layer(p, [r]*L) == p(r)``, ``adakv(p, r) == adakv(p(r))``, ``criticalkv(p, r) == criticalkv(p(r))``:
+    the selection does not depend on which press holds the ratio."""
+    model = tiny_model(model_name)
+    adapter = A.ModelAdapter(model)
+    ids = token_ids(SEQ_LEN, seed=21)
+    layers = adapter.compressible_layers
+    make = kvsqueeze.make_press
+    r = 0.5
+    pairs = {
+        "per_layer": (
+            make("per_layer", press=make(name), compression_ratios=[r] * adapter.shape.num_layers),
+            make(name, compression_ratio=r),
+        ),
+        "adakv": (make("adakv", press=make(name), compression_ratio=r), make("adakv", press=make(name, compression_ratio=r))),
+        "criticalkv": (
+            make("criticalkv", press=make(name), compression_ratio=r),
+            make("criticalkv", press=make(name, compression_ratio=r)),
+        ),
+    }
+    for wrapper, (held_by_wrapper, held_by_inner) in pairs.items():
+        with torch.inference_mode():
+            a = _compress(model, ids, held_by_wrapper)
+            b = _compress(model, ids, held_by_inner)
+        _assert_same_cache(a, b, layers, f"{wrapper}({name})")
+
+
+def test_streaming_window_keeps_its_sinks_under_a_wrapper(tiny_model):
+    """StreamingLLM's sinks + recent window must follow the budget the wrapper holds (it used to be computed from
+    the inner press's unset ratio: the whole sequence, so only a recent window survived and the sinks were lost)."""
+    model = tiny_model("llama")
+    adapter = A.ModelAdapter(model)
+    ids = token_ids(SEQ_LEN, seed=22)
+    make = kvsqueeze.make_press
+    n = kept_for_ratio(SEQ_LEN, 0.5)
+    want = [*range(4), *range(SEQ_LEN - (n - 4), SEQ_LEN)]
+    base = record_prefill(model, ids)
+    presses = [
+        make("per_layer", press=make("streaming_llm", n_sink=4), compression_ratios=[0.5] * adapter.shape.num_layers),
+        make("adakv", press=make("streaming_llm", n_sink=4), compression_ratio=0.5),
+    ]
+    for press in presses:
+        with torch.inference_mode():
+            cache, _ = base.compress(press)
+        for layer in base.layers:
+            _, values, lengths = A.layer_entries(cache, layer.layer_idx)
+            expected = layer.values[:, :, want].reshape(-1, layer.values.shape[-1])
+            assert lengths.unique().tolist() == [n], (type(press).__name__, lengths.tolist())
+            assert torch.equal(values, expected), f"{type(press).__name__}: layer {layer.layer_idx}"
+
+
+def test_criticalkv_stages_follow_the_outer_budget(tiny_model):
+    """CriticalKV splits its budget into two stages; inside per-layer ratios or AdaKV the split must use the budget
+    the outer press holds (it used the inner press's unset ratio: stage 1 took everything, plain SnapKV)."""
+    model = tiny_model("llama")
+    adapter = A.ModelAdapter(model)
+    ids = token_ids(SEQ_LEN, seed=26)
+    make = kvsqueeze.make_press
+    snap = dict(window_size=4, kernel_size=3)
+    L = adapter.shape.num_layers
+    with torch.inference_mode():
+        outer = _compress(model, ids, make("per_layer", press=make("criticalkv", press=make("snapkv", **snap)),
+                                           compression_ratios=[0.5] * L))
+        inner = _compress(model, ids, make("criticalkv", press=make("snapkv", **snap), compression_ratio=0.5))
+        plain = _compress(model, ids, make("snapkv", compression_ratio=0.5, **snap))
+        ada = _compress(model, ids, make("adakv", press=make("criticalkv", press=make("snapkv", **snap)),
+                                         compression_ratio=0.5))
+        ada_inner = _compress(model, ids, make("adakv", press=make("criticalkv", press=make("snapkv", **snap),
+                                                                   compression_ratio=0.5)))
+    layers = adapter.compressible_layers
+    _assert_same_cache(outer, inner, layers, "per_layer(criticalkv)")
+    _assert_same_cache(ada, ada_inner, layers, "adakv(criticalkv)")
+    differs = [not torch.equal(A.layer_entries(inner, i)[1], A.layer_entries(plain, i)[1]) for i in layers]
+    assert any(differs), "CriticalKV's second stage changed nothing on any layer: the test would not see the bug"
+
+
+@pytest.mark.parametrize(
+    "inner",
+    [
+        lambda L: kvsqueeze.make_press("per_layer", press=kvsqueeze.make_press("knorm"), compression_ratios=[0.5] * L),
+        lambda L: kvsqueeze.make_press("pyramidkv"),
+        lambda L: kvsqueeze.make_press("criticalkv", press=kvsqueeze.make_press("pyramidkv")),
+    ],
+    ids=["per_layer", "pyramidkv", "criticalkv(pyramidkv)"],
+)
+@pytest.mark.parametrize("wrapper", ["adakv", "criticalkv", "critical_adakv"])
+def test_uniform_ratio_on_a_wrapper_of_per_layer_budgets_is_refused(wrapper, inner):
+    """A uniform ratio on the wrapper would replace the per-layer budgets of the press inside, silently."""
+    press = inner(4)
+    with pytest.raises(ValueError, match=rf"{type(press).__name__}.*gives each layer its own budget"):
+        kvsqueeze.make_press(wrapper, press=press, compression_ratio=0.5)
+    kvsqueeze.make_press(wrapper, press=press)  # without a ratio of its own it follows the inner budgets
+
+
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+def test_window_attention_over_kept_entries_masks_by_original_position(model_name, tiny_model):
+    """Window attention over a subset of the keys (what an earlier press of a composition kept) equals the
+    full window attention restricted to that subset and renormalised: the causal mask follows the kept entries'
+    original positions, not their index in the kept list."""
+    model = tiny_model(model_name)
+    recorded = record_prefill(model, token_ids(SEQ_LEN, seed=23))
+    gen = torch.Generator().manual_seed(0)
+    w = 8
+    for layer in recorded.layers:
+        bsz, kv_heads = layer.keys.shape[:2]
+        # A different subset per head that always includes entries inside the window (future of some queries).
+        keep = torch.stack([torch.randperm(SEQ_LEN, generator=gen)[:30].sort().values for _ in range(kv_heads)])
+        keep = keep.unsqueeze(0).expand(bsz, -1, -1)
+        gather = keep.unsqueeze(-1).expand(-1, -1, -1, layer.keys.shape[-1])
+        subset = layer.replace(
+            keys=layer.keys.gather(2, gather), values=layer.values.gather(2, gather), key_positions=keep
+        )
+        with torch.inference_mode():
+            full = window_attention(layer, w)  # (bsz, num_heads, w, SEQ_LEN)
+            sub = window_attention(subset, w)  # (bsz, num_heads, w, 30)
+        group = full.shape[1] // kv_heads
+        cols = keep.repeat_interleave(group, dim=1).unsqueeze(2).expand(-1, -1, w, -1)
+        want = full.gather(-1, cols)
+        want = want / want.sum(-1, keepdim=True)
+        torch.testing.assert_close(sub, want, rtol=1e-5, atol=1e-6)
+
+
+def test_expected_attention_in_a_composition_averages_rope_after_the_context(tiny_model):
+    """After an earlier press removed keys, Expected Attention still averages RoPE over the positions that follow
+    the context (not over those that would follow the number of kept keys)."""
+    model = tiny_model("llama")
+    recorded = record_prefill(model, token_ids(SEQ_LEN, seed=24))
+    press = kvsqueeze.make_press("expected_attention", n_sink=0, n_future_positions=64, use_vnorm=False)
+    layer = recorded.layers[1]
+    keep = torch.arange(0, SEQ_LEN, 2).expand(*layer.keys.shape[:2], -1)  # every other entry
+    gather = keep.unsqueeze(-1).expand(-1, -1, -1, layer.keys.shape[-1])
+    subset = layer.replace(keys=layer.keys.gather(2, gather), values=layer.values.gather(2, gather), key_positions=keep)
+    with torch.inference_mode():
+        got = press.score(subset)
+        mean, cov = query_moments(layer.queries(rope=False))
+        head_dim = mean.shape[-1]
+        scores = {}
+        for start in (SEQ_LEN, SEQ_LEN // 2):
+            rope = average_rope(layer.adapter, layer.layer_idx, start, 64, torch.device("cpu"))
+            rot = average_rope_matrix(*rope, head_dim)
+            m, c = rotate_moments(rot, mean, cov)
+            scores[start] = expected_attention(subset.keys, m, c, layer.adapter.scaling(layer.module))
+    torch.testing.assert_close(got, scores[SEQ_LEN], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(scores[SEQ_LEN], scores[SEQ_LEN // 2], rtol=1e-3, atol=0)  # the start matters
+
+
+def test_composition_chains_selections_with_original_positions(tiny_model):
+    """``composed[knorm, snapkv]`` keeps what SnapKV selects among KNorm's survivors, with SnapKV's window
+    attention masked by original position (checked against the per-step computation)."""
+    model = tiny_model("llama")
+    recorded = record_prefill(model, token_ids(SEQ_LEN, seed=25))
+    first = kvsqueeze.make_press("knorm", compression_ratio=0.5)
+    second = kvsqueeze.make_press("snapkv", compression_ratio=0.5, window_size=4, kernel_size=3)
+    composed = kvsqueeze.make_press("composed", presses=[first, second])
+    for layer in recorded.layers:
+        with torch.inference_mode():
+            got = composed.keep_indices(layer)
+            i1 = first.keep_indices(layer)
+            g1 = i1.unsqueeze(-1).expand(-1, -1, -1, layer.keys.shape[-1])
+            step = layer.replace(keys=layer.keys.gather(2, g1), values=layer.values.gather(2, g1), key_positions=i1)
+            want = i1.gather(-1, second.keep_indices(step))
+        assert torch.equal(got, want), f"layer {layer.layer_idx}"
+        assert (got.diff(dim=-1) > 0).all()  # positional order
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: kvsqueeze.make_press("adakv", press=kvsqueeze.make_press("knorm"), compression_ratio=0.5),
+        lambda: kvsqueeze.make_press("critical_adakv", press=kvsqueeze.make_press("knorm"), compression_ratio=0.5),
+        lambda: kvsqueeze.make_press("kvzip", compression_ratio=0.5),
+    ],
+    ids=["adakv", "critical_adakv", "kvzip"],
+)
+@pytest.mark.parametrize("position", [0, 1])
+def test_composition_refuses_headwise_and_extra_pass_presses(build, position):
+    """They keep different counts per head (or score with extra model passes): a later press would be handed
+    packed entries as if they were dense, which used to fail mid-prefill with a shape error."""
+    inner = build()
+    other = kvsqueeze.make_press("knorm", compression_ratio=0.5)
+    presses = [inner, other] if position == 0 else [other, inner]
+    with pytest.raises(ValueError, match=rf"presses\[{position}\] \({type(inner).__name__}\) cannot be chained"):
+        kvsqueeze.make_press("composed", presses=presses)
+
+
+@pytest.mark.parametrize("name", ["criticalkv", "critical_adakv", "expected_attention", "expected_attention_stats"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.1])
+def test_epsilon_must_be_finite_and_non_negative(name, value):
+    with pytest.raises(ValueError, match=rf"epsilon.*{value!r}"):
+        kvsqueeze.make_press(name, epsilon=value)
+
+
+def test_kept_count_is_the_exact_floor():
+    """``⌊n·(1 − r)⌋`` of the decimal ratio, not of its binary rounding (``20·(1 − 0.9)`` is 1.999… in floats)."""
+    assert kept_for_ratio(20, 0.9) == 2 and kept_for_ratio(10, 0.8) == 2
+    for r in (0.1, 0.2, 0.25, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.875, 0.9, 0.95):
+        exact = 1 - Fraction(str(r))
+        for n in range(1, 2049):
+            assert kept_for_ratio(n, r) == min(n, max(1, int(n * exact))), (n, r)
