@@ -227,23 +227,31 @@ def press_info(name: str) -> dict[str, Any]:
             {"name": f.name, "type": f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)),
              "required": required, "default": None if required else _jsonable(default)}
         )
-    caps = cls.capabilities  # None for wrappers: their capabilities come from the wrapped presses
-    if caps is None:
-        capabilities = None
-    else:
+    caps = cls.capabilities  # None when they depend on the instance (its fields, or the presses it wraps)
+    from_defaults = caps is None
+    if from_defaults:
+        from kvsqueeze.presses import make_press
+
+        try:
+            caps = make_press(name).capabilities  # what the defaults give (e.g. KVzip's, or AdaKV around its default)
+        except (TypeError, ValueError):
+            caps = None  # a wrapper with no default inner press: nothing to show without one
+    capabilities = None
+    if caps is not None:
         capabilities = {
             f.name: sorted(v) if isinstance(v := getattr(caps, f.name), frozenset) else v
             for f in dataclasses.fields(caps)
         }
-    doc = (cls.__doc__ or "").strip().splitlines()
+    doc = (cls.__doc__ or "").strip().split("\n\n")[0]  # the first paragraph
     return {
         "name": name,
         "class": cls.__name__,
         "module": cls.__module__,
         "base": cls.__mro__[1].__name__,
-        "summary": doc[0].strip() if doc else "",
+        "summary": " ".join(doc.split()),
         "fields": fields,
         "capabilities": capabilities,
+        "capabilities_depend_on_fields": from_defaults,
     }
 
 
@@ -258,6 +266,8 @@ def _format_press_info(info: dict[str, Any]) -> str:
         caps = " ".join(
             f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in info["capabilities"].items()
         )
+        if info["capabilities_depend_on_fields"]:
+            caps += "  (with the default fields; they depend on the fields or the wrapped press)"
     return (
         f"{info['name']}  ({info['class']}, a {info['base']})\n"
         f"  {info['summary']}\n"

@@ -38,6 +38,10 @@ _ANSWER_KWARGS = {
 }
 
 
+#: "Not given" (an explicit None means "no press").
+_UNSET = object()
+
+
 class KVCompressionPipeline(_HFPipeline):
     """Answer questions about a context from its compressed KV cache.
 
@@ -83,8 +87,8 @@ class KVCompressionPipeline(_HFPipeline):
 
     def __call__(self, context: str | list[str], **kwargs: Any) -> dict[str, str] | list:
         """Answer ``question`` about ``context`` (see the class docstring for the parameters)."""
-        batch_size = kwargs.get("batch_size") or self._batch_size
-        if batch_size not in (None, 1):
+        batch_size = kwargs.get("batch_size", self._batch_size)
+        if batch_size not in (None, 1) or isinstance(batch_size, bool):
             raise ValueError(f"the {TASK!r} pipeline compresses one context at a time; got batch_size={batch_size}")
         return super().__call__(context, **kwargs)
 
@@ -92,17 +96,19 @@ class KVCompressionPipeline(_HFPipeline):
         self,
         question: str | list[str] | None = None,
         questions: str | list[str] | None = None,
-        press: Press | None = None,
+        press: Press | None | object = _UNSET,
         **answer_kwargs: Any,
     ) -> tuple[dict, dict, dict]:
+        # Called with the arguments given when the pipeline is built, then with those of each call; the call's
+        # values replace the build's, so an explicit ``press=None`` / ``seed=None`` must be kept, not dropped.
         forward: dict[str, Any] = {}
         if question is not None and questions is not None:
             raise ValueError("give either question= or questions=, not both")
         asked = question if question is not None else questions
         if asked is not None:
             forward["questions"] = _check_questions(asked)
-        if press is not None:
-            if not isinstance(press, Press):
+        if press is not _UNSET:
+            if press is not None and not isinstance(press, Press):
                 raise TypeError(
                     f"press must be a kvsqueeze Press (kvsqueeze.make_press(...)) or None, got {type(press).__name__}"
                 )
@@ -114,10 +120,12 @@ class KVCompressionPipeline(_HFPipeline):
                     f"unexpected argument {key!r} for the {TASK!r} pipeline; it takes question, press and "
                     f"{', '.join(_ANSWER_KWARGS)}"
                 )
-            if value is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
-                raise TypeError(f"{key} has the wrong type: got {value!r}")
-            if value is not None:  # one forward parameter each, so call-time values override init-time ones
+            if value is None and key == "seed":  # unseeded sampling
                 forward[key] = value
+                continue
+            if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+                raise TypeError(f"{key} has the wrong type: got {value!r}")
+            forward[key] = value  # one forward parameter each, so call-time values override build-time ones
         return {}, forward, {}
 
     def preprocess(self, context: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ on request) until EOS or ``max_new_tokens``.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ class PromptTemplate:
     @classmethod
     def for_tokenizer(cls, tokenizer, use_chat_template: bool | None = None) -> PromptTemplate:
         """The chat template's user turn when the tokenizer has one (and ``use_chat_template`` is not False)."""
-        has_template = getattr(tokenizer, "chat_template", None) is not None
+        has_template = bool(getattr(tokenizer, "chat_template", None))  # None or "" means none
         if use_chat_template and not has_template:
             raise ValueError("use_chat_template=True, but the tokenizer has no chat template")
         if use_chat_template is False or not has_template:
@@ -69,6 +70,10 @@ class Pipeline:
     """
 
     def __init__(self, model: nn.Module, tokenizer, use_chat_template: bool | None = None):
+        if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+            raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+        if use_chat_template is not None and not isinstance(use_chat_template, bool):
+            raise TypeError(f"use_chat_template must be True, False or None, got {use_chat_template!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.adapter = A.ModelAdapter(model)
@@ -94,8 +99,8 @@ class Pipeline:
         ).input_ids
         if self.max_length is not None and ids.shape[1] >= self.max_length:
             raise ValueError(
-                f"context has {ids.shape[1]} tokens, more than the model's maximum of {self.max_length} "
-                "(config.max_position_embeddings) with room for a question"
+                f"context has {ids.shape[1]} tokens, which leaves no room for a question within the model's maximum "
+                f"of {self.max_length} (config.max_position_embeddings)"
             )
         return ids.to(self.device)
 
@@ -123,8 +128,7 @@ class Pipeline:
     @torch.inference_mode()
     def compress(self, context: str, press: Press | None = None) -> CompressedContext:
         """Prefill ``context`` once and compress it with ``press`` (None: keep everything)."""
-        if press is not None and not isinstance(press, Press):
-            raise TypeError(f"press must be a kvsqueeze Press or None, got {type(press).__name__}")
+        _check_press(press)
         ids = self.context_ids(context)
         cache = self.adapter.new_cache()
         report = CompressionReport()
@@ -151,6 +155,14 @@ class Pipeline:
 
     def from_recorded(self, recorded: RecordedPrefill, press: Press | None = None) -> CompressedContext:
         """Compress a recorded prefill with ``press``; many presses can share one recording."""
+        if not isinstance(recorded, RecordedPrefill):
+            raise TypeError(f"recorded must be a RecordedPrefill (Pipeline.record), got {type(recorded).__name__}")
+        if recorded.adapter.model is not self.model:
+            raise ValueError(
+                "this recording was made on another model than the pipeline's; answering from it would read "
+                "another model's cache: record the context with this pipeline (pipe.record(context))"
+            )
+        _check_press(press)
         start = time.perf_counter()
         cache, report = recorded.compress(press)
         seconds = recorded.prefill_seconds + time.perf_counter() - start
@@ -165,10 +177,21 @@ class Pipeline:
         self, context: str, questions: str | list[str], press: Press | None = None, **answer_kwargs
     ) -> str | list[str]:
         """Compress ``context`` and answer one question (returns a string) or several (returns a list)."""
+        if not isinstance(questions, str) and not (
+            isinstance(questions, (list, tuple)) and questions and all(isinstance(q, str) for q in questions)
+        ):
+            raise TypeError(f"questions must be a string or a non-empty list of strings, got {questions!r}")
         ctx = self.compress(context, press=press)
         if isinstance(questions, str):
             return ctx.answer(questions, **answer_kwargs)
         return [ctx.answer(q, **answer_kwargs) for q in questions]
+
+
+def _check_press(press: object) -> None:
+    if press is not None and not isinstance(press, Press):
+        raise TypeError(
+            f"press must be a kvsqueeze Press (kvsqueeze.make_press(...)) or None, got {type(press).__name__}"
+        )
 
 
 @dataclass
@@ -250,10 +273,19 @@ class CompressedContext:
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if do_sample and not (temperature > 0):
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
+        if not isinstance(answer_prefix, str):
+            raise TypeError(f"answer_prefix must be a string, got {answer_prefix!r}")
+        if not isinstance(do_sample, bool):
+            raise TypeError(f"do_sample must be a bool, got {do_sample!r}")
+        for name, value in (("temperature", temperature), ("top_p", top_p)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
         if not do_sample:
             ignored = [f"{name}={value!r}" for name, value, default in
                        (("temperature", temperature, 1.0), ("top_p", top_p, 1.0), ("seed", seed, None)) if value != default]
@@ -293,7 +325,8 @@ def _next_token(
     logits = logits[0].float()
     if not do_sample:
         return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # Shifted first, so a tiny temperature gives the argmax instead of inf - inf = NaN.
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p

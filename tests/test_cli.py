@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 import transformers
 
 import kvsqueeze
@@ -60,6 +61,44 @@ def test_transformers_pipeline_task_matches_kvsqueeze_pipeline(tiny_model, token
     assert out == {"answer": ours}
     several = hf(context, question=["what jumps?", "who is lazy?"], press=press, max_new_tokens=5)
     assert [row["answer"] for row in several][0] == ours and len(several) == 2
+
+
+def test_transformers_pipeline_task_call_arguments_replace_build_arguments(tiny_model, tokenizer):
+    """An explicit ``press=None`` (keep everything) or ``seed=None`` at call time replaces what the pipeline was
+    built with; they used to be dropped, so the build-time press still compressed."""
+    model = tiny_model("llama")
+    context = "the quick brown fox jumps over the lazy dog " * 4
+    press = kvsqueeze.make_press("knorm", compression_ratio=0.75)
+    hf = transformers.pipeline("kv-compression", model=model, tokenizer=tokenizer, press=press, max_new_tokens=6)
+    pipe = kvsqueeze.Pipeline(model, tokenizer)
+    compressed = pipe.compress(context, press=press).answer("what jumps?", max_new_tokens=6)
+    full = pipe.compress(context).answer("what jumps?", max_new_tokens=6)
+    assert compressed != full  # otherwise this test could not tell them apart
+    assert hf(context, question="what jumps?") == {"answer": compressed}
+    assert hf(context, question="what jumps?", press=None) == {"answer": full}
+
+    seeded = transformers.pipeline("kv-compression", model=model, tokenizer=tokenizer, do_sample=True, seed=3,
+                                   max_new_tokens=8)
+    runs = {seeded(context, question="what jumps?")["answer"] for _ in range(2)}
+    assert len(runs) == 1  # seeded at build time
+    torch.manual_seed(0)  # unseeded sampling draws from the global generator: fixed here so the test is repeatable
+    unseeded = {seeded(context, question="what jumps?", seed=None)["answer"] for _ in range(6)}
+    assert len(unseeded) > 1
+    for bad in (dict(temperature=True), dict(top_p=True), dict(max_new_tokens=None), dict(batch_size=0)):
+        with pytest.raises((TypeError, ValueError)):
+            hf(context, question="what jumps?", **bad)
+
+
+def test_ls_shows_capabilities_of_presses_whose_capabilities_depend_on_their_fields(capsys):
+    """KVzip and SimLayerKV wrap nothing; their capabilities come from their fields and must be shown (KVzip's
+    extra passes mean it cannot share a recorded prefill)."""
+    assert cli.main(["ls", "--json"]) in (0, None)
+    listing = json.loads(capsys.readouterr().out)
+    rows = {row["name"]: row for row in (listing["presses"] if isinstance(listing, dict) else listing)}
+    assert rows["kvzip"]["capabilities"]["extra_passes"] is True and rows["kvzip"]["capabilities"]["headwise"] is True
+    assert rows["simlayerkv"]["capabilities"]["uniform_layers"] is False
+    assert rows["composed"]["capabilities"] is None  # no default inner presses: nothing to show
+    assert rows["kvzip"]["summary"].endswith("across layers and heads.")  # the first paragraph, not its first line
 
 
 def test_model_option_lets_the_cli_compress_a_model_whose_every_layer_slides(tmp_path, capsys, single_thread):

@@ -390,6 +390,43 @@ def test_answer_arguments_are_checked(tiny_model, tokenizer):
         with pytest.raises(ValueError, match=rf"{re.escape(named)}.*do_sample=True"):
             ctx.generate_ids("q", **kwargs)
     assert ctx.generate_ids("q", max_new_tokens=2, do_sample=True, temperature=0.7, top_p=0.9, seed=3)
+    # Wrong types name the argument (they used to sample for do_sample="no", or fail deep inside torch).
+    for kwargs, error, named in (
+        (dict(do_sample="no"), TypeError, "do_sample"),
+        (dict(do_sample=True, temperature="1"), TypeError, "temperature"),
+        (dict(do_sample=True, temperature=True), TypeError, "temperature"),
+        (dict(do_sample=True, top_p=None), TypeError, "top_p"),
+        (dict(do_sample=True, seed="3"), TypeError, "seed"),
+        (dict(do_sample=True, seed=True), TypeError, "seed"),
+        (dict(answer_prefix=None), TypeError, "answer_prefix"),
+        (dict(do_sample=True, temperature=float("inf")), ValueError, "temperature"),
+    ):
+        with pytest.raises(error, match=named):
+            ctx.generate_ids("q", max_new_tokens=2, **kwargs)
+    # A tiny temperature is the argmax, not NaN probabilities.
+    greedy = ctx.generate_ids("q", max_new_tokens=4)
+    assert ctx.generate_ids("q", max_new_tokens=4, do_sample=True, temperature=1e-40, seed=0) == greedy
+
+
+def test_pipeline_call_and_recordings_are_checked(tiny_model, tokenizer):
+    model = tiny_model("llama")
+    pipe = Pipeline(model, tokenizer)
+    for questions in (None, [], {"q": 1}, ["fine", 3]):
+        with pytest.raises(TypeError, match="questions must be a string or a non-empty list"):
+            pipe(CONTEXT, questions)
+    recorded = pipe.record(CONTEXT)
+    with pytest.raises(TypeError, match="press must be a kvsqueeze Press.*str"):
+        pipe.from_recorded(recorded, "knorm")
+    with pytest.raises(TypeError, match="RecordedPrefill"):
+        pipe.from_recorded("recorded")
+    # A recording of another model (same architecture, other weights) would answer from that model's cache.
+    other = Pipeline(tiny_model("llama", "eager"), tokenizer)
+    with pytest.raises(ValueError, match="another model"):
+        other.from_recorded(recorded, kvsqueeze.make_press("knorm", compression_ratio=0.5))
+    with pytest.raises(TypeError, match="tokenizer must be a transformers tokenizer"):
+        Pipeline(model, None)
+    with pytest.raises(TypeError, match="use_chat_template"):
+        Pipeline(model, tokenizer, use_chat_template="yes")
 
 
 class _NeedsWeights(ScorerPress):
