@@ -92,7 +92,7 @@ class ComposedPress(Press):
             if idx is None:
                 continue
             chosen = idx if chosen is None else chosen.gather(-1, idx)
-            positions = chosen if layer.key_positions is None else layer.key_positions.gather(-1, chosen)
+            positions = layer.positions().gather(-1, chosen)
             kept = gather_kv(layer.keys, layer.values, chosen)
             step = layer.replace(
                 keys=kept.keys, values=kept.values, key_positions=positions, attentions=None, budget=None

@@ -136,9 +136,9 @@ def expected_attention_scores(
 
     The moments are rotated by the RoPE average over the ``n_future_positions`` positions after the context
     (``[context_length, context_length + n_future_positions)``, also when an earlier press of a composition has
-    already removed keys), the expected
-    attention is computed over the keys after the first ``n_sink``, multiplied by ``(a + epsilon)·‖v‖`` when
-    ``use_vnorm``, and the sinks get the maximum score + 1 so they are always kept.
+    already removed keys), the expected attention is computed over the keys after the first ``n_sink``,
+    multiplied by ``(a + epsilon)·‖v‖`` when ``use_vnorm``, and the sinks get the maximum score + 1 so they are
+    always kept.
     """
     adapter, n_context, device = layer.adapter, layer.context_length, layer.keys.device
     head_dim = mean.shape[-1]
