@@ -42,6 +42,11 @@ class UnsupportedModelError(ValueError):
 # Cache layers
 # ----------------------------------------------------------------------------------------------------------------
 
+#: The cache layers a press can compress (empty at the prefill): transformers' dynamic ones, exactly.
+_PLAIN_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
+#: generate() settings that make it draft tokens (assisted / prompt-lookup decoding), besides assistant_model.
+_DRAFTING_SETTINGS = ("prompt_lookup_num_tokens", "assistant_early_exit")
+
 
 class CompressedLayer(DynamicLayer):
     """A full-attention cache layer holding only the kept entries, physically.
@@ -91,8 +96,9 @@ class CompressedLayer(DynamicLayer):
 
 
 def _crop_appended(layer: DynamicLayer, tokens_to_remove: int, appended: int) -> None:
-    """Drop the last ``-tokens_to_remove`` tokens appended after compression (assisted decoding rolls back
-    rejected drafts this way); the compressed context itself is never cropped."""
+    """Drop the last ``-tokens_to_remove`` tokens appended after compression (transformers' ``Cache.crop``
+    contract); the compressed context itself is never cropped. Under a press, assisted decoding is refused
+    (:meth:`ModelAdapter.register_generate_guard`): its drafts would be compressed before they could be cropped."""
     if tokens_to_remove > 0:
         raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
     n = -tokens_to_remove
@@ -990,7 +996,10 @@ class ModelAdapter:
         * no KV cache (``use_cache=False``, or the config's ``use_cache`` off): there is nothing to compress;
         * a padded prefill (a 2-D ``attention_mask`` with zeros): compression evicts entries per head wherever they
           are, so a padding mask cannot follow the kept entries, and padded entries would be scored like tokens
-          and attended to afterwards. Only prefills (empty cache) are checked, so decoding steps pay no host sync.
+          and attended to afterwards. Only prefills (empty cache) are checked, so decoding steps pay no host sync;
+        * a cache other than transformers' dynamic one (static, offloaded, quantized layers): a static layer's
+          keys are its whole fixed-size buffer, empty slots included, and a quantized layer's are only its
+          recent residual, so a press would score and keep the wrong entries.
         """
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -1006,6 +1015,13 @@ class ModelAdapter:
                     )
             elif cache.get_seq_length() > 0:
                 return  # a decoding step: the prefill was checked
+            else:
+                other = {type(layer).__name__ for layer in cache.layers if type(layer) not in _PLAIN_LAYERS}
+                if other:
+                    raise ValueError(
+                        f"a press compresses transformers' dynamic cache (DynamicCache), not {type(cache).__name__} "
+                        f"with {', '.join(sorted(other))}; drop cache_implementation / pass a DynamicCache"
+                    )
             mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
             if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
                 return
@@ -1018,6 +1034,54 @@ class ModelAdapter:
                 )
 
         return [self.model.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+
+    def register_generate_guard(self) -> list[Any]:
+        """Refuse, while a press is open, the ``generate()`` modes that do not feed the model "the prompt, then one
+        token per step" (the model's own forward hooks cannot tell them apart):
+
+        * assisted and prompt-lookup decoding: the first forward holds the prompt *and* unverified draft tokens,
+          which the press would compress as if they were context (and a rejected draft then cannot be cropped);
+        * chunked prefill (``prefill_chunk_size``): only the first chunk would be compressed;
+        * a ``cache_implementation`` other than the dynamic cache (static buffers, offloading, quantization).
+
+        ``model.generate`` is shadowed by an instance attribute for the duration; the returned handle removes it.
+        """
+        model = self.model
+        original = model.generate
+
+        def generate(*args: Any, **kwargs: Any):
+            config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+
+            def setting(name: str) -> Any:
+                value = kwargs.get(name)
+                return value if value is not None else getattr(config, name, None)
+
+            problems = []
+            drafting = [n for n in _DRAFTING_SETTINGS if setting(n) is not None]
+            if kwargs.get("assistant_model") is not None:
+                drafting.insert(0, "assistant_model")
+            if drafting:
+                problems.append(
+                    f"assisted/prompt-lookup decoding ({', '.join(drafting)}) runs unverified draft tokens in the "
+                    "prefill, which the press would compress as context"
+                )
+            if setting("prefill_chunk_size") is not None:
+                problems.append("a chunked prefill (prefill_chunk_size) would be compressed one chunk only")
+            if setting("cache_implementation") not in (None, "dynamic"):
+                problems.append(f"cache_implementation={setting('cache_implementation')!r} is not the dynamic cache")
+            if problems:
+                raise ValueError(f"generate() under a press: {'; '.join(problems)}. Generate without them.")
+            return original(*args, **kwargs)
+
+        model.generate = generate
+
+        class _Handle:
+            @staticmethod
+            def remove() -> None:
+                if model.__dict__.get("generate") is generate:
+                    del model.__dict__["generate"]
+
+        return [_Handle()]
 
     @staticmethod
     def cache_from_output(output: Any) -> Cache | None:

@@ -238,8 +238,9 @@ def calibration_artifact(tiny_model, tmp_path_factory) -> Callable[[str, str], P
 
 
 def hook_counts(model: torch.nn.Module) -> dict[str, int]:
-    """Number of forward hooks, forward pre-hooks and kwargs-hook registrations over every module of ``model``."""
-    counts = {"forward": 0, "forward_pre": 0, "with_kwargs": 0}
+    """Number of forward hooks, forward pre-hooks and kwargs-hook registrations over every module of ``model``, and
+    whether ``generate`` is shadowed on the instance (a press's generate guard)."""
+    counts = {"forward": 0, "forward_pre": 0, "with_kwargs": 0, "generate_shadowed": int("generate" in model.__dict__)}
     for module in model.modules():
         counts["forward"] += len(module._forward_hooks)
         counts["forward_pre"] += len(module._forward_pre_hooks)

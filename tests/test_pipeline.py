@@ -487,7 +487,7 @@ def test_unsupported_architecture_is_named(tokenizer):
     with pytest.raises(UnsupportedModelError, match="gpt2"):
         record_prefill(model, token_ids(8))
     assert issubclass(UnsupportedModelError, ValueError)
-    assert hook_counts(model) == {"forward": 0, "forward_pre": 0, "with_kwargs": 0}
+    assert hook_counts(model) == {"forward": 0, "forward_pre": 0, "with_kwargs": 0, "generate_shadowed": 0}
 
 
 def test_calibrated_press_checks_its_artifact_before_compressing(tiny_model, tokenizer, calibration_artifact, tmp_path):
@@ -511,3 +511,37 @@ def test_calibrated_press_checks_its_artifact_before_compressing(tiny_model, tok
         assert pipe.compress(CONTEXT, press=own).report.measured_ratio > 0.45
         checked += 1
     assert checked >= 1, "no registered press declares a calibration artifact"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(prompt_lookup_num_tokens=3),
+        dict(assistant_model="tiny"),
+        dict(prefill_chunk_size=16),
+        dict(cache_implementation="static"),
+        dict(cache_implementation="quantized"),
+        dict(past_key_values="static"),
+    ],
+    ids=["prompt-lookup", "assistant-model", "chunked-prefill", "static", "quantized", "static-cache-object"],
+)
+def test_generate_modes_a_press_cannot_follow_are_refused(kwargs, tiny_model):
+    """Assisted / prompt-lookup decoding put unverified drafts in the prefill (compressed as context, silently
+    different tokens), a chunked prefill was compressed one chunk only, and a static cache's empty slots were
+    scored as entries: all are refused before any layer runs; plain generate still compresses."""
+    from transformers import StaticCache
+
+    model = tiny_model("llama")
+    ids = token_ids(40, seed=31)
+    if kwargs.get("assistant_model") == "tiny":
+        kwargs = dict(assistant_model=tiny_model("llama", "eager"))
+    if kwargs.get("past_key_values") == "static":
+        kwargs = A.ModelAdapter(model).model_call_kwargs(StaticCache(config=model.config, max_cache_len=64))
+    press = make_press("knorm", compression_ratio=0.5)
+    with torch.inference_mode(), press(model) as report:
+        with pytest.raises(ValueError, match="press"):
+            model.generate(ids, max_new_tokens=4, do_sample=False, **kwargs)
+        assert not report.kept  # refused before any layer was compressed
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+        assert report.kept and all(k == 20 for k in report.kept.values())
+    assert "generate" not in model.__dict__

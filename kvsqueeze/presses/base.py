@@ -437,10 +437,11 @@ def check_no_active_press(model: nn.Module) -> None:
 @contextmanager
 def active_press(adapter: A.ModelAdapter, press: Press) -> Iterator[None]:
     """Mark ``press`` as the one press open on the adapter's model for the duration of the block (refusing a
-    second), and refuse prefills it cannot compress meanwhile (:meth:`ModelAdapter.register_prefill_guard`)."""
+    second), and refuse prefills and generate() modes it cannot compress meanwhile
+    (:meth:`ModelAdapter.register_prefill_guard`, :meth:`ModelAdapter.register_generate_guard`)."""
     model = adapter.model
     check_no_active_press(model)
-    handles = adapter.register_prefill_guard()
+    handles = adapter.register_prefill_guard() + adapter.register_generate_guard()
     setattr(model, _ACTIVE, press)
     try:
         yield
