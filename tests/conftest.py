@@ -201,12 +201,19 @@ def prefill(model, ids: torch.Tensor, press=None):
     return cache, report, out.logits[:, -1]
 
 
+#: The streaming window of the tiny models' DuoAttention gates (``n_sink``, ``n_recent``): the window the press
+#: tests use, since a press refuses gates trained for another window unless told ``allow_window_mismatch=True``.
+DUO_WINDOW = (2, 8)
+
+
 def _calibrate(model, method: str, output: Path):
-    """Run ``kvsqueeze.calibration.calibrate`` on seeded random batches into ``output``."""
+    """Run ``kvsqueeze.calibration.calibrate`` on seeded random batches into ``output`` (DuoAttention gates for the
+    window :data:`DUO_WINDOW`)."""
     from kvsqueeze.calibration import calibrate
 
     batches = [token_ids(96, seed=100 + i) for i in range(4)]
-    result = calibrate(model, None, method, input_ids_batches=batches, output=output, progress=False)
+    options = {"duo_sink": DUO_WINDOW[0], "n_recent": DUO_WINDOW[1]} if method == "duo_attention" else {}
+    result = calibrate(model, None, method, input_ids_batches=batches, output=output, progress=False, **options)
     path = Path(result)
     assert path == Path(output), f"calibrate wrote to {result!r}, not to output={output}"
     assert path.is_file(), f"calibrate(..., {method!r}) wrote no artifact at {output} (returned {result!r})"

@@ -13,14 +13,15 @@ from kvsqueeze.calibration import calibrate, load_artifact
 from kvsqueeze.calibration.duo_attention import duo_loss, given_sequence_sample, passkey_sample
 from kvsqueeze.presses.base import kept_for_ratio
 
-from conftest import MODEL_NAMES, build_tokenizer, prefill, token_ids
+from conftest import DUO_WINDOW, MODEL_NAMES, build_tokenizer, hook_counts, prefill, token_ids
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _press(calibration_artifact, model_name, **kwargs):
-    kwargs.setdefault("n_sink", 2)
-    kwargs.setdefault("n_recent", 8)
+    """A press on the fixture's gates, with the window they were trained for unless told otherwise."""
+    kwargs.setdefault("n_sink", DUO_WINDOW[0])
+    kwargs.setdefault("n_recent", DUO_WINDOW[1])
     artifact = str(calibration_artifact(model_name, "duo_attention"))
     return kvsqueeze.make_press("duo_attention", artifact=artifact, **kwargs)
 
@@ -213,7 +214,9 @@ def test_kept_counts_follow_head_plan_and_budget(model_name, ratio, tiny_model, 
 def test_window_shrinks_when_all_streaming_exceeds_budget(tiny_model, calibration_artifact):
     model = tiny_model("llama")
     adapter = A.ModelAdapter(model)
-    press = _press(calibration_artifact, "llama", compression_ratio=0.88, n_sink=4, n_recent=16)
+    # The plan's arithmetic for a 4 + 16 window; the ranking of the gates (trained for DUO_WINDOW) does not matter.
+    press = _press(calibration_artifact, "llama", compression_ratio=0.88, n_sink=4, n_recent=16,
+                   allow_window_mismatch=True)
     assert press.n_kept(50) == 6
     plan = press.head_plan(adapter, 50)
     assert plan.streaming.all()
@@ -277,12 +280,77 @@ def test_foreign_artifact_is_refused(tiny_model, calibration_artifact):
         ({"n_recent": "8"}, TypeError, r"n_recent.*'8'"),
         ({"n_sink": 0, "n_recent": 0}, ValueError, r"n_sink \+ n_recent.*0 \+ 0"),
         ({"artifact": 3}, TypeError, r"artifact.*3"),
+        ({"allow_window_mismatch": "yes"}, TypeError, r"allow_window_mismatch must be a bool, got 'yes'"),
         ({"compression_ratio": 1.0}, ValueError, r"compression_ratio.*1\.0"),
     ],
 )
 def test_bad_fields(kwargs, error, match):
     with pytest.raises(error, match=match):
         kvsqueeze.make_press("duo_attention", **kwargs)
+
+
+def test_press_refuses_gates_trained_for_another_window(tiny_model, calibration_artifact):
+    """Gates rank heads for the streaming window they were trained with: another window is refused, naming both
+    windows and the calibration for the press's window, unless the press is told to accept it."""
+    model = tiny_model("llama")
+    adapter = A.ModelAdapter(model)
+    assert load_artifact(calibration_artifact("llama", "duo_attention"), model, "duo_attention").settings[
+        "n_sink"] == DUO_WINDOW[0]
+    other = _press(calibration_artifact, "llama", compression_ratio=0.5, n_sink=4, n_recent=16)
+    message = (rf"trained with the streaming window n_sink={DUO_WINDOW[0]}, n_recent={DUO_WINDOW[1]}, but this press "
+               r"streams n_sink=4, n_recent=16.*calibrate\(model, tokenizer, \"duo_attention\", duo_sink=4, "
+               r"n_recent=16.*allow_window_mismatch=True")
+    with pytest.raises(ValueError, match=message):
+        other.head_plan(adapter, 50)
+    hooks = hook_counts(model)
+    with pytest.raises(ValueError, match=message):  # before the prefill, no hook left behind
+        with other(model):
+            pass
+    assert hook_counts(model) == hooks
+    # Opting out, or the trained window, runs.
+    accepted = _press(calibration_artifact, "llama", compression_ratio=0.5, n_sink=4, n_recent=16,
+                      allow_window_mismatch=True)
+    assert int(accepted.head_plan(adapter, 50).kept(50)[adapter.compressible_layers].sum()) == 25 * 6
+    prefill(model, token_ids(50, seed=3), _press(calibration_artifact, "llama", compression_ratio=0.5))
+
+
+def test_calibration_refuses_sequences_within_the_streaming_window(tiny_model, tmp_path):
+    """A streaming head that sees the whole sequence matches full attention: the loss is 0 and every gate ends
+    where the L1 term alone puts it. Such sequences are refused, naming their lengths and the window."""
+    model = tiny_model("llama")
+    out = tmp_path / "duo.safetensors"
+    with pytest.raises(ValueError, match=r"2 of the 3 given sequences .* n_sink \+ n_recent = 16 \+ 64 "
+                                         r"\(#0: 60 tokens, #2: 80 tokens\)"):
+        calibrate(model, None, "duo_attention", input_ids_batches=[token_ids(60), token_ids(81), token_ids(80)],
+                  output=out, progress=False, steps=1)
+    with pytest.raises(ValueError, match=r"seq_len=20 must exceed the streaming window n_sink \+ n_recent = 4 \+ 16"):
+        calibrate(model, build_tokenizer(), "duo_attention", texts=["lorem ipsum " * 50], seq_len=20, duo_sink=4,
+                  n_recent=16, output=out, progress=False, steps=1)
+    # Passkey options do not apply to given sequences.
+    with pytest.raises(TypeError, match=r"n_passkeys not used by 'duo_attention' calibration on input_ids_batches"):
+        calibrate(model, None, "duo_attention", input_ids_batches=[token_ids(90)], n_passkeys=3, output=out,
+                  progress=False, steps=1)
+    assert not out.exists()
+
+
+def test_calibration_records_the_settings_it_used(tiny_model, tmp_path):
+    model = tiny_model("llama")
+    path = calibrate(model, None, "duo_attention", input_ids_batches=[token_ids(40, batch=2), token_ids(24)],
+                     output=tmp_path / "duo.safetensors", progress=False, steps=2, duo_sink=2, n_recent=8)
+    settings = load_artifact(path, model, "duo_attention").settings
+    assert settings["source"] == "input_ids"
+    assert (settings["seq_len"], settings["min_seq_len"], settings["n_sequences"]) == (40, 24, 3)
+    assert (settings["n_sink"], settings["n_recent"], settings["steps"]) == (2, 8, 2)
+    assert "n_passkeys" not in settings and "passkey_digits" not in settings
+    assert settings["final_distill_loss"] > 0
+    # Passkey samples record their length and passkey options.
+    tok = build_tokenizer()
+    path = calibrate(model, tok, "duo_attention", texts=["lorem ipsum dolor sit amet " * 20], seq_len=260, steps=1,
+                     duo_sink=2, n_recent=8, n_passkeys=2, passkey_digits=4, output=tmp_path / "p.safetensors",
+                     progress=False)
+    settings = load_artifact(path, model, "duo_attention").settings
+    assert (settings["seq_len"], settings["n_passkeys"], settings["passkey_digits"]) == (260, 2, 4)
+    assert settings["source"] == "passkeys in texts" and "min_seq_len" not in settings
 
 
 @pytest.mark.real_model

@@ -7,10 +7,12 @@ the filters of one model are never applied to another, and a truncated or edited
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
 import re
+import shlex
 import tempfile
 import weakref
 from dataclasses import dataclass, field
@@ -21,15 +23,18 @@ import torch
 from torch import nn
 
 from kvsqueeze.adapter import ModelAdapter
-from kvsqueeze.models import cache_root
+from kvsqueeze.models import cache_root, config_overrides
 
 #: Calibration methods and the artifact each one writes.
 METHODS: tuple[str, ...] = ("qfilters", "expected_attention_stats", "duo_attention")
 
-FORMAT_VERSION = "1"
+# "2": the model fingerprint samples every parameter tensor (format 1 read sign bits of a few); a format-1 file is
+# refused with "recalibrate" rather than as another model's.
+FORMAT_VERSION = "2"
 
-# Config fields that define the architecture. Run-time settings (dtype, attention implementation, the path it was
-# loaded from) are left out, so a model calibrated in float32 matches itself loaded in bfloat16 with sdpa.
+# Config fields that define the function the model computes (shapes, activation, norms, positions, attention
+# pattern, softcapping). Run-time settings (dtype, attention implementation, the path it was loaded from) are left
+# out, so a model calibrated in float32 matches itself loaded in bfloat16 with sdpa.
 _ARCH_KEYS = (
     "model_type",
     "hidden_size",
@@ -39,18 +44,30 @@ _ARCH_KEYS = (
     "num_key_value_heads",
     "head_dim",
     "vocab_size",
+    "hidden_act",
+    "hidden_activation",
+    "rms_norm_eps",
+    "layer_norm_eps",
+    "attention_bias",
+    "mlp_bias",
     "rope_theta",
     "rope_scaling",
     "rope_parameters",
+    "rope_local_base_freq",
     "partial_rotary_factor",
+    "original_max_position_embeddings",
     "layer_types",
     "sliding_window",
+    "use_sliding_window",
+    "max_window_layers",
+    "use_bidirectional_attention",
     "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
     "max_position_embeddings",
     "tie_word_embeddings",
 )
-_PROBE_TENSORS = 8  # parameters sampled for the weight fingerprint
-_PROBE_ELEMENTS = 512  # leading elements read from each
+_PROBE_ELEMENTS = 64  # values read from every parameter tensor, evenly strided over its elements
 
 _IDENTITY_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
 _LOADED: dict[tuple[str, int, int], Artifact] = {}
@@ -76,23 +93,35 @@ def model_name(model: nn.Module) -> str:
 
 
 def _weight_probe(model: nn.Module) -> bytes:
-    """Shapes of every parameter plus the sign bits of a few hundred weights of up to 8 of them.
+    """Shape and 64 evenly strided values (all of them when fewer) of every parameter tensor, rounded to bfloat16.
 
-    Sign bits survive any rounding (float32 → bfloat16/float16 keeps the sign, even on underflow to ±0), so the
-    probe is the same for every dtype the same weights are loaded in, while two trained or randomly initialised
-    models differ in hundreds of signs.
+    float32 → bfloat16 rounds to nearest even and a bfloat16 value is its own rounding, so the same weights held in
+    float32 or bfloat16 give the same bytes. Replacing or rescaling any tensor changes them (an edit confined to
+    elements outside the sample is not seen). float16 rounds differently: a float16 copy does not match its
+    float32 original. Cost: one small gather per tensor, a few milliseconds on the default model.
+
+    Raises
+    ------
+    ValueError
+        A parameter is on the meta device (offloaded or never loaded): its values cannot be read, and a probe of
+        shapes alone would match any model of the same architecture.
     """
-    params = [p for _, p in model.named_parameters()]
     digest = hashlib.sha256()
-    for p in params:
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            raise ValueError(
+                f"cannot identify the model: parameter {name!r} is on the meta device (offloaded with a device_map "
+                "or never loaded), so its weights cannot be read; load every weight onto a real device (CPU or GPU)"
+            )
         digest.update(repr(tuple(p.shape)).encode())
-    if params:
-        step = max(1, len(params) // _PROBE_TENSORS)
-        for p in params[::step][:_PROBE_TENSORS]:
-            if p.device.type == "meta":  # offloaded weights: shapes only
-                continue
-            head = p.detach().reshape(-1)[:_PROBE_ELEMENTS].signbit().cpu()
-            digest.update(bytes(head.to(torch.uint8).tolist()))
+        n = p.numel()
+        if not n:
+            continue
+        flat = p.detach().reshape(-1)
+        k = min(n, _PROBE_ELEMENTS)
+        index = torch.arange(k, dtype=torch.long) * n // k  # strided over the whole tensor, first element included
+        sample = flat[index.to(flat.device)].to(torch.bfloat16).cpu()
+        digest.update(sample.view(torch.int16).numpy().tobytes())
     return digest.digest()
 
 
@@ -103,9 +132,16 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
     -------
     dict
         ``name_or_path``, ``model_type``, ``num_layers``, ``num_attention_heads``, ``num_key_value_heads``,
-        ``head_dim`` and ``fingerprint``: 16 hex digits of a sha256 over the architecture fields of the config and
-        a weight probe (parameter shapes and the sign bits of leading weights), independent of dtype and attention
-        implementation. Computed once per model object (weights edited in place afterwards are not noticed).
+        ``head_dim`` and ``fingerprint``: 16 hex digits of a sha256 over the architecture fields of the config
+        (:data:`_ARCH_KEYS`) and a weight probe (the shape and 64 strided values, rounded to bfloat16, of every
+        parameter tensor). The same weights give the same fingerprint in float32 and bfloat16 and with any attention
+        implementation (not in float16, whose rounding differs). Computed once per model object (weights edited in
+        place afterwards are not noticed).
+
+    Raises
+    ------
+    ValueError
+        A parameter is on the meta device (see :func:`_weight_probe`).
     """
     cached = _IDENTITY_CACHE.get(model)
     if cached is not None:
@@ -143,12 +179,30 @@ def default_artifact_path(model: nn.Module, method: str) -> Path:
     return cache_root() / "calibration" / folder / f"{method}.safetensors"
 
 
+def _model_option(key: str, value: Any) -> str:
+    """``--model-option KEY=VALUE`` that the CLI parses back to ``value`` (a Python literal, or a bare string that
+    does not read as one), shell-quoted."""
+    text = repr(value)
+    if isinstance(value, str) and value == value.strip():
+        try:
+            ast.literal_eval(value)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            text = value  # read back as the plain string
+    return f"--model-option {shlex.quote(f'{key}={text}')}"
+
+
 def calibrate_command(model: nn.Module, method: str, path: Path | None = None) -> str:
-    """The CLI command that writes the artifact ``load_artifact`` looks for."""
-    name = model_name(model) or "<model name or path>"
-    command = f"kvsqueeze calibrate --model {name} --method {method}"
+    """The CLI command that writes the artifact ``load_artifact`` looks for.
+
+    Config attributes :func:`kvsqueeze.models.load_model` replaced on ``model`` are part of its identity, so they
+    are passed again (``--model-option KEY=VALUE``); without them the command would calibrate another model.
+    """
+    name = model_name(model)
+    command = f"kvsqueeze calibrate --model {shlex.quote(name) if name else '<model name or path>'} --method {method}"
+    for key, value in config_overrides(model).items():
+        command += " " + _model_option(key, value)
     if path is not None and Path(path) != default_artifact_path(model, method):
-        command += f" --output {path}"
+        command += f" --output {shlex.quote(str(path))}"
     return command
 
 
@@ -295,6 +349,11 @@ def load_artifact(path: str | os.PathLike | None, model: nn.Module, method: str)
     mismatched = [k for k in identity if k != "name_or_path" and theirs.get(k) != identity[k]]
     if mismatched:
         details = ", ".join(f"{k}: artifact {theirs.get(k)!r} vs model {identity[k]!r}" for k in mismatched)
+        dtype = next(model.parameters()).dtype
+        if mismatched == ["fingerprint"] and dtype == torch.float16 and artifact.settings.get("dtype") != str(dtype):
+            details += (f"; the artifact was computed in {artifact.settings.get('dtype')}: float16 weights do not "
+                        "match their float32/bfloat16 originals, load the model in one of those or calibrate it in "
+                        "float16")
         raise ValueError(
             f"{path} was calibrated on another model ({theirs.get('name_or_path') or 'unnamed'}; {details}); "
             f"calibrate this one with: {calibrate_command(model, method)}"

@@ -148,10 +148,12 @@ def calibrate_duo_attention(
     texts : list of str or None
         Haystack text (default: the shipped essays).
     input_ids_batches : list of LongTensor or None
-        Pre-tokenized ``(1, n)`` sequences used instead of passkey samples, one per step, cycled; the answer
-        positions are their last tokens (:func:`given_sequence_sample`).
+        Pre-tokenized ``(bsz, n)`` batches whose rows are used instead of passkey samples, one per step, cycled;
+        the answer positions are their last tokens (:func:`given_sequence_sample`). Every row must be longer than
+        ``n_sink + n_recent``. ``seq_len``, ``n_passkeys`` and ``passkey_digits`` do not apply; the settings record
+        the rows' lengths (``seq_len`` the longest, ``min_seq_len`` the shortest) and their number.
     seq_len : int, default 1024
-        Tokens per passkey sample (paper: 1K–32K).
+        Tokens per passkey sample (paper: 1K–32K); must exceed ``n_sink + n_recent``.
     steps : int, default 50
         Adam steps, one fresh sample each (paper: 2,000).
     lr : float, default 0.02
@@ -185,10 +187,16 @@ def calibrate_duo_attention(
         raise A.UnsupportedModelError(
             f"{adapter.model_type} applies attention-logit softcapping, which gated DuoAttention training does not"
         )
+    window = n_sink + n_recent
     rng = random.Random(seed)
     if input_ids_batches is None:
         if tokenizer is None:
             raise ValueError("duo_attention calibration from text needs a tokenizer (or pass input_ids_batches)")
+        if seq_len <= window:
+            raise ValueError(
+                f"seq_len={seq_len} must exceed the streaming window n_sink + n_recent = {n_sink} + {n_recent}: a "
+                "streaming head then sees the whole sample, the loss is 0 and the gates learn nothing"
+            )
         from kvsqueeze.corpus import essays
 
         haystack = tokenizer("\n\n".join(essays() if texts is None else list(texts)), add_special_tokens=False)
@@ -198,13 +206,26 @@ def calibrate_duo_attention(
             return passkey_sample(tokenizer, haystack_ids, seq_len, n_passkeys, passkey_digits, rng)
 
         source = "passkeys in essays" if texts is None else "passkeys in texts"
+        used = {"seq_len": seq_len, "n_passkeys": n_passkeys, "passkey_digits": passkey_digits}
     else:
         rows = [row[None] for ids in input_ids_batches for row in ids]
+        if not rows:
+            raise ValueError("input_ids_batches hold no sequence")
+        short = [(i, row.shape[1]) for i, row in enumerate(rows) if row.shape[1] <= window]
+        if short:
+            listed = ", ".join(f"#{i}: {n} tokens" for i, n in short[:5]) + (", ..." if len(short) > 5 else "")
+            raise ValueError(
+                f"{len(short)} of the {len(rows)} given sequences are not longer than the streaming window "
+                f"n_sink + n_recent = {n_sink} + {n_recent} ({listed}): a streaming head sees all of such a "
+                "sequence, so it teaches the gates nothing; give longer sequences or a smaller window"
+            )
 
         def sample(step: int) -> PasskeySample:
             return given_sequence_sample(rows[step % len(rows)])
 
         source = "input_ids"
+        lengths = [row.shape[1] for row in rows]
+        used = {"seq_len": max(lengths), "min_seq_len": min(lengths), "n_sequences": len(rows)}
 
     device = next(model.parameters()).device
     shape = adapter.shape
@@ -242,14 +263,12 @@ def calibrate_duo_attention(
         model.train(training)
     settings = {
         "source": source,
-        "seq_len": seq_len,
+        **used,
         "steps": steps,
         "lr": lr,
         "l1_weight": l1_weight,
         "n_sink": n_sink,
         "n_recent": n_recent,
-        "n_passkeys": n_passkeys,
-        "passkey_digits": passkey_digits,
         "seed": seed,
         "final_distill_loss": history[-1],
         "gated_layers": adapter.compressible_layers,

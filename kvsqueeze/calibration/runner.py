@@ -105,7 +105,7 @@ def calibrate(
         A causal LM of a supported architecture; every attention layer is calibrated (sliding-window layers of
         hybrid models too, although presses only use the full-attention ones).
     tokenizer : PreTrainedTokenizer or None
-        Needed unless ``input_ids_batches`` is given (then pass None).
+        Needed unless ``input_ids_batches`` is given (then pass None); with ``texts`` too.
     method : str
         One of :data:`METHODS`: ``"qfilters"`` (filters ``(num_layers, num_kv_heads, head_dim)`` from the
         first right singular vector of post-RoPE queries), ``"expected_attention_stats"`` (mean and covariance
@@ -116,7 +116,8 @@ def calibrate(
         Calibration text; None uses :func:`default_texts` (the shipped essays).
     n_sequences : int or None, default None (16)
         Sequences cut from ``texts``. The Q-Filters paper uses 20 of 2,048 tokens; 16 of 1,024 keep a CPU run
-        to minutes and still give >5x more tokens than the 3,000 samples the SVD needs.
+        to minutes and still give >5x more tokens than the 3,000 samples the SVD needs. With
+        ``input_ids_batches`` (used as given) it may only repeat their number of sequences.
     seq_len : int, default 1024
         Tokens per sequence (at most; the last chunk of a text may be shorter).
     n_samples : int or None, default None (3000)
@@ -137,7 +138,8 @@ def calibrate(
         :func:`kvsqueeze.calibration.duo_attention.calibrate_duo_attention`. ``n_sequences``, ``n_samples`` and
         ``n_sink`` do not apply to it (one fresh passkey sample per step; its sinks are ``duo_sink``). An option
         the method does not use raises a TypeError (``n_samples`` is qfilters-only, ``n_sink`` is
-        expected_attention_stats-only) instead of being ignored.
+        expected_attention_stats-only, ``n_passkeys``/``passkey_digits`` have no use with ``input_ids_batches``)
+        instead of being ignored. The press must use the same window (``duo_sink`` is its ``n_sink``).
 
     Returns
     -------
@@ -152,10 +154,21 @@ def calibrate(
         if texts is not None:
             raise ValueError("give either texts or input_ids_batches, not both")
         batches = _check_input_ids(input_ids_batches)
-    elif texts is not None:
-        check_texts(texts)
-    elif tokenizer is None:
-        raise ValueError(f"{method} calibration from text needs a tokenizer (or pass input_ids_batches)")
+    else:
+        if texts is not None:
+            check_texts(texts)
+        if tokenizer is None:
+            raise ValueError(f"{method} calibration from text needs a tokenizer (or pass input_ids_batches)")
+        if not callable(tokenizer):
+            raise TypeError(f"tokenizer must be a Hugging Face tokenizer (callable), got {type(tokenizer).__name__}")
+    if batches is not None and n_sequences is not None and method != "duo_attention":
+        check_int(n_sequences, "n_sequences", 1)
+        given_rows = sum(b.shape[0] for b in batches)
+        if n_sequences != given_rows:
+            raise ValueError(
+                f"n_sequences={n_sequences} conflicts with input_ids_batches, which hold {given_rows} sequences and "
+                "are used as given; pass only the sequences to use, or leave n_sequences out"
+            )
     applies = {"qfilters": ("n_sequences", "n_samples"), "expected_attention_stats": ("n_sequences", "n_sink")}
     given = {"n_sequences": n_sequences, "n_samples": n_samples, "n_sink": n_sink}
     unused = [name for name, value in given.items() if value is not None and name not in applies.get(method, ())]
@@ -192,6 +205,10 @@ def _calibrate_duo(model, tokenizer, texts, seq_len, progress, batches, seed, op
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"unexpected options for 'duo_attention' calibration: {unknown}; known: {sorted(known)}")
+    passkey_only = sorted({"n_passkeys", "passkey_digits"} & set(options))
+    if batches is not None and passkey_only:
+        raise TypeError(f"{', '.join(passkey_only)} not used by 'duo_attention' calibration on input_ids_batches "
+                        "(their sequences replace the passkey samples)")
     if "duo_sink" in options:
         options = dict(options)
         options["n_sink"] = options.pop("duo_sink")

@@ -61,16 +61,23 @@ class DuoAttentionPress(Press):
     streaming windows. The gates come from the scaled-down local calibration (1K-token essay haystacks with
     passkeys, 50 steps), not the paper's BookSum training (1K–32K tokens, 2,000 steps).
 
+    The gates rank heads by how much their output suffers from one particular streaming window, so they belong to
+    the window they were trained with: the artifact records it (settings ``n_sink``/``n_recent``), and a press with
+    another window raises a ValueError naming both and the calibration to run, unless
+    ``allow_window_mismatch=True``. The budget then still widens or shrinks the streaming windows as above.
+
     Fields: ``compression_ratio`` (0.0), ``budget`` (None), ``artifact`` (None: the model's default location,
     ``kvsqueeze.calibration.default_artifact_path(model, "duo_attention")``), ``n_sink`` (16) and ``n_recent``
     (64): the streaming window, the values the default calibration trains with — scaled down for the small
-    models and 1K–4K contexts from the paper's 128 + 256 (give the same values to the calibration when you change
-    them).
+    models and 1K–4K contexts from the paper's 128 + 256; to change them, calibrate with the same values
+    (``calibrate(model, tokenizer, "duo_attention", duo_sink=..., n_recent=...)``). ``allow_window_mismatch``
+    (False): use gates trained with another window anyway (their ranking is then only a guess).
     """
 
     artifact: str | None = None
     n_sink: int = 16
     n_recent: int = 64
+    allow_window_mismatch: bool = False
 
     capabilities: ClassVar[Capabilities] = Capabilities(calibration=METHOD, headwise=True, uniform_layers=False)
 
@@ -81,6 +88,8 @@ class DuoAttentionPress(Press):
         check_int(self.n_recent, "n_recent", minimum=0)
         if self.n_sink + self.n_recent < 1:
             raise ValueError(f"the streaming window n_sink + n_recent must be >= 1, got {self.n_sink} + {self.n_recent}")
+        if not isinstance(self.allow_window_mismatch, bool):
+            raise TypeError(f"allow_window_mismatch must be a bool, got {self.allow_window_mismatch!r}")
 
     def validate(self, adapter: ModelAdapter) -> None:
         super().validate(adapter)
@@ -88,10 +97,21 @@ class DuoAttentionPress(Press):
 
     def gates(self, adapter: ModelAdapter) -> torch.Tensor:
         """The calibrated gates ``(num_layers, num_kv_heads)`` (float32, CPU)."""
-        gates = load_artifact(self.artifact, adapter.model, METHOD).get("gates")
+        artifact = load_artifact(self.artifact, adapter.model, METHOD)
+        gates = artifact.get("gates")
         expected = (adapter.shape.num_layers, adapter.shape.num_key_value_heads)
         if tuple(gates.shape) != expected:
             raise ValueError(f"duo_attention artifact gates have shape {tuple(gates.shape)}, expected {expected}")
+        trained = (artifact.settings.get("n_sink"), artifact.settings.get("n_recent"))
+        if trained != (self.n_sink, self.n_recent) and not self.allow_window_mismatch:
+            command = (f'kvsqueeze.calibration.calibrate(model, tokenizer, "duo_attention", duo_sink={self.n_sink}, '
+                       f"n_recent={self.n_recent}" + (f", output={str(artifact.path)!r})" if self.artifact else ")"))
+            raise ValueError(
+                f"{artifact.path} holds DuoAttention gates trained with the streaming window n_sink={trained[0]}, "
+                f"n_recent={trained[1]}, but this press streams n_sink={self.n_sink}, n_recent={self.n_recent}: "
+                f"gates rank heads for their own window only. Use n_sink={trained[0]}, n_recent={trained[1]}, "
+                f"recalibrate for this window with {command}, or pass allow_window_mismatch=True"
+            )
         return gates
 
     def head_plan(self, adapter: ModelAdapter, seq_len: int) -> HeadPlan:

