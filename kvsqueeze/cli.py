@@ -495,8 +495,55 @@ def parse_sweep_press_options(items: Sequence[str] | None, presses: Sequence[str
     return options
 
 
+def parse_numbers(text: str, flag: str, kind: type, example: str) -> list:
+    """A comma-separated list of ints or floats (``kind``), e.g. ``"1000,2000"``; anything else is refused."""
+    values = []
+    for part in parse_list(text, flag, f"{kind.__name__}s", example):
+        try:
+            values.append(kind(part))
+        except ValueError:
+            raise CLIError(f"{flag} must be comma-separated {kind.__name__}s, e.g. {example}; got {part!r}") from None
+    return values
+
+
+def parse_data_files(items: Sequence[str], flag: str, need_task: bool, example: str) -> str | dict[str, str]:
+    """``--data-files`` / ``--qa-data-files`` items: ``TASK=PATH`` (repeatable) as ``{task: path}``, or (when
+    ``need_task`` is False) one plain ``PATH``: a file, or a directory of ``<task>.jsonl`` files."""
+    mapping: dict[str, str] = {}
+    plain: list[str] = []
+    for item in items:
+        task, sep, path = item.partition("=")
+        if sep and task.strip() and path.strip():
+            if task.strip() in mapping:
+                raise CLIError(f"{flag} names task {task.strip()!r} twice")
+            mapping[task.strip()] = path.strip()
+        elif not sep and item.strip() and not need_task:
+            plain.append(item.strip())
+        else:
+            raise CLIError(f"{flag} takes {example}, got {item!r}")
+    if plain and (mapping or len(plain) > 1):
+        raise CLIError(f"{flag} takes one PATH or TASK=PATH items, not both or several paths; got {list(items)!r}")
+    return plain[0] if plain else mapping
+
+
+#: ``kvsqueeze eval`` flags that become benchmark constructor options: (flag, argparse dest, option name).
+BENCHMARK_FLAGS = (
+    ("--length", "length", "length"),
+    ("--tasks", "tasks", "tasks"),
+    ("--n-samples", "n_samples", "n_samples"),
+    ("--qa-data-files", "qa_data_files", "qa_data_files"),
+    ("--lengths", "lengths", "lengths"),
+    ("--depths", "depths", "depths"),
+    ("--n-per-cell", "n_per_cell", "n_per_cell"),
+    ("--data-files", "data_files", "data_files"),
+    ("--dataset", "dataset", "dataset"),
+    ("--max-context-tokens", "max_context_tokens", "max_context_tokens"),
+)
+
+
 def benchmark_options(cls, args: argparse.Namespace) -> dict[str, Any]:
-    """The generic flags (``--length``, ``--tasks``) as constructor options of benchmark class ``cls``.
+    """The benchmark flags (:data:`BENCHMARK_FLAGS`: ``--length``, ``--tasks``, ``--data-files``, ...) as
+    constructor options of benchmark class ``cls``.
 
     A flag is passed only when given; a benchmark whose constructor has no such option refuses it by name.
     """
@@ -506,7 +553,8 @@ def benchmark_options(cls, args: argparse.Namespace) -> dict[str, Any]:
     params = inspect.signature(cls).parameters  # the constructor's options, without self
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     options: dict[str, Any] = {}
-    for flag, key, value in (("--length", "length", args.length), ("--tasks", "tasks", args.tasks)):
+    for flag, dest, key in BENCHMARK_FLAGS:
+        value = getattr(args, dest, None)
         if value is None:
             continue
         if key not in params and not accepts_any:
@@ -516,8 +564,20 @@ def benchmark_options(cls, args: argparse.Namespace) -> dict[str, Any]:
                 f"(its options: {', '.join(known) or 'none'})"
             )
         options[key] = value
-    if args.length is not None:
-        _positive(args.length, "--length")
+    for flag, dest in (("--length", "length"), ("--n-samples", "n_samples"), ("--n-per-cell", "n_per_cell"),
+                       ("--max-context-tokens", "max_context_tokens")):
+        if getattr(args, dest, None) is not None:
+            _positive(getattr(args, dest), flag)
+    if args.lengths is not None:
+        options["lengths"] = parse_numbers(args.lengths, "--lengths", int, "1000,2000,4000")
+    if args.depths is not None:
+        options["depths"] = parse_numbers(args.depths, "--depths", float, "0,0.25,0.5,0.75,1")
+    if args.data_files is not None:
+        options["data_files"] = parse_data_files(args.data_files, "--data-files", False, "PATH or TASK=PATH")
+    if args.qa_data_files is not None:
+        options["qa_data_files"] = parse_data_files(
+            args.qa_data_files, "--qa-data-files", True, "TASK=PATH (e.g. qa_1=squad.jsonl)"
+        )
     if args.tasks is not None:
         tasks = parse_names(args.tasks, "--tasks")
         for task in tasks:
@@ -526,6 +586,12 @@ def benchmark_options(cls, args: argparse.Namespace) -> dict[str, Any]:
                 hint = f" Did you mean: {', '.join(close)}?" if close else ""
                 raise CLIError(f"unknown task {task!r} for benchmark {cls.name!r}.{hint} Known: {', '.join(cls.tasks)}")
         options["tasks"] = tasks
+    flags = {key: flag for flag, _, key in BENCHMARK_FLAGS}
+    for key, param in params.items():
+        required = param.default is inspect.Parameter.empty and param.kind not in (param.VAR_POSITIONAL,
+                                                                                     param.VAR_KEYWORD)
+        if required and key not in options:
+            raise CLIError(f"benchmark {cls.name!r} needs {flags.get(key, repr(key))}")
     return options
 
 
@@ -549,6 +615,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model_options = parse_model_options(args.model_option)
     entries = build_entries(presses, ratios, press_options)  # unknown press names: KeyError with close matches
     benchmark = cls(**options)
+    benchmark.check_data()  # data files missing or the hub unreachable: fails here, before the model loads
 
     from kvsqueeze.evaluation.sweep import run_sweep
     from kvsqueeze.models import load_model, resolve_name
@@ -583,8 +650,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
         return 0
+    from kvsqueeze.evaluation.report import format_ratio
+
     rows = [
-        (r["press"], f"{r['ratio']:.2f}", f"{r['metrics'].get('average', float('nan')):.1f}",
+        (r["press"], format_ratio(r["ratio"]), f"{r['metrics'].get('average', float('nan')):.1f}",
          f"{r['cache_bytes'] / _MB:.2f}", f"{100 * r['saved_fraction']:.1f}", str(r["n_samples"]))
         for r in result.metrics
     ]
@@ -696,6 +765,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="at most this many samples per task (default: all)")
     p.add_argument("--length", type=int, default=None, help="context length option of the benchmark (e.g. 4096)")
     p.add_argument("--tasks", default=None, help="comma-separated tasks of the benchmark (default: all)")
+    p.add_argument("--n-samples", type=int, default=None, help="ruler: samples per task (default 100)")
+    p.add_argument(
+        "--qa-data-files", action="append", metavar="TASK=PATH",
+        help="ruler: local SQuAD/HotpotQA rows for qa_1/qa_2, e.g. qa_1=squad.jsonl (repeatable)",
+    )
+    p.add_argument("--lengths", default=None, help="niah: comma-separated context lengths (default 1000,2000,4000)")
+    p.add_argument(
+        "--depths", default=None, help="niah: comma-separated needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)"
+    )
+    p.add_argument("--n-per-cell", type=int, default=None, help="niah: samples per length x depth cell (default 1)")
+    p.add_argument(
+        "--data-files", action="append", metavar="PATH|TASK=PATH",
+        help="hub benchmarks: a local copy, one file (one task), a directory of <task>.jsonl files, or TASK=PATH "
+        "items (repeatable)",
+    )
+    p.add_argument("--dataset", default=None, help="hub benchmarks: another hub id with the same schema (a mirror)")
+    p.add_argument(
+        "--max-context-tokens", type=int, default=None,
+        help="hub benchmarks: truncate longer contexts in the middle to this many tokens",
+    )
     p.add_argument("--model", default=None, help=model_help)
     add_model_option(p)
     p.add_argument("--output-dir", default="results", help="parent of the results directory (default results)")

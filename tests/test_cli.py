@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
+from shlex import split as shlex_split
 
 import pytest
 import torch
@@ -147,3 +149,43 @@ def test_model_names_resolve_or_fail_clearly(tmp_path, monkeypatch):
     assert resolve_name("someone/some-model") == "someone/some-model"
     with pytest.raises(ValueError, match="Did you mean"):
         resolve_name("smolm2-135m")
+
+
+def test_missing_artifact_command_keeps_the_model_options(tmp_path, monkeypatch, capsys, single_thread):
+    """A model loaded with config overrides is another model for calibration (another default artifact folder):
+    the command in the missing-artifact error repeats them as --model-option, so running it writes the artifact
+    the press then finds."""
+    from kvsqueeze.calibration import default_artifact_path
+    from kvsqueeze.models import load_model
+
+    monkeypatch.setenv("KVSQUEEZE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny llama"  # a space: the command quotes the path
+    build_model("llama").save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    model, _ = load_model(str(folder), max_position_embeddings=512, hidden_act="gelu")
+    assert default_artifact_path(model, "qfilters") != default_artifact_path(load_model(str(folder))[0], "qfilters")
+    press = kvsqueeze.make_press("qfilters", compression_ratio=0.5)
+    with pytest.raises(FileNotFoundError, match="create it with: kvsqueeze calibrate") as missing:
+        with press(model):
+            pass
+    command = str(missing.value).split("create it with: ", 1)[1]
+    argv = shlex_split(command)
+    assert argv[:3] == ["kvsqueeze", "calibrate", "--model"] and argv[3] == str(folder)
+    assert "--model-option max_position_embeddings=512" in command and "--model-option hidden_act=gelu" in command
+
+    assert cli.main(argv[1:] + ["--n-sequences", "2", "--seq-len", "48"]) == 0
+    assert capsys.readouterr().out.strip() == str(default_artifact_path(model, "qfilters"))
+    with press(model):  # found where the press looks
+        pass
+
+
+def test_calibrate_command_round_trips_option_values(tiny_model):
+    from kvsqueeze.calibration import calibrate_command
+
+    model = copy.copy(tiny_model("llama"))  # the shared model itself is never modified
+    values = {"sliding_window": None, "rope_parameters": {"rope_type": "linear", "factor": 2.0}, "hidden_act": "relu",
+              "note": "8", "eps": 1e-06}
+    model._kvsqueeze_config_overrides = values
+    argv = shlex_split(calibrate_command(model, "qfilters"))
+    items = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--model-option"]
+    assert cli.parse_model_options(items) == values

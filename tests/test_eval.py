@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -90,6 +91,16 @@ def test_eval_then_report(tiny_load, tmp_path, capsys):
         (["--press-option", "window_size=8"], "PRESS.KEY=VALUE"),
         (["--press-option", "knorm.compression_ratio=0.1"], "--ratio"),
         (["--seed", "-1"], "--seed"),
+        (["--benchmark", "niah", "--lengths", "1000,abc"], "--lengths must be comma-separated ints"),
+        (["--benchmark", "niah", "--depths", "0.33333,0.333334"], "both reported as 33.33%"),
+        (["--benchmark", "niah", "--n-per-cell", "0"], "--n-per-cell"),
+        (["--benchmark", "ruler", "--qa-data-files", "squad.jsonl"], "--qa-data-files takes TASK=PATH"),
+        (["--benchmark", "ruler", "--length", "1024", "--qa-data-files", "qa_3=x.jsonl"], "qa_data_files keys"),
+        (["--benchmark", "ruler"], "benchmark 'ruler' needs --length"),
+        (["--benchmark", "ruler", "--length", "1024", "--lengths", "1000"], "no 'lengths' option"),
+        (["--benchmark", "math500", "--data-files", "=x.jsonl"], "--data-files takes PATH or TASK=PATH"),
+        (["--benchmark", "math500", "--data-files", "nowhere/math500.jsonl"], "does not exist"),
+        (["--benchmark", "niah", "--data-files", "x.jsonl"], "no 'data_files' option"),
     ],
 )
 def test_bad_eval_input_fails_before_loading_a_model(extra, message, tiny_load, tmp_path, capsys):
@@ -106,6 +117,94 @@ def test_bad_eval_input_fails_before_loading_a_model(extra, message, tiny_load, 
     assert lines and lines[-1].startswith("error:") and message in lines[-1], lines
     assert tiny_load == [], "a model was loaded before the input was validated"
     assert not any(tmp_path.iterdir())
+
+
+def test_offline_hub_benchmark_fails_before_loading_a_model(unreachable_hub, tiny_load, tmp_path, capsys):
+    code, _, err = run(["eval", "--benchmark", "longbench", "--presses", "knorm", "--output-dir", str(tmp_path)],
+                       capsys)
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error:") and "THUDM/LongBench" in last and "unreachable" in last
+    assert tiny_load == [], "the model was loaded before the data was found missing"
+    assert not any(tmp_path.iterdir()), "a results directory was created"
+
+
+def test_requested_ruler_qa_task_offline_fails_before_loading_a_model(unreachable_hub, tiny_load, tmp_path, capsys):
+    code, _, err = run(["eval", "--benchmark", "ruler", "--length", "1024", "--tasks", "niah_single_1,qa_1",
+                        "--presses", "knorm", "--output-dir", str(tmp_path)], capsys)
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error:") and "qa_1 were asked for" in last and "--qa-data-files" in last
+    assert tiny_load == [] and not any(tmp_path.iterdir())
+
+
+@pytest.fixture
+def captured_sweep(monkeypatch, tmp_path):
+    """``run_sweep`` replaced by a recorder of the benchmark it is given (an empty result, no model work)."""
+    import kvsqueeze.evaluation.sweep
+
+    seen = []
+
+    def fake(model, tokenizer, benchmark, presses, ratios, **kwargs):
+        seen.append(benchmark)
+        return kvsqueeze.evaluation.sweep.SweepResult(tmp_path / "results", [])
+
+    monkeypatch.setattr(kvsqueeze.evaluation.sweep, "run_sweep", fake)
+    return seen
+
+
+def test_benchmark_data_and_grid_flags_reach_the_benchmark(captured_sweep, tiny_load, tmp_path, capsys):
+    fixtures = Path(__file__).parent / "fixtures"
+    squad = str(fixtures / "ruler" / "squad.jsonl")
+    longbench = fixtures / "hub" / "longbench"
+    cases = [
+        (["--benchmark", "niah", "--lengths", "1000,2000", "--depths", "0,0.5", "--n-per-cell", "2"],
+         {"lengths": [1000, 2000], "depths": [0.0, 0.5], "n_per_cell": 2}),
+        (["--benchmark", "ruler", "--length", "1024", "--tasks", "niah_single_1,qa_1", "--n-samples", "3",
+          "--qa-data-files", f"qa_1={squad}"],
+         {"length": 1024, "tasks": ["niah_single_1", "qa_1"], "n_samples": 3, "qa_data_files": {"qa_1": squad}}),
+        (["--benchmark", "math500", "--data-files", str(fixtures / "hub" / "math500"), "--max-context-tokens", "64",
+          "--dataset", "someone/MATH-500-parquet"],
+         {"dataset": "someone/MATH-500-parquet", "tasks": ["math500"], "data_files": str(fixtures / "hub" / "math500"),
+          "max_new_tokens": None, "max_context_tokens": 64}),
+        (["--benchmark", "longbench", "--tasks", "trec,hotpotqa", "--data-files", f"trec={longbench / 'trec.jsonl'}",
+          "--data-files", f"hotpotqa={longbench / 'hotpotqa.jsonl'}"],
+         {"tasks": ["trec", "hotpotqa"],
+          "data_files": {"trec": str(longbench / "trec.jsonl"), "hotpotqa": str(longbench / "hotpotqa.jsonl")}}),
+    ]
+    for flags, expected in cases:
+        code, _, err = run(["eval", "--presses", "knorm", "--output-dir", str(tmp_path), *flags], capsys)
+        assert code == 0, err
+        config = captured_sweep[-1].config()
+        assert {k: config[k] for k in expected} == expected, flags
+
+
+def test_eval_of_a_hub_benchmark_from_local_files(tiny_load, tmp_path, capsys):
+    data = Path(__file__).parent / "fixtures" / "hub" / "math500"
+    code, out, err = run(["eval", "--benchmark", "math500", "--data-files", str(data), "--presses", "knorm",
+                          "--ratios", "0.5", "--limit", "1", "--max-new-tokens", "2", "--output-dir",
+                          str(tmp_path), "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["units_run"] == 2 and [r["press"] for r in summary["results"]] == ["none", "knorm"]
+    with open(f"{summary['directory']}/config.json", encoding="utf-8") as f:
+        assert json.load(f)["benchmark"]["config"]["data_files"] == str(data)
+
+
+def test_data_files_is_one_path_or_task_items(tiny_load, tmp_path, capsys):
+    for items in (["a.jsonl", "b.jsonl"], ["a.jsonl", "trec=b.jsonl"]):
+        argv = ["eval", "--benchmark", "longbench", "--presses", "knorm", "--output-dir", str(tmp_path)]
+        code, _, err = run(argv + [x for item in items for x in ("--data-files", item)], capsys)
+        assert code == 2 and err.startswith("error: --data-files takes one PATH or TASK=PATH items"), err
+    assert tiny_load == [] and not any(tmp_path.iterdir())
+
+
+def test_eval_table_keeps_every_digit_of_a_ratio(tiny_load, tmp_path, capsys):
+    code, out, err = run(["eval", "--benchmark", "tiny_needles", "--presses", "knorm", "--ratios", "0.12,0.125",
+                          "--limit", "1", "--tasks", "single", "--output-dir", str(tmp_path)], capsys)
+    assert code == 0, err
+    rows = [line.split()[:2] for line in out.splitlines() if line.startswith("knorm")]
+    assert rows == [["knorm", "0.12"], ["knorm", "0.125"]]
 
 
 @register_benchmark("tiny_fixed")

@@ -106,6 +106,25 @@ def test_offline_fails_fast_naming_the_dataset(name, unreachable_hub):
     assert bench.DATASET in str(info.value) and "data_files=" in str(info.value)
 
 
+@pytest.mark.parametrize("name", HUB_NAMES)
+def test_check_data_fails_fast_without_loading(name, unreachable_hub, monkeypatch):
+    """``check_data`` (what ``kvsqueeze eval`` and ``run_sweep`` call before any model work) names the dataset
+    when the hub is unreachable, passes on local files, and never loads a row."""
+    monkeypatch.setattr(hub, "load_rows", lambda *a, **k: pytest.fail("check_data loaded rows"))
+    monkeypatch.setattr(hub, "_read_file", lambda *a, **k: pytest.fail("check_data read a file"))
+    with pytest.raises(hub.HubDataUnavailable, match="unreachable") as info:
+        make_benchmark(name).check_data()
+    assert make_benchmark(name).DATASET in str(info.value)
+    make_benchmark(name, tasks=_fixture_tasks(name), data_files=FIXTURES / name).check_data()
+
+
+def test_check_data_names_a_missing_local_file(tmp_path):
+    with pytest.raises(hub.HubDataUnavailable, match="no file for hotpotqa"):
+        make_benchmark("longbench", tasks=["hotpotqa"], data_files=tmp_path).check_data()
+    with pytest.raises(hub.HubDataUnavailable, match="does not exist"):
+        make_benchmark("aime25", data_files=tmp_path / "nope.jsonl").check_data()
+
+
 def test_dataset_mirror_is_named_in_errors(unreachable_hub):
     bench = make_benchmark("math500", dataset="someone/MATH-500-parquet")
     assert bench.config()["dataset"] == "someone/MATH-500-parquet"
@@ -160,6 +179,14 @@ def test_qa_f1_from_token_overlap():
     assert M.qa_f1("湖水", ["湖"]) == pytest.approx(2 * 0.5 * 1 / 1.5)  # Chinese: one token per character
 
 
+def test_chinese_qa_f1_drops_chinese_punctuation():
+    # LongBench's qa_f1_zh removes Chinese and English punctuation before counting (per character here).
+    assert M.qa_f1("北京。", ["北京"]) == 1.0
+    assert M.qa_f1("“北京”！", ["北京"]) == 1.0
+    assert M.qa_f1("北京，上海", ["北京。"]) == pytest.approx(2 * 0.5 * 1 / 1.5)  # 2 of 4 characters, all of 2
+    assert M.qa_f1("Paris.", ["Paris"]) == 1.0
+
+
 def test_rouge_from_ngrams_and_lcs():
     pred, ref = "cat sat on mat", "cat lay on mat"
     assert M.rouge_n(pred, ref, 1) == pytest.approx(3 / 4)  # cat, on, mat of 4 each
@@ -200,6 +227,40 @@ def test_choice_and_numbers():
     assert hub.sequence_accuracy("3, 5, 9, 13", ["3", "5", "8", "13"], {}) == 2 / 4  # stops at the first error
 
 
+@pytest.mark.parametrize(
+    "prediction, letter",
+    [
+        # A leading article is not option A.
+        ("A key point of the text is that the author left.", None),
+        ("A possible reading: the correct one is (C)", "C"),  # the one parenthesised letter
+        ("I cannot answer a question like that.", None),
+        ("The answer is Alice.", None),
+        # LongBench-v2's official forms, in any case; markdown ignored.
+        ("The correct answer is (B)", "B"),
+        ("the correct answer is (b)", "B"),
+        ("**The correct answer is C**", "C"),
+        ("After reading it twice, the correct answer is (D).", "D"),
+        # InfiniteBench's answer prefixes.
+        ("Answer: C", "C"),
+        ("The answer is B, because ...", "B"),
+        ("so the option is D.", "D"),
+        # Bare letters (InfiniteBench's first-letter answers, ZeroSCROLLS' "(B) text" references).
+        ("B", "B"),
+        ("(B)", "B"),
+        (" B.", "B"),
+        ("A", "A"),
+        ("(A) Dunmere", "A"),
+        ("C: the cellar", "C"),
+    ],
+)
+def test_choice_letter(prediction, letter):
+    assert hub.choice_letter(prediction) == letter
+    if letter != "A":
+        assert hub.choice_accuracy(prediction, ["A"], {}) == 0
+    if letter is not None:
+        assert hub.choice_accuracy(prediction, [letter], {}) == 1
+
+
 def test_zero_scrolls_special_metrics():
     assert hub.exponential_similarity("60", ["40%"], {}) == pytest.approx(0.5 ** (20 / 10))
     assert hub.exponential_similarity("40 percent", ["40%"], {}) == 1
@@ -228,6 +289,23 @@ def test_math_answers():
     assert hub.math_match(r"\boxed{\sqrt2}", [r"\sqrt{2}"], {}) == 1
     assert hub.math_match(r"\boxed{90^\circ}", ["90"], {}) == 1
     assert hub.math_match(r"\boxed{4}", ["3"], {}) == 0 and hub.math_match("3", ["3"], {}) == 0  # unboxed
+
+
+def test_math_commas_are_thousands_separators_only_in_groups_of_three():
+    assert hub.math_equivalent("32000", "32,000") and hub.math_equivalent("1234567.5", "1,234,567.5")
+    assert not hub.math_equivalent("12", "1,2")  # a list of two numbers
+    assert not hub.math_equivalent("357", "3, 5, 7")
+    assert not hub.math_equivalent("12345", "12,345,6")
+    assert hub.math_match(r"so \boxed{12}", ["1,2"], {}) == 0
+    assert hub.math_equivalent("1,2", "1, 2")  # the same list
+
+
+def test_math_escaped_dollar_and_thin_space():
+    assert hub.math_equivalent("18.90", "\\$18.90") and hub.math_equivalent("$18.90", "\\$18.90")
+    assert hub.math_equivalent("18.9", "\\$18.90")
+    assert hub.math_equivalent("32000", "\\$32,\\!000") and hub.math_equivalent("32,000", "\\$32,\\!000")
+    assert hub.math_equivalent("1000", "1{,}000")
+    assert hub.math_match(r"\boxed{\$18.90}", ["18.90"], {}) == 1
 
 
 def test_benchmark_score_averages_tasks():

@@ -16,7 +16,7 @@ from kvsqueeze import adapter as A
 from kvsqueeze.presses import ScorerPress
 from kvsqueeze.record import record_prefill
 
-from conftest import EOS_ID, MAX_POSITIONS, MODEL_NAMES, hook_counts, token_ids
+from conftest import DUO_WINDOW, EOS_ID, MAX_POSITIONS, MODEL_NAMES, hook_counts, token_ids
 from press_matrix import CASES, FIRST_CASES, PRESS_KWARGS, PressCase
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -507,7 +507,10 @@ def test_calibrated_press_checks_its_artifact_before_compressing(tiny_model, tok
         with pytest.raises(ValueError, match="another model"):
             pipe.compress(CONTEXT, press=foreign)
         assert hook_counts(model) == before
-        own = make_press(name, compression_ratio=0.5, artifact=str(calibration_artifact("qwen3", caps.calibration)))
+        # The fixture's DuoAttention gates are trained for the tests' streaming window; the press must use it.
+        window = dict(zip(("n_sink", "n_recent"), DUO_WINDOW)) if caps.calibration == "duo_attention" else {}
+        own = make_press(name, compression_ratio=0.5, artifact=str(calibration_artifact("qwen3", caps.calibration)),
+                         **window)
         assert pipe.compress(CONTEXT, press=own).report.measured_ratio > 0.45
         checked += 1
     assert checked >= 1, "no registered press declares a calibration artifact"

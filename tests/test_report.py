@@ -73,3 +73,44 @@ def test_report_refuses_unfinished_or_missing_directories(two_runs, tmp_path):
         write_report([], tmp_path / "out")
     with pytest.raises(TypeError, match="list of results directories"):
         write_report(str(two_runs[0]), tmp_path / "out")
+
+
+def _markdown_rows(path) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in path.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| press |")]
+
+
+def test_same_press_with_other_options_gets_its_own_labelled_row(tiny_model, tokenizer, tmp_path):
+    """Two directories that differ only in a press's options share a section; each configuration keeps its row,
+    labelled with the options that differ (they used to collapse into the first directory's row)."""
+    model = tiny_model("llama")
+    common = dict(benchmark=TinyNeedles(), presses=["snapkv", "knorm"], ratios=[0.5], limit=1, output_dir=tmp_path,
+                  progress=False)
+    a = run_sweep(model, tokenizer, press_options={"snapkv": {"window_size": 4, "kernel_size": 1}}, **common)
+    b = run_sweep(model, tokenizer, press_options={"snapkv": {"window_size": 16, "kernel_size": 3}}, **common)
+    assert a.directory != b.directory
+    written = write_report([a.directory, b.directory], tmp_path / "report")
+    rows = _markdown_rows(written["markdown"][0])
+    assert [r[:2] for r in rows] == [
+        ["none", "0.00"], ["knorm", "0.50"], ["snapkv (kernel_size=1, window_size=4)", "0.50"],
+        ["snapkv (kernel_size=3, window_size=16)", "0.50"],
+    ]
+    expected = {(r["press"], r["ratio"], r["press_config"]["window_size"]): r["metrics"]["average"]
+                for run in (a, b) for r in run.metrics if r["press"] == "snapkv"}
+    with written["csv"][0].open() as f:
+        table = [r for r in csv.DictReader(f) if r["press"] == "snapkv"]
+    assert [r["press_options"] for r in table] == ["kernel_size=1, window_size=4", "kernel_size=3, window_size=16"]
+    assert {("snapkv", 0.5, w): float(r["average"]) for w, r in zip((4, 16), table)} == expected
+    heatmaps = written["heatmaps"]
+    assert len(heatmaps) == len({p.name for p in heatmaps}) == 4  # baseline, knorm and each snapkv configuration
+    assert all(p.is_file() for p in heatmaps)
+
+
+def test_ratios_that_round_alike_keep_their_digits(tiny_model, tokenizer, tmp_path):
+    run = run_sweep(tiny_model("llama"), tokenizer, TinyNeedles(), ["knorm"], [0.12, 0.125], limit=1,
+                    output_dir=tmp_path, progress=False)
+    written = write_report([run.directory], tmp_path / "report")
+    assert [r[:2] for r in _markdown_rows(written["markdown"][0])] == [
+        ["none", "0.00"], ["knorm", "0.12"], ["knorm", "0.125"]]
+    names = [p.name for p in written["heatmaps"]]
+    assert len(names) == len(set(names)) == 3 and any(n.endswith("-0.125.png") for n in names)

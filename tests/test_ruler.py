@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+import signal
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from kvsqueeze.corpus import essays
-from kvsqueeze.evaluation import Prediction, make_benchmark
+from kvsqueeze.evaluation import Prediction, make_benchmark, ruler
 from kvsqueeze.evaluation.ruler import TASKS, TOLERANCE, QaDataUnavailable, Ruler
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ruler"
@@ -159,6 +161,53 @@ def test_a_tokenizer_is_required():
         next(iter(Ruler(length=1024, tasks=["fwe"]).samples(None)))
 
 
+@contextlib.contextmanager
+def _deadline(seconds: float):
+    """Fail (instead of hanging) when the block runs longer than ``seconds``."""
+
+    def expired(*_):
+        raise TimeoutError(f"still running after {seconds} s (an endless draw loop?)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _needle_keys(context: str) -> list[str]:
+    return re.findall(r"A special magic \w+ for (\S+) is: ", context)
+
+
+def test_multikey_2_haystack_beyond_the_adjective_noun_pairs_terminates():
+    """niah_multikey_2's haystack is distractor needles with distinct keys; past the 3,600 adjective-noun pairs
+    (~70k tokens of a real tokenizer) the draw used to loop forever. Its keys are now adjective-adjective-noun
+    triples there, all distinct; below that they are the pairs they always were."""
+    build = Ruler(length=65536, tasks=["niah_multikey_2"]).builder("niah_multikey_2", 0, 0)
+    pairs = len(ruler.ADJECTIVES) * len(ruler.NOUNS)
+    assert pairs == 3600
+    with _deadline(30):
+        small, full, large = build(100, 0), build(pairs - 1, 0), build(4096, 0)
+    for built, n, words in ((small, 100, 2), (full, pairs - 1, 2), (large, 4096, 3)):
+        keys = _needle_keys(built.context)
+        assert len(keys) == len(set(keys)) == n + 1
+        assert {len(k.split("-")) for k in keys} == {words}
+        queried = built.metadata["keys"][0]
+        assert queried in keys
+        assert re.findall(rf"for {re.escape(queried)} is: (\d+)\.", built.context) == list(built.answers)
+
+
+def test_multikey_2_past_every_key_is_a_clear_error(tokenizer, monkeypatch):
+    # 4 adjectives x 3 nouns: 12 pairs, 18 triples usable; a 2000-token haystack needs ~30 distractor needles.
+    monkeypatch.setattr(ruler, "ADJECTIVES", ruler.ADJECTIVES[:4])
+    monkeypatch.setattr(ruler, "NOUNS", ruler.NOUNS[:3])
+    with _deadline(30), pytest.raises(ValueError, match=r"'niah_multikey_2' cannot reach length=2000 tokens.*"
+                                                          r"distinct keys.*more than the 18"):
+        _samples(tokenizer, 2000, tasks=["niah_multikey_2"], n=1)
+
+
 def test_too_short_a_length_is_a_clear_error(tokenizer):
     with pytest.raises(ValueError, match="too short for RULER task 'vt'"):
         _samples(tokenizer, 300, tasks=["vt"], n=1)
@@ -221,17 +270,33 @@ def test_score_rejects_unknown_task():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_qa_tasks_skipped_with_a_warning_when_offline(tokenizer, unreachable_hub, caplog):
+def test_default_tasks_skip_unloadable_qa_and_the_key_says_so(tokenizer, unreachable_hub, caplog):
+    """Only the default task list skips qa tasks whose data cannot be loaded, and then its config (the results key)
+    lists the tasks that run: a run without the qa data never shares a results directory with a run that had it."""
+    bench = Ruler(length=2000, n_samples=1)
     with caplog.at_level(logging.WARNING, logger="kvsqueeze.evaluation.ruler"):
-        samples = _samples(tokenizer, 2000, tasks=["niah_single_1", "qa_1", "qa_2"], n=1)
-    assert [s.task for s in samples] == ["niah_single_1"]
+        assert bench.config()["tasks"] == NON_QA
     text = caplog.text
     assert "skipping qa_1" in text and "skipping qa_2" in text
     assert "rajpurkar/squad" in text and "unreachable" in text
+    assert [s.task for s in bench.samples(tokenizer, limit=1)] == NON_QA
+
+
+def test_default_tasks_with_qa_data_keep_the_full_key(qa_files):
+    config = Ruler(length=2000, qa_data_files=qa_files).config()
+    assert config == {"length": 2000, "tasks": list(TASKS), "n_samples": 100, "qa_data_files": qa_files}
+
+
+def test_requested_qa_tasks_that_cannot_be_loaded_are_an_error(tokenizer, unreachable_hub):
+    bench = Ruler(length=2000, tasks=["niah_single_1", "qa_1", "qa_2"], n_samples=1)
+    message = r"qa_1, qa_2 were asked for.*leave them out.*rajpurkar/squad.*unreachable.*qa_data_files=\{'qa_1'"
+    for step in (bench.check_data, bench.config, lambda: next(iter(bench.samples(tokenizer)))):
+        with pytest.raises(QaDataUnavailable, match=message):
+            step()
 
 
 def test_only_qa_tasks_offline_is_an_error(tokenizer, unreachable_hub):
-    with pytest.raises(QaDataUnavailable, match="only qa tasks.*hotpotqa/hotpot_qa.*unreachable"):
+    with pytest.raises(QaDataUnavailable, match="qa_2 were asked for.*hotpotqa/hotpot_qa.*unreachable"):
         _samples(tokenizer, 2000, tasks=["qa_2"], n=1)
 
 
@@ -248,6 +313,9 @@ def test_missing_datasets_package_is_named(tokenizer, no_datasets_package):
         ({"length": 1024, "tasks": ["niah_single_9"]}, ValueError, "unknown RULER task"),
         ({"length": 1024, "n_samples": 0}, ValueError, "n_samples must be >= 1"),
         ({"length": 1024, "qa_data_files": {"qa_3": "x"}}, ValueError, "qa_data_files keys"),
+        ({"length": 1024, "qa_data_files": "squad.jsonl"}, TypeError,
+         r"qa_data_files must map a qa task to its local file, e.g. \{'qa_1': 'squad.jsonl'.*got 'squad.jsonl'"),
+        ({"length": 1024, "qa_data_files": {"qa_1": 3}}, TypeError, r"qa_data_files\['qa_1'\] must be a file path"),
     ],
 )
 def test_bad_options_raise_early(options, error, match):

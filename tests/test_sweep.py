@@ -183,6 +183,77 @@ def test_partial_unit_and_truncated_line_are_dropped(tiny_model, tokenizer, tmp_
     assert path.read_text().endswith("\n")
 
 
+def test_rerun_without_the_qa_data_keeps_the_finished_qa_results(tokenizer, tmp_path, monkeypatch):
+    """A RULER sweep with qa_1 ran while its rows could be loaded; rerun when they cannot, the same command used to
+    skip qa_1, drop its finished predictions and rewrite the metrics under the same key. qa_1 was asked for, so
+    the rerun now fails before touching the results directory."""
+    import conftest
+    from kvsqueeze.corpus import essays
+    from kvsqueeze.evaluation import hub
+    from kvsqueeze.evaluation.ruler import QaDataUnavailable, Ruler
+
+    words = " ".join(essays()[:2]).split()
+    paragraphs = [" ".join(words[i * 12 : (i + 1) * 12]) for i in range(40)]
+    rows = [{"id": f"x{i}", "context": p, "question": f"Word 4 of {i}?", "answers": {"text": [p.split()[3]]}}
+            for i, p in enumerate(paragraphs)]
+    monkeypatch.setitem(conftest._COMMON, "max_position_embeddings", 1024)  # a fresh tiny llama for 600 tokens
+    model = conftest.build_model("llama")
+    kwargs = dict(presses=["knorm"], ratios=[0.5], limit=1, max_new_tokens=2, press_options={},
+                  benchmark=Ruler(length=600, tasks=["niah_single_1", "qa_1"], n_samples=1))
+    monkeypatch.setattr(hub, "load_rows", lambda *a, **k: rows)
+    first = sweep(model, tokenizer, tmp_path, **kwargs)
+    files = {name: (first.directory / name).read_bytes() for name in ("predictions.jsonl", "metrics.json")}
+    assert {r["task"] for r in S.read_predictions(first.directory / "predictions.jsonl")} == {"niah_single_1", "qa_1"}
+
+    def unreachable(*args, **kw):
+        raise hub.HubDataUnavailable("the Hugging Face hub is unreachable (simulated)")
+
+    monkeypatch.setattr(hub, "load_rows", unreachable)
+    kwargs["benchmark"] = Ruler(length=600, tasks=["niah_single_1", "qa_1"], n_samples=1)
+    with pytest.raises(QaDataUnavailable, match="qa_1 were asked for.*unreachable"):
+        sweep(model, tokenizer, tmp_path, **kwargs)
+    assert {name: (first.directory / name).read_bytes() for name in files} == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.directory.name]
+
+
+def test_finished_units_of_samples_not_produced_this_time_are_never_deleted(tiny_model, tokenizer, tmp_path):
+    class Fewer(TinyNeedles):  # the same configuration (and key), but fewer rows this time
+        def samples(self, tokenizer, limit=None, seed=0):
+            return (s for s in super().samples(tokenizer, limit, seed) if s.id != "double-1")
+
+    model = tiny_model("llama")
+    kwargs = dict(presses=["knorm"], ratios=[0.5], limit=2)
+    first = sweep(model, tokenizer, tmp_path, **kwargs)
+    path = first.directory / "predictions.jsonl"
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"1 sample\(s\) that this run does not produce.*'double-1'.*Nothing was "
+                                         r"deleted"):
+        sweep(model, tokenizer, tmp_path, benchmark=Fewer(), **kwargs)
+    assert path.read_bytes() == before
+
+
+def test_config_json_records_every_run_and_keeps_the_key(tiny_model, tokenizer, tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    kwargs = dict(presses=["knorm"], ratios=[0.5], limit=1)
+    real = S.environment()
+    runs = iter([{**real, "date": "2025-01-01T00:00:00+00:00", "git_commit": "a" * 40},
+                 {**real, "date": "2025-02-02T00:00:00+00:00", "git_commit": "b" * 40}])
+    monkeypatch.setattr(S, "environment", lambda: next(runs))
+    first = sweep(model, tokenizer, tmp_path, **kwargs)
+    config_one = json.loads((first.directory / "config.json").read_text())
+    second = sweep(model, tokenizer, tmp_path, resume=False, **kwargs)
+    config_two = json.loads((second.directory / "config.json").read_text())
+    assert second.directory == first.directory and config_two["hash"] == config_one["hash"]
+    assert {k: v for k, v in config_two.items() if k != "environment"} == {
+        k: v for k, v in config_one.items() if k != "environment"}
+    env = config_two["environment"]
+    assert env["date"] == "2025-02-02T00:00:00+00:00" and env["git_commit"] == "b" * 40  # the latest run
+    assert [r["git_commit"] for r in env["runs"]] == ["a" * 40, "b" * 40]
+    assert {k: v for k, v in env.items() if k != "runs"} == env["runs"][-1]
+    stored = {k: v for k, v in config_two.items() if k not in ("hash", "environment")}
+    assert S.config_hash(stored) == config_two["hash"]
+
+
 def test_resume_false_starts_afresh(tiny_model, tokenizer, tmp_path):
     model = tiny_model("llama")
     kwargs = dict(presses=["knorm"], ratios=[0.5], limit=1)
@@ -206,6 +277,8 @@ def test_resume_false_starts_afresh(tiny_model, tokenizer, tmp_path):
         (dict(press_options={"snapkv": {"window_size": 8}}), ValueError, "snapkv"),
         (dict(press_options={"knorm": {"compression_ratio": 0.1}}), ValueError, "compression_ratio"),
         (dict(benchmark="tiny_needles"), TypeError, "Benchmark"),
+        (dict(press_options={"knorm": 16}), TypeError, r"press_options\['knorm'\] must be a mapping.*got 16"),
+        (dict(press_options=[("knorm", {})]), TypeError, "press_options must map a press name"),
     ],
 )
 def test_bad_input_fails_before_any_model_work(kwargs, error, message, tokenizer, tmp_path):
@@ -240,3 +313,24 @@ def test_unnamed_benchmark_is_refused(tiny_model, tokenizer, tmp_path):
 
     with pytest.raises(ValueError, match="Unnamed has no name"):
         sweep(tiny_model("llama"), tokenizer, tmp_path, benchmark=Unnamed())
+
+
+def test_benchmark_rows_and_options_are_checked_early():
+    from kvsqueeze.evaluation import Prediction, Sample, make_benchmark
+
+    base = dict(id="x", task="t", context="The code is 4738215.", questions=("What is the code?",))
+    # A bare string is not a tuple of references: its characters would each be one, matched by any digit.
+    with pytest.raises(TypeError, match=r"answers\[0\] must be a tuple of reference strings.*got '4738215'"):
+        Sample(**base, answers=("4738215",))
+    with pytest.raises(TypeError, match="must hold strings, got 4738215"):
+        Sample(**base, answers=((4738215,),))
+    assert Sample(**base, answers=(["4738215"],)).answers == (("4738215",),)  # a list is stored as a tuple
+    with pytest.raises(TypeError, match="answers must be a tuple of reference strings.*got '4738215'"):
+        Prediction("x", "t", 0, "1", "4738215")
+    with pytest.raises(TypeError, match=r"lengths must be a number or a list of numbers.*got '1000'"):
+        make_benchmark("niah", lengths="1000")
+    with pytest.raises(TypeError, match=r"depths must be a number or a list of numbers.*got '0.5'"):
+        make_benchmark("niah", depths="0.5")
+    with pytest.raises(ValueError, match=r"depths 0.33333 and 0.333334 are both reported as 33.33%.*niah_1000_33.33"):
+        make_benchmark("niah", lengths=[1000], depths=[0.33333, 0.333334])
+    assert make_benchmark("niah", lengths=[1000], depths=[0.3333, 0.3334]).depths == (0.3333, 0.3334)

@@ -22,6 +22,16 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 
+def _references(refs: Any, where: str, example: str) -> tuple[str, ...]:
+    """``refs`` (a tuple or list of strings) as a tuple; anything else is a ``TypeError`` naming ``where``."""
+    if isinstance(refs, str) or not isinstance(refs, (tuple, list)):
+        raise TypeError(f"{where} must be a tuple of reference strings (e.g. {example}), got {refs!r}")
+    for ref in refs:
+        if not isinstance(ref, str):
+            raise TypeError(f"{where} must hold strings, got {ref!r} in {refs!r}")
+    return tuple(refs)
+
+
 @dataclass(frozen=True)
 class Sample:
     """One context with the questions asked about it.
@@ -60,10 +70,19 @@ class Sample:
             raise TypeError(f"sample {self.id!r}: questions and answers must be tuples")
         if not self.questions:
             raise ValueError(f"sample {self.id!r} has no question")
+        for question in self.questions:
+            if not isinstance(question, str):
+                raise TypeError(f"sample {self.id!r}: questions must be strings, got {question!r}")
         if len(self.answers) != len(self.questions):
             raise ValueError(
                 f"sample {self.id!r}: {len(self.questions)} questions but {len(self.answers)} answer tuples"
             )
+        # One tuple of reference strings per question; a list is accepted and stored as a tuple. A bare string is
+        # refused: taken as a tuple it would be its characters, each one a reference that a single digit matches.
+        object.__setattr__(
+            self, "answers", tuple(_references(refs, f"sample {self.id!r}: answers[{i}]", "answers=(('4738215',),)")
+                                   for i, refs in enumerate(self.answers))
+        )
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"sample {self.id!r}: max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
 
@@ -78,6 +97,11 @@ class Prediction:
     prediction: str
     answers: tuple[str, ...]
     metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "answers", _references(self.answers, f"prediction {self.sample_id!r}: answers", "('4738215',)")
+        )
 
     @classmethod
     def of(cls, sample: Sample, question_index: int, prediction: str) -> Prediction:
@@ -113,6 +137,13 @@ class Benchmark(ABC):
     def config(self) -> dict[str, Any]:
         """The options that define the rows (part of the results directory key). JSON-serialisable."""
         return {}
+
+    def check_data(self) -> None:
+        """Raise now if the rows cannot be had (data files missing, hub unreachable, ...), before any model work.
+
+        Called by :func:`~kvsqueeze.evaluation.sweep.run_sweep` before it creates the results directory and by
+        ``kvsqueeze eval`` before it loads the model. The default (generated benchmarks) checks nothing.
+        """
 
 
 B = TypeVar("B", bound=type[Benchmark])

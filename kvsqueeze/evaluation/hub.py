@@ -109,10 +109,44 @@ def _local_file(data_files: str | os.PathLike, config: str | None) -> Path:
     return path
 
 
+def _label(dataset_id: str, config: str | None, split: str) -> str:
+    return dataset_id + (f" ({config})" if config else "") + f" split {split!r}"
+
+
+def _offline() -> bool:
+    return _truthy("HF_DATASETS_OFFLINE") or _truthy("HF_HUB_OFFLINE")
+
+
+#: How the errors below tell a user to point a hub benchmark at a local copy.
+LOCAL_COPY_ADVICE = "pass data_files= (kvsqueeze eval: --data-files) pointing at a downloaded copy"
+
+
+def check_hub_access(dataset_id: str, config: str | None, split: str, advice: str = LOCAL_COPY_ADVICE) -> None:
+    """Raise :class:`HubDataUnavailable` when ``datasets`` is missing or the hub cannot be reached (checked within
+    a few seconds; skipped in the offline mode of ``datasets`` and behind a proxy), without loading anything.
+    ``advice`` says how to use a local copy instead."""
+    label = _label(dataset_id, config, split)
+    try:
+        import datasets  # noqa: F401
+    except ImportError as exc:
+        raise HubDataUnavailable(
+            f"cannot load {label}: the `datasets` package is missing; install it with: {INSTALL_HINT}, or {advice}"
+        ) from exc
+    # Behind a proxy a direct connection says nothing; datasets' own timeouts apply then.
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if not _offline() and not proxied and not hub_reachable():
+        raise HubDataUnavailable(
+            f"cannot load {label}: the Hugging Face hub is unreachable (no network?). {advice[0].upper()}"
+            f"{advice[1:]}, or set HF_DATASETS_OFFLINE=1 to use the datasets cache"
+        )
+
+
 def load_rows(
-    dataset_id: str, config: str | None, split: str, data_files: str | os.PathLike | None = None
+    dataset_id: str, config: str | None, split: str, data_files: str | os.PathLike | None = None,
+    advice: str = LOCAL_COPY_ADVICE,
 ) -> list[dict]:
-    """Rows (dicts) of ``dataset_id``/``config``/``split``: from ``data_files`` when given, else from the hub.
+    """Rows (dicts) of ``dataset_id``/``config``/``split``: from ``data_files`` when given, else from the hub
+    (``advice``, in the errors, says how to use a local copy instead).
 
     Raises
     ------
@@ -120,31 +154,20 @@ def load_rows(
         ``datasets`` is not installed, the hub cannot be reached (checked first, within a few seconds), the
         offline mode of ``datasets`` has no cached copy, or a local file is missing.
     """
-    label = dataset_id + (f" ({config})" if config else "") + f" split {split!r}"
     if data_files is not None:
         return _read_file(_local_file(data_files, config))
-    try:
-        import datasets
-    except ImportError as exc:
-        raise HubDataUnavailable(
-            f"cannot load {label}: the `datasets` package is missing; install it with: {INSTALL_HINT}, or pass "
-            "data_files= pointing at a downloaded copy"
-        ) from exc
-    offline = _truthy("HF_DATASETS_OFFLINE") or _truthy("HF_HUB_OFFLINE")
-    # Behind a proxy a direct connection says nothing; datasets' own timeouts apply then.
-    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
-    if not offline and not proxied and not hub_reachable():
-        raise HubDataUnavailable(
-            f"cannot load {label}: the Hugging Face hub is unreachable (no network?). Pass data_files= pointing at "
-            "a downloaded copy, or set HF_DATASETS_OFFLINE=1 to use the datasets cache"
-        )
+    check_hub_access(dataset_id, config, split, advice)
+    import datasets
+
+    label = _label(dataset_id, config, split)
+    offline = _offline()
     try:
         ds = datasets.load_dataset(dataset_id, config, split=split)
     except (ConnectionError, OSError, ValueError, RuntimeError) as exc:
         where = "offline mode, and not in the datasets cache" if offline else "loading failed"
         raise HubDataUnavailable(
-            f"cannot load {label} ({where}: {type(exc).__name__}: {exc}). Pass data_files= pointing at a downloaded "
-            "copy, or dataset= naming a mirror in parquet/json form"
+            f"cannot load {label} ({where}: {type(exc).__name__}: {exc}). {advice[0].upper()}{advice[1:]}"
+            + (", or dataset= naming a mirror in parquet/json form" if advice == LOCAL_COPY_ADVICE else "")
         ) from exc
     return [dict(row) for row in ds]
 
@@ -271,13 +294,31 @@ class HubBenchmark(Benchmark):
             return self.data_files.get(task)
         return self.data_files
 
+    def _file_name(self, task: str) -> str:
+        """The name of ``task``'s file in a ``data_files`` directory (``<name>.jsonl``)."""
+        spec = self.TASKS[task]
+        return task if spec.config is None else spec.config
+
     def rows(self, task: str) -> list[dict]:
         """The raw rows of ``task`` (local files or hub)."""
         spec = self.TASKS[task]
         files = self._files_for(task)
         if files is not None and Path(files).is_dir():
-            return _read_file(_local_file(files, task if spec.config is None else spec.config))
+            return _read_file(_local_file(files, self._file_name(task)))
         return load_rows(self.dataset, spec.config, spec.split, data_files=files)
+
+    def check_data(self) -> None:
+        """Every selected task's local file exists, or (no local file) ``datasets`` is installed and the hub
+        answers; raises :class:`HubDataUnavailable` naming the dataset otherwise. Nothing is loaded."""
+        hub_checked = False
+        for task in self.selected:
+            files = self._files_for(task)
+            if files is not None:
+                _local_file(files, self._file_name(task))
+            elif not hub_checked:
+                spec = self.TASKS[task]
+                check_hub_access(self.dataset, spec.config, spec.split)
+                hub_checked = True
 
     def to_sample(self, task: str, row: Mapping[str, Any], index: int) -> Sample:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -401,13 +442,39 @@ def code_similarity(prediction: str, references: Sequence[str], meta: Mapping[st
     return max(M.edit_similarity(line.strip(), ref.strip()) for ref in references)
 
 
+#: The option letter after an answer statement (whose words match in any case): ``(B)`` / ``[B]`` (either case), or
+#: a capital ``B`` not followed by a letter (so "the answer is Alice" and "answer a question" give none).
+_LETTER_AFTER = r"\s*:?\s*(?:[\(\[]([A-Da-d])[\)\]]|([A-D])(?![A-Za-z]))"
+_ANSWER_STATEMENTS = (
+    # LongBench-v2's official extraction: "The correct answer is (X)", then "The correct answer is X".
+    re.compile(r"(?i:correct answer is)" + _LETTER_AFTER),
+    # The answer prefixes InfiniteBench's scorer looks for ("answer is:", "answer:", "answer is", "option is").
+    re.compile(r"(?i:\banswer(?:\s+is)?|\boption\s+is)" + _LETTER_AFTER),
+)
+#: A reply that starts with the letter itself: "B", "(B)", "[B]", "B.", "B)", "B:", "B," (then anything). A capital
+#: followed by a space and a word is not one ("A key point ..." starts with the article "A").
+_LEADING_LETTER = re.compile(r"\s*(?:[\(\[]([A-D])[\)\]]|([A-D])(?:[\.\):,]|\s*$))")
+_PARENTHESISED = re.compile(r"\(([A-D])\)")
+
+
 def choice_letter(prediction: str) -> str | None:
-    """The option letter a multiple-choice answer gives: ``The correct answer is (B)`` / ``(B)`` / ``B.``."""
+    """The option letter a multiple-choice answer gives, or None.
+
+    In order: an answer statement (``The correct answer is (B)`` as LongBench-v2's scorer reads it, case-insensitive,
+    then ``Answer: B`` / ``the answer is B`` / ``the option is B`` as InfiniteBench's does); a reply that starts with
+    the letter (``B``, ``(B) text``, ``B. text``; not the article in ``A key point ...``); the one option letter in
+    parentheses when only one appears (``... the correct one is (C)``). Markdown ``*`` is ignored.
+    """
     text = prediction.replace("*", "")
-    match = re.search(r"correct answer is\s*:?\s*\(?([A-D])\)?", text)
-    if match is None:
-        match = re.match(r"\s*\(?([A-D])(?:\)|\.|:|\s|$)", text)
-    return match.group(1) if match else None
+    for pattern in _ANSWER_STATEMENTS:
+        match = pattern.search(text)
+        if match:
+            return (match.group(1) or match.group(2)).upper()
+    match = _LEADING_LETTER.match(text)
+    if match:
+        return match.group(1) or match.group(2)
+    letters = set(_PARENTHESISED.findall(text))
+    return letters.pop() if len(letters) == 1 else None
 
 
 def choice_accuracy(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
@@ -543,10 +610,12 @@ def aime_match(prediction: str, references: Sequence[str], meta: Mapping[str, An
 
 
 def normalize_math(answer: str) -> str:
-    """Normalise a LaTeX final answer for comparison: drop spaces, ``$``, ``\\left``/``\\right``, ``\\!``,
-    degrees, ``\\text{}`` wrappers and a trailing period; ``dfrac``/``tfrac`` → ``frac``; ``\\frac12`` →
-    ``\\frac{1}{2}``; ``0.50`` → ``0.5``; a leading ``x =`` is dropped."""
+    """Normalise a LaTeX final answer for comparison: drop spaces, ``$`` and ``\\$``, ``\\left``/``\\right``, the
+    thin spaces ``\\!``/``\\,``/``\\;``, degrees, ``\\text{}`` wrappers and a trailing period; ``{,}`` → ``,``;
+    ``dfrac``/``tfrac`` → ``frac``; ``\\frac12`` → ``\\frac{1}{2}``; ``0.50`` → ``0.5``; a leading ``x =`` is
+    dropped. Commas stay (``32,000`` and ``32000`` are compared by value, see :func:`math_equivalent`)."""
     s = answer.strip()
+    s = s.replace("\\$", "").replace("{,}", ",")  # an escaped dollar (\$18.90) goes before "$" alone is dropped
     s = re.sub(r"\\text\s*\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"\\mbox\s*\{([^{}]*)\}", r"\1", s)
     for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("$", ""),
@@ -563,6 +632,11 @@ def normalize_math(answer: str) -> str:
     return s
 
 
+_PLAIN_NUMBER = re.compile(r"-?\d*\.?\d+")
+#: Thousands separators only when every group after the first has exactly three digits.
+_GROUPED_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+
+
 def _math_value(s: str) -> float | None:
     m = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(\d+)\}", s)
     if m:
@@ -570,14 +644,16 @@ def _math_value(s: str) -> float | None:
     m = re.fullmatch(r"(-?\d+)/(\d+)", s)
     if m:
         return int(m.group(1)) / int(m.group(2)) if int(m.group(2)) else None
-    try:
-        return float(s.replace(",", "")) if re.fullmatch(r"-?[\d,]*\.?\d+", s) else None
-    except ValueError:
-        return None
+    if _PLAIN_NUMBER.fullmatch(s):
+        return float(s)
+    if _GROUPED_NUMBER.fullmatch(s):  # 32,000 / 1,234,567.5; "1,2" and "3,5,7" are lists, not numbers
+        return float(s.replace(",", ""))
+    return None
 
 
 def math_equivalent(a: str, b: str) -> bool:
-    """Equal after :func:`normalize_math`, or both simple numbers / fractions with the same value."""
+    """Equal after :func:`normalize_math`, or both simple numbers / fractions with the same value. A comma counts
+    as a thousands separator only between groups of three digits (``32,000`` = 32000; ``1,2`` is a list)."""
     na, nb = normalize_math(a), normalize_math(b)
     if na == nb:
         return True

@@ -7,7 +7,8 @@ benchmark contract, on a 0–100 scale.
 * :func:`string_match_all` / :func:`string_match_part` — RULER (Hsieh et al., arXiv 2404.06654): the fraction of
   references found in the prediction (case-insensitive substring), or whether any is found.
 * :func:`qa_f1` — SQuAD token F1 (Rajpurkar et al., arXiv 1606.05250) after the SQuAD answer normalisation
-  (lower case, no punctuation, no articles, single spaces), as LongBench and ZeroSCROLLS use it.
+  (lower case, no punctuation, no articles, single spaces), as LongBench and ZeroSCROLLS use it; Chinese text
+  counts one token per character without Chinese punctuation (LongBench's ``qa_f1_zh``, per character for jieba).
 * :func:`rouge_n`, :func:`rouge_l` — ROUGE F-measures (Lin 2004): n-gram overlap, and the longest common
   subsequence of tokens.
 * :func:`edit_similarity` — character similarity ``2·LCS / (|a| + |b|)``, i.e. one minus the insertion/deletion
@@ -26,6 +27,10 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+#: The Chinese punctuation LongBench's ``qa_f1_zh`` removes (with the ASCII punctuation) before counting tokens.
+_ZH_PUNCT = frozenset(
+    "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃《》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏"
+)
 
 
 def normalize_answer(text: str) -> str:
@@ -70,12 +75,21 @@ def _f1(pred: Sequence[str], ref: Sequence[str]) -> float:
     return _f_measure(sum((Counter(pred) & Counter(ref)).values()), len(pred), len(ref))
 
 
+def _qa_tokens(text: str) -> list[str]:
+    """:func:`tokens`, without Chinese punctuation in a text that holds Chinese characters (LongBench's
+    ``qa_f1_zh`` drops it, so ``北京。`` and ``北京`` have the same tokens)."""
+    if _CJK.search(text):
+        text = "".join(ch for ch in text if ch not in _ZH_PUNCT)
+    return tokens(text)
+
+
 def qa_f1(prediction: str, references: Sequence[str]) -> float:
-    """Token F1 between the normalised prediction and each reference; the maximum over references."""
+    """Token F1 between the normalised prediction and each reference; the maximum over references. In Chinese
+    text every character is a token and Chinese punctuation is dropped, as LongBench's ``qa_f1_zh`` does."""
     if not references:
         raise ValueError("qa_f1 needs at least one reference")
-    pred = tokens(prediction)
-    return max(_f1(pred, tokens(ref)) for ref in references)
+    pred = _qa_tokens(prediction)
+    return max(_f1(pred, _qa_tokens(ref)) for ref in references)
 
 
 def exact_match(prediction: str, references: Sequence[str]) -> float:

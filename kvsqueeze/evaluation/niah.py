@@ -13,7 +13,7 @@ import math
 import os
 import random
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,8 @@ class NeedleInAHaystack(Benchmark):
         haystack is cut at a word so that a sample lands just below its length.
     depths : sequence of float, default (0, 0.25, 0.5, 0.75, 1)
         Needle depths as fractions of the haystack, in [0, 1]; the needle goes to the nearest sentence boundary
-        (:func:`kvsqueeze.needles.insert_at_depth`).
+        (:func:`kvsqueeze.needles.insert_at_depth`). Scores and sample ids name a depth by its percentage rounded
+        to 0.01, so depths that round alike are refused.
     n_per_cell : int, default 1
         Samples per (length, depth) cell, each with its own key, number and haystack start.
 
@@ -74,6 +75,9 @@ class NeedleInAHaystack(Benchmark):
             lengths = [lengths]
         if isinstance(depths, (int, float)) and not isinstance(depths, bool):
             depths = [depths]
+        for name, value, example in (("lengths", lengths, "[1000, 2000]"), ("depths", depths, "[0.0, 0.5, 1.0]")):
+            if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+                raise TypeError(f"{name} must be a number or a list of numbers (e.g. {example}), got {value!r}")
         lengths, depths = list(lengths), list(depths)
         if not lengths or not depths:
             raise ValueError("lengths and depths must each name at least one value")
@@ -87,6 +91,15 @@ class NeedleInAHaystack(Benchmark):
             raise ValueError(f"n_per_cell must be a positive int, got {n_per_cell!r}")
         self.lengths = tuple(sorted(set(lengths)))
         self.depths = tuple(sorted({float(d) for d in depths}))
+        by_key: dict[str, float] = {}
+        for d in self.depths:  # scores and sample ids name a depth by its percentage to 0.01
+            if _pct(d) in by_key:
+                raise ValueError(
+                    f"depths {by_key[_pct(d)]!r} and {d!r} are both reported as {_pct(d)}% (score key "
+                    f"{cell_key(self.lengths[0], d)!r}, sample ids likewise): depths must stay distinct when "
+                    "rounded to 0.01%"
+                )
+            by_key[_pct(d)] = d
         self.n_per_cell = n_per_cell
 
     def config(self) -> dict[str, Any]:

@@ -2,8 +2,11 @@
 
 :func:`write_report` reads results directories written by :func:`kvsqueeze.evaluation.sweep.run_sweep`. Directories
 that differ only in their press lists (same model, benchmark, limit, seed, generation) are merged into one
-leaderboard section and one plot. Plots are drawn with matplotlib's Agg backend through ``Figure`` objects (no
-pyplot, no global backend switch), so reports work headless and from threads.
+leaderboard section and one plot; a press found with different options (e.g. two SnapKV window sizes) gets one row
+per configuration, labelled with the options that tell them apart (``snapkv (window_size=4)``). Ratios print with
+two decimals, or with every digit they need (``0.125``), in tables and file names alike. Plots are drawn with
+matplotlib's Agg backend through ``Figure`` objects (no pyplot, no global backend switch), so reports work headless
+and from threads.
 """
 
 from __future__ import annotations
@@ -53,6 +56,48 @@ def _load(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return json.loads(config_path.read_text(encoding="utf-8")), json.loads(metrics_path.read_text(encoding="utf-8"))
 
 
+def _options(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The press options of a metrics row, flattened (``press.window_size`` for a wrapped press), without the ratio."""
+    flat: dict[str, Any] = {}
+
+    def walk(config: Mapping[str, Any], prefix: str) -> None:
+        for key, value in config.items():
+            if isinstance(value, Mapping):
+                walk(value, f"{prefix}{key}.")
+            elif not (prefix == "" and key == "compression_ratio"):
+                flat[prefix + key] = value
+
+    walk(row.get("press_config") or {}, "")
+    return flat
+
+
+def _options_key(row: Mapping[str, Any]) -> str:
+    return json.dumps(_options(row), sort_keys=True, default=str)
+
+
+def _format_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def _label_rows(rows: list[dict[str, Any]]) -> None:
+    """Set ``label`` (shown as the press) and ``options`` on every row: the press name, plus the options that tell
+    its configurations apart when one press appears with several (e.g. ``snapkv (window_size=4)``)."""
+    by_press: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_press.setdefault(row["press"], []).append(row)
+    for name, group in by_press.items():
+        configs = {_options_key(r): _options(r) for r in group}
+        keys = sorted({k for c in configs.values() for k in c})
+        differing = [
+            k for k in keys if len({json.dumps(c.get(k, "<unset>"), default=str) for c in configs.values()}) > 1
+        ]
+        for row in group:
+            opts = _options(row)
+            text = ", ".join(f"{k}={_format_value(opts.get(k, '<unset>'))}" for k in differing)
+            row["options"] = text
+            row["label"] = f"{name} ({text})" if text else name
+
+
 def _groups(result_dirs: Sequence[str | Path]) -> list[_Group]:
     groups: dict[str, _Group] = {}
     seen: set[Path] = set()
@@ -73,18 +118,32 @@ def _groups(result_dirs: Sequence[str | Path]) -> list[_Group]:
             groups[key] = _Group(title, slug(name, "results"), bench)
         group = groups[key]
         group.directories.append(directory)
-        have = {(r["press"], r["ratio"]) for r in group.rows}
-        new = [r for r in metrics["results"] if (r["press"], r["ratio"]) not in have]  # first directory wins
+        # A press x ratio with the same options in two directories is the same configuration of the same section,
+        # so its predictions are the same: it is listed once. Other options make another row (labelled below).
+        have = {(r["press"], r["ratio"], _options_key(r)) for r in group.rows}
+        new = [dict(r) for r in metrics["results"] if (r["press"], r["ratio"], _options_key(r)) not in have]
         group.rows += new
-        wanted = {(r["press"], r["ratio"]) for r in new}
-        group.predictions += [
-            p for p in read_predictions(directory / "predictions.jsonl") if (p["press"], p["ratio"]) in wanted
-        ]
+        wanted = {(r["press"], r["ratio"]): _options_key(r) for r in new}
+        for p in read_predictions(directory / "predictions.jsonl"):
+            if (p["press"], p["ratio"]) in wanted:
+                group.predictions.append({**p, "_options": wanted[(p["press"], p["ratio"])]})
+    for group in groups.values():
+        _label_rows(group.rows)
+        labels = {(r["press"], r["ratio"], _options_key(r)): r["label"] for r in group.rows}
+        for p in group.predictions:
+            p["label"] = labels[(p["press"], p["ratio"], p.pop("_options"))]
     return list(groups.values())
 
 
+def format_ratio(ratio: float) -> str:
+    """A compression ratio for tables and file names: two decimals (``0.50``), or every digit it needs when two
+    would round it (``0.125``, ``0.333``), so that distinct ratios never print alike."""
+    text = f"{ratio:.2f}"
+    return text if float(text) == ratio else repr(float(ratio))
+
+
 def _sorted_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return sorted(rows, key=lambda r: (r["press"] != BASELINE, r["press"], r["ratio"]))
+    return sorted(rows, key=lambda r: (r["press"] != BASELINE, r["press"], r["label"], r["ratio"]))
 
 
 def _table_rows(group: _Group) -> tuple[list[str], list[list[str]]]:
@@ -94,7 +153,7 @@ def _table_rows(group: _Group) -> tuple[list[str], list[list[str]]]:
     for r in _sorted_rows(group.rows):
         scores = r["metrics"]
         body.append(
-            [r["press"], f"{r['ratio']:.2f}", *(f"{scores[t]:.1f}" if t in scores else "" for t in tasks),
+            [r["label"], format_ratio(r["ratio"]), *(f"{scores[t]:.1f}" if t in scores else "" for t in tasks),
              f"{scores.get('average', float('nan')):.1f}", f"{r['cache_bytes'] / _MB:.2f}",
              f"{r['full_cache_bytes'] / _MB:.2f}", f"{100 * r['saved_fraction']:.1f}", str(r["n_samples"])]
         )
@@ -128,7 +187,7 @@ def plot_score_vs_ratio(rows: Sequence[Mapping[str, Any]], title: str, path: Pat
     presses: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         if metric in r["metrics"]:
-            presses.setdefault(r["press"], []).append((r["ratio"], r["metrics"][metric]))
+            presses.setdefault(r.get("label", r["press"]), []).append((r["ratio"], r["metrics"][metric]))
     baseline = presses.pop(BASELINE, None)
     if baseline:
         ax.axhline(baseline[0][1], color="black", linestyle="--", linewidth=1, label="baseline (no compression)")
@@ -153,13 +212,14 @@ def _niah_heatmaps(group: _Group, output_dir: Path) -> list[Path]:
     from kvsqueeze.evaluation.sweep import to_prediction
 
     rows = [p for p in group.predictions if {"length", "depth"} <= set(p.get("metadata") or {})]
-    by_config: dict[tuple[str, float], list] = {}
+    by_config: dict[tuple[str, str, float], list] = {}
     for p in rows:
-        by_config.setdefault((p["press"], p["ratio"]), []).append(to_prediction(p))
+        by_config.setdefault((p["press"], p["label"], p["ratio"]), []).append(to_prediction(p))
     paths = []
-    for (press, ratio), predictions in sorted(by_config.items(), key=lambda kv: (kv[0][0] != BASELINE, kv[0])):
-        path = output_dir / f"niah-{group.slug}-{slug(press, 'results')}-{ratio:.2f}.png"
-        niah_heatmap(predictions, path, title=f"{press} at ratio {ratio:g}\n{textwrap.shorten(group.title, 90)}")
+    for (press, label, ratio), predictions in sorted(by_config.items(), key=lambda kv: (kv[0][0] != BASELINE, kv[0])):
+        path = output_dir / f"niah-{group.slug}-{slug(label, 'results')}-{format_ratio(ratio)}.png"
+        niah_heatmap(predictions, path, title=f"{label} at ratio {format_ratio(ratio)}\n"
+                                              f"{textwrap.shorten(group.title, 90)}")
         paths.append(path)
     return paths
 
@@ -187,9 +247,11 @@ def write_report(result_dirs: Sequence[str | Path], output_dir: str | Path) -> d
     Notes
     -----
     Rows are press × ratio (baseline first), columns the per-task scores, their average, the mean measured cache
-    bytes after and before compression and the fraction saved. NIAH heatmaps are drawn when the predictions carry
-    ``length`` and ``depth`` metadata; each cell is the mean RULER ``string_match_all`` score (case-insensitive,
-    fraction of the reference answers found) of its predictions, as the NIAH benchmark scores.
+    bytes after and before compression and the fraction saved. A press run with different options in different
+    directories gets a row per configuration, labelled with the differing options (CSV: ``press_options``). NIAH
+    heatmaps are drawn when the predictions carry ``length`` and ``depth`` metadata; each cell is the mean RULER
+    ``string_match_all`` score (case-insensitive, fraction of the reference answers found) of its predictions, as
+    the NIAH benchmark scores.
     """
     if isinstance(result_dirs, (str, Path)) or not isinstance(result_dirs, Sequence):
         raise TypeError(f"result_dirs must be a list of results directories, got {result_dirs!r}")
@@ -216,7 +278,8 @@ def write_report(result_dirs: Sequence[str | Path], output_dir: str | Path) -> d
         all_tasks += [t for t in group.tasks if t not in all_tasks]
         for r in _sorted_rows(group.rows):
             csv_rows.append({"benchmark": group.benchmark["name"], "section": group.title, "press": r["press"],
-                             "ratio": r["ratio"], **{t: r["metrics"].get(t) for t in group.tasks},
+                             "press_options": r["options"], "ratio": r["ratio"],
+                             **{t: r["metrics"].get(t) for t in group.tasks},
                              "average": r["metrics"].get("average"), "cache_bytes": r["cache_bytes"],
                              "full_cache_bytes": r["full_cache_bytes"], "saved_fraction": r["saved_fraction"],
                              "n_samples": r["n_samples"]})
@@ -229,7 +292,7 @@ def write_report(result_dirs: Sequence[str | Path], output_dir: str | Path) -> d
 
     table = out / "leaderboard.csv"
     columns = ["benchmark", "section", "press", "ratio", *all_tasks, "average", "cache_bytes", "full_cache_bytes",
-               "saved_fraction", "n_samples"]
+               "saved_fraction", "n_samples", "press_options"]
     with table.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()

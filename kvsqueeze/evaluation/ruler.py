@@ -13,7 +13,10 @@ words at the end of the haystack (``niah_single_1``, ``niah_multikey_2/3`` and `
 
 Deviations from the reference generator, all deliberate and listed here:
 
-* words for keys are adjective–noun pairs from kvsqueeze's own lists; ``cwe`` draws its words from the
+* words for keys are adjective–noun pairs from kvsqueeze's own lists (60 × 60; RULER uses the larger
+  ``wonderwords`` lists); a sample that needs more distinct keys than the 3,600 pairs (``niah_multikey_2`` past
+  ~70k tokens of a typical tokenizer) uses adjective–adjective–noun triples for all its keys, up to 106,200 keys
+  (~2M tokens), and a longer target is a ``ValueError`` naming the task and length; ``cwe`` draws its words from the
   vocabulary of the shipped essays (RULER uses the ``wonderwords`` lists);
 * the essay haystack starts at a seed-chosen sentence of the concatenated essays (RULER starts at the beginning);
 * the one-shot examples are short so that 512-token samples remain possible: ``vt``'s is one chain in six noise
@@ -37,6 +40,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import os
 import random
 import re
 import uuid
@@ -176,18 +180,44 @@ def _uuid(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
-def _draw(rng: random.Random, kind: str, taken: set[str]) -> str:
-    """A fresh key or value of ``kind`` (``words``, ``numbers``, ``uuids``) not in ``taken`` (which it joins)."""
-    while True:
-        if kind == "words":
-            item = f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
-        elif kind == "numbers":
-            item = str(rng.randint(1_000_000, 9_999_999))
-        else:
-            item = _uuid(rng)
+#: Tries a rejection-sampling draw gets before it gives up. Callers keep every pool at most full (two-part word
+#: keys) or half full (everything else), where the expected number of tries per draw is at most 3,600 and 2, so
+#: the bound is never reached in practice; it only turns a pool that is (wrongly) exhausted into an error.
+_MAX_TRIES = 1_000_000
+
+
+def _fresh(make: Callable[[], str], taken: set[str], what: str) -> str:
+    """``make()`` until it gives an item not in ``taken`` (which it joins), at most :data:`_MAX_TRIES` times."""
+    for _ in range(_MAX_TRIES):
+        item = make()
         if item not in taken:
             taken.add(item)
             return item
+    raise ValueError(f"no new {what} in {_MAX_TRIES:,} draws: the pool of {what} is exhausted")
+
+
+def word_key_capacity(parts: int) -> int:
+    """How many distinct word keys of ``parts`` words a sample may draw: every adjective–noun pair (two parts);
+    half of the adjective–adjective–noun triples (three parts), so that drawing them stays fast."""
+    pairs = len(ADJECTIVES) * len(NOUNS)
+    return pairs if parts == 2 else len(ADJECTIVES) * (len(ADJECTIVES) - 1) * len(NOUNS) // 2
+
+
+def _word_key(rng: random.Random, parts: int) -> str:
+    if parts == 2:
+        return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
+    first, second = rng.sample(ADJECTIVES, 2)
+    return f"{first}-{second}-{rng.choice(NOUNS)}"
+
+
+def _draw(rng: random.Random, kind: str, taken: set[str], parts: int = 2) -> str:
+    """A fresh key or value of ``kind`` (``words``, ``numbers``, ``uuids``) not in ``taken`` (which it joins);
+    word keys have ``parts`` words (2: adjective-noun, 3: adjective-adjective-noun)."""
+    if kind == "words":
+        return _fresh(lambda: _word_key(rng, parts), taken, f"{parts}-word keys")
+    if kind == "numbers":
+        return _fresh(lambda: str(rng.randint(1_000_000, 9_999_999)), taken, "7-digit numbers")
+    return _fresh(lambda: _uuid(rng), taken, "UUIDs")
 
 
 def _noise(n: int) -> list[str]:
@@ -221,10 +251,30 @@ def _join_list(items: Sequence[str]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _exhausted(reason: str) -> _Built:
+    """A build that cannot exist (too many distinct keys, too few documents): the length search treats it as too
+    long, and :func:`fit_length` names ``reason`` if the target cannot be reached without it."""
+    return _Built("", "", (), "", {"exhausted": reason})
+
+
 def _niah(task: RulerTask, seed: str, n: int, fill: int) -> _Built:
     rng = random.Random(seed)
     taken: set[str] = set()
-    keys = [_draw(rng, task.keys, taken) for _ in range(task.n_keys)]
+    # Word keys are adjective-noun pairs while the sample needs at most all of them (always, but for the distractor
+    # needles of niah_multikey_2 past 3,600 needles, ~70k tokens); beyond that every key of the sample is an
+    # adjective-adjective-noun triple (a pair would be the tail of some triples), so its keys all look alike. Past
+    # the usable triples the build is exhausted: fit_length then names the task and the length it cannot reach.
+    parts = 2
+    if task.keys == "words":
+        needed = task.n_keys + (n if task.haystack == "needle" else 0)
+        if needed > word_key_capacity(2):
+            parts = 3
+            if needed > word_key_capacity(3):
+                return _exhausted(
+                    f"{task.name} needs {needed:,} distinct keys for {n:,} distractor needles, more than the "
+                    f"{word_key_capacity(3):,} it can draw"
+                )
+    keys = [_draw(rng, task.keys, taken, parts) for _ in range(task.n_keys)]
     per_key = [[_draw(rng, task.values, taken) for _ in range(task.n_values if i == 0 else 1)]
                for i in range(task.n_keys)]
     singular = task.values[:-1]
@@ -240,8 +290,8 @@ def _niah(task: RulerTask, seed: str, n: int, fill: int) -> _Built:
         text = "".join(words[(start + i) % len(words)] for i in range(n)).strip()
         units = [s for s in re.split(r"(?<=[.!?])\s+", text) if s] if text else []
     else:  # distractor needles with other keys and values (noise words fill the rest)
-        units = [f"A special magic {singular} for {_draw(rng, task.keys, taken)} is: {_draw(rng, task.values, taken)}."
-                 for _ in range(n)]
+        units = [f"A special magic {singular} for {_draw(rng, task.keys, taken, parts)} is: "
+                 f"{_draw(rng, task.values, taken)}." for _ in range(n)]
     body = " ".join(_insert(units, needles, depths) + _noise_words(fill))
     queried = keys[: task.n_queries]
     answers = tuple(v for values in per_key[: task.n_queries] for v in values)
@@ -257,12 +307,10 @@ def _niah(task: RulerTask, seed: str, n: int, fill: int) -> _Built:
 
 
 def _vt_chain(rng: random.Random, taken: set[str]) -> tuple[list[str], str, list[str]]:
-    names = []
-    while len(names) < 5:
-        name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
-        if name not in taken:
-            taken.add(name)
-            names.append(name)
+    names = [
+        _fresh(lambda: "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)), taken, "variable names")
+        for _ in range(5)
+    ]
     value = str(rng.randint(10_000, 99_999))
     statements = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in itertools.pairwise(names)]
     return names, value, statements
@@ -344,11 +392,8 @@ def _coded_word(rng: random.Random) -> str:
 def _fwe(task: RulerTask, seed: str, n: int, fill: int, length: int, alpha: float = 2.0) -> _Built:
     rng = random.Random(seed)
     vocab_size = max(length // 50, 8)
-    coded: list[str] = []
-    while len(coded) < vocab_size:
-        word = _coded_word(rng)
-        if word not in coded:
-            coded.append(word)
+    seen: set[str] = set()
+    coded = [_fresh(lambda: _coded_word(rng), seen, "coded words") for _ in range(vocab_size)]
     weights = [k ** -alpha for k in range(1, vocab_size + 1)]
     total = sum(weights)
     counts = [int(n * w / total) for w in weights]
@@ -396,7 +441,8 @@ def _qa(task: RulerTask, seed: str, n: int, fill: int, data: _QaData, index: int
         take = words[: n - used]
         distractors.append(" ".join(take))
         used += len(take)
-    exhausted = used < n  # the pool has fewer words than asked: the fitter treats this as too long
+    if used < n:  # the pool has fewer words than asked: the fitter treats this as too long
+        return _exhausted(f"its {len(pool):,} distractor documents hold fewer than {n:,} words")
     docs = list(row.gold) + distractors
     rng.shuffle(docs)
     body = "\n\n".join(f"Document {i}:\n{doc}" for i, doc in enumerate(docs, 1))
@@ -408,7 +454,7 @@ def _qa(task: RulerTask, seed: str, n: int, fill: int, data: _QaData, index: int
         "Answer the question using the documents above. Give only the answer, with no other words.\n\n"
         f"Question: {row.question}"
     )
-    meta = {"n_documents": len(docs), "row": index % len(data.rows), **({"exhausted": True} if exhausted else {})}
+    meta = {"n_documents": len(docs), "row": index % len(data.rows)}
     return _Built(context, question, row.answers, "Answer:", meta)
 
 
@@ -421,8 +467,9 @@ def _read_rows(task: str, data_files: str | None) -> list[dict]:
     from kvsqueeze.evaluation.hub import HubDataUnavailable, load_rows
 
     dataset_id, config, split = QA_DATASETS[task]
+    advice = f"pass qa_data_files={{{task!r}: FILE}} (kvsqueeze eval: --qa-data-files {task}=FILE) with a local copy"
     try:
-        return load_rows(dataset_id, config, split, data_files=data_files)
+        return load_rows(dataset_id, config, split, data_files=data_files, advice=advice)
     except HubDataUnavailable as exc:
         raise QaDataUnavailable(f"RULER {task} needs {dataset_id}: {exc}") from exc
 
@@ -505,19 +552,33 @@ def fit_length(
 ) -> tuple[_Built, int]:
     """Build with the most haystack units whose context + question stays within ``target`` tokens; for a
     ``fillable`` task (noise-based haystacks), then append noise words (the ``fill`` argument) if that is still
-    more than ``TOLERANCE`` short."""
+    more than ``TOLERANCE`` short.
+
+    A build whose metadata says ``exhausted`` (more distinct keys or distractor words than the task can supply)
+    counts as too long; when that is what keeps the sample short of the target, the ``ValueError`` names the reason
+    (noise words never stand in for missing needles or documents)."""
     cache: dict[tuple[int, int], int] = {}
+    reasons: dict[tuple[int, int], str] = {}
 
     def measure(n: int, fill: int = 0) -> int:
         if (n, fill) not in cache:
             built = build(n, fill)
-            cache[(n, fill)] = 1 << 62 if built.metadata.get("exhausted") else _n_tokens(tokenizer, built)
+            if built.metadata.get("exhausted"):
+                reasons[(n, fill)] = str(built.metadata["exhausted"])
+                cache[(n, fill)] = 1 << 62
+            else:
+                cache[(n, fill)] = _n_tokens(tokenizer, built)
         return cache[(n, fill)]
 
     n = largest_fitting(measure, target)
     if n < 0:
         raise ValueError(
             f"length={target} is too short for RULER task {task!r}: its fixed parts alone take {measure(0)} tokens"
+        )
+    if measure(n) < (1 - TOLERANCE) * target and measure(n + 1) > target and (n + 1, 0) in reasons:
+        raise ValueError(
+            f"RULER task {task!r} cannot reach length={target} tokens (at most {measure(n)}): "
+            f"{reasons[(n + 1, 0)]}"
         )
     fill = 0
     if fillable and measure(n) < (1 - TOLERANCE) * target:
@@ -555,13 +616,21 @@ class Ruler(Benchmark):
         Target length of context + question, in tokens of the evaluated model's tokenizer (e.g. 4096). Every
         sample lands within 2% below it.
     tasks : sequence of str, optional
-        Subset of :data:`TASKS` (default: all 13, in RULER's order).
+        Subset of :data:`TASKS`. Default: all 13, in RULER's order, except that ``qa_1`` / ``qa_2`` are left out
+        (with a warning) when their data cannot be loaded.
     n_samples : int, default 100
         Samples per task (RULER uses 500); ``samples(limit=...)`` can lower it further.
     qa_data_files : mapping of str to str, optional
         Local SQuAD / HotpotQA files for ``qa_1`` / ``qa_2`` (``{"qa_1": "squad.jsonl"}``), in the datasets'
-        own schema. Without them the rows come from the hub; when that is impossible the qa tasks are skipped with
-        a warning, or, if only qa tasks were asked for, :class:`QaDataUnavailable` is raised.
+        own schema. Without them the rows come from the hub.
+
+    Which tasks run, and the results key
+        A qa task named in ``tasks`` must run: when its data cannot be loaded, :meth:`check_data`, :meth:`config`
+        and :meth:`samples` raise :class:`QaDataUnavailable` (pass ``qa_data_files``, or leave the task out).
+        Only the default task list skips an unloadable qa task. Either way :meth:`config` — the benchmark's part
+        of a sweep's results key — lists the tasks that actually run, so a run without the qa tasks goes to
+        another results directory than a run with them and never replaces or deletes their results. The qa data
+        is loaded once per instance (by whichever of those methods comes first), so the key and the samples agree.
 
     Each sample has one question; its ``metadata`` holds ``length`` (the target), ``n_tokens`` (measured) and
     task details (needle ``depths``, ...).
@@ -580,6 +649,7 @@ class Ruler(Benchmark):
         if self.length < 128:
             raise ValueError(f"length must be >= 128 tokens, got {length}")
         self.n_samples = _positive_int("n_samples", n_samples)
+        self.explicit_tasks = tasks is not None
         if tasks is None:
             chosen = tuple(TASKS)
         else:
@@ -590,17 +660,41 @@ class Ruler(Benchmark):
             if unknown or not chosen:
                 raise ValueError(f"unknown RULER task(s) {unknown or tasks!r}; known: {', '.join(TASKS)}")
         self.selected = chosen
-        files = dict(qa_data_files or {})
-        bad = [k for k in files if k not in QA_DATASETS]
+        if qa_data_files is None:
+            qa_data_files = {}
+        if not isinstance(qa_data_files, Mapping):
+            raise TypeError(
+                "qa_data_files must map a qa task to its local file, e.g. {'qa_1': 'squad.jsonl', 'qa_2': "
+                f"'hotpotqa.jsonl'}}, got {qa_data_files!r}"
+            )
+        bad = [k for k in qa_data_files if k not in QA_DATASETS]
         if bad:
             raise ValueError(f"qa_data_files keys must be among {list(QA_DATASETS)}, got {bad}")
+        files = {}
+        for task, path in qa_data_files.items():
+            if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+                raise TypeError(f"qa_data_files[{task!r}] must be a file path, got {path!r}")
+            files[task] = os.fspath(path)
         self.qa_data_files = files
+        self._qa: dict[str, _QaData] | None = None  # loaded once: see "Which tasks run" above
 
     def config(self) -> dict[str, Any]:
-        return {"length": self.length, "tasks": list(self.selected), "n_samples": self.n_samples,
+        """The options that define the rows; ``tasks`` are those that run (see the class docstring)."""
+        return {"length": self.length, "tasks": list(self.running_tasks()), "n_samples": self.n_samples,
                 "qa_data_files": dict(self.qa_data_files)}
 
+    def check_data(self) -> None:
+        """Load the qa data of the selected qa tasks now; raises :class:`QaDataUnavailable` for a requested one."""
+        self._qa_sources()
+
+    def running_tasks(self) -> tuple[str, ...]:
+        """The selected tasks minus the qa tasks skipped because their data cannot be loaded (default list only)."""
+        qa = self._qa_sources()
+        return tuple(t for t in self.selected if TASKS[t].kind != "qa" or t in qa)
+
     def _qa_sources(self) -> dict[str, _QaData]:
+        if self._qa is not None:
+            return self._qa
         wanted = [t for t in self.selected if TASKS[t].kind == "qa"]
         sources, missing = {}, {}
         for task in wanted:
@@ -608,13 +702,15 @@ class Ruler(Benchmark):
                 sources[task] = load_qa_data(task, self.qa_data_files.get(task))
             except QaDataUnavailable as exc:
                 missing[task] = exc
-        if missing and len(missing) == len(self.selected):
+        if missing and self.explicit_tasks:
+            names = ", ".join(missing)
             raise QaDataUnavailable(
-                "only qa tasks were asked for and none can be loaded: "
-                + "; ".join(str(e) for e in missing.values())
+                f"RULER task(s) {names} were asked for but their data cannot be loaded (leave them out of tasks to "
+                "run without them): " + "; ".join(str(e) for e in missing.values())
             )
         for task, exc in missing.items():
-            log.warning("RULER: skipping %s: %s", task, exc)
+            log.warning("RULER: skipping %s (results go under a key without it): %s", task, exc)
+        self._qa = sources
         return sources
 
     def builder(self, task: str, index: int, seed: int, qa: _QaData | None = None) -> Callable[[int, int], _Built]:
@@ -643,7 +739,7 @@ class Ruler(Benchmark):
             raise TypeError(f"RULER measures lengths with the evaluated model's tokenizer; got {tokenizer!r}")
         count = self.n_samples if limit is None else min(limit, self.n_samples)
         qa = self._qa_sources()
-        tasks = [t for t in self.selected if TASKS[t].kind != "qa" or t in qa]
+        tasks = self.running_tasks()
         with tqdm(total=count * len(tasks), desc=f"RULER {self.length}", unit="sample", disable=None) as bar:
             for task in tasks:
                 spec = TASKS[task]

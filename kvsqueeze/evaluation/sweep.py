@@ -8,8 +8,11 @@ own prefill (:meth:`Pipeline.compress`), on the eager model when they need atten
 
 Results go to ``<output_dir>/<benchmark>-<model>-<hash>/``, keyed by a hash of the resolved configuration:
 ``predictions.jsonl`` (one line per question, appended and flushed per finished (sample, press, ratio) unit),
-``metrics.json`` and ``config.json``. A rerun with the same configuration skips finished units, so an interrupted
-sweep resumes where it stopped; a changed configuration goes to a different directory.
+``metrics.json`` and ``config.json`` (the configuration, its hash, and under ``environment`` the versions, git
+commit and date of the latest run, with ``runs`` listing those of every run). A rerun with the same configuration
+skips finished units, so an interrupted sweep resumes where it stopped; a changed configuration goes to a different
+directory. Finished predictions are never deleted because the benchmark did not produce their samples this time
+(see :func:`_clean_predictions`).
 """
 
 from __future__ import annotations
@@ -121,7 +124,18 @@ def build_entries(
     if isinstance(presses, str) or not isinstance(presses, Sequence):
         raise TypeError(f"presses must be a list of press names, got {presses!r}")
     ratios = check_ratios(ratios)
+    if press_options is not None and not isinstance(press_options, Mapping):
+        raise TypeError(
+            f"press_options must map a press name to its options, e.g. {{'snapkv': {{'window_size': 16}}}}, got "
+            f"{press_options!r}"
+        )
     options = dict(press_options or {})
+    for name, kwargs in options.items():
+        if not isinstance(kwargs, Mapping):
+            raise TypeError(
+                f"press_options[{name!r}] must be a mapping of field to value, e.g. {{'window_size': 16}}, got "
+                f"{kwargs!r}"
+            )
     names: list[str] = []
     for name in presses:
         if not isinstance(name, str) or not name.strip():
@@ -264,6 +278,24 @@ def environment() -> dict[str, Any]:
     }
 
 
+def _record_run(path: Path, config: Mapping[str, Any]) -> None:
+    """Write ``config.json``: the configuration, its hash and ``environment``, the environment of this run, whose
+    ``runs`` lists the environments of every run into this directory, oldest first (this one last).
+
+    Only ``environment`` changes from run to run; the configuration, and so the hash, stays the same.
+    """
+    runs: list[Any] = []
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))["environment"]
+            # Written before runs were recorded: its environment is the first run's.
+            runs = list(previous["runs"]) if "runs" in previous else [dict(previous)]
+        except (ValueError, KeyError, TypeError):
+            runs = []  # unreadable: the history starts again; the results are untouched
+    current = environment()
+    _write_json(path, {**config, "hash": config_hash(config), "environment": {**current, "runs": [*runs, current]}})
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # predictions.jsonl: appended per unit, read back on resume
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,8 +320,22 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _clean_predictions(path: Path, n_questions: Mapping[str, int]) -> dict[tuple[str, str, float], list[dict]]:
-    """Finished units of ``path`` (every question present); the file is rewritten when it holds anything else."""
+    """Finished units of ``path`` (every question present); the file is rewritten when it holds partial units or a
+    truncated last line.
+
+    Rows of samples that this run does not produce are never dropped: the benchmark yielded other rows than when
+    they were written under the same key (data that could not be loaded this time, a changed dataset), so the
+    sweep stops with a ``ValueError`` and leaves the file as it is.
+    """
     rows = read_predictions(path)
+    foreign = sorted({row["sample_id"] for row in rows if row["sample_id"] not in n_questions})
+    if foreign:
+        raise ValueError(
+            f"{path} holds predictions for {len(foreign)} sample(s) that this run does not produce (e.g. "
+            f"{foreign[0]!r}): the benchmark's rows differ from those of the run that wrote them under the same "
+            "configuration (data that could not be loaded this time, or a changed dataset?). Nothing was deleted; "
+            "make the same rows available again, or use another output_dir (or resume=False to start afresh)"
+        )
     units: dict[tuple[str, str, float], list[dict]] = {}
     for row in rows:
         units.setdefault(_unit(row), []).append(row)
@@ -472,11 +518,11 @@ def run_sweep(
         # validated when they run, on the eager model: against this sdpa model they would refuse it)
         if entry.press is not None and not entry.eager:
             entry.press.validate(pipe.adapter)
+    benchmark.check_data()  # unreadable data fails here, before the results directory exists
     config = resolved_config(model, model_name, benchmark, entries, limit, seed, pipe.template, max_new_tokens)
     directory = results_dir(output_dir, config)
     directory.mkdir(parents=True, exist_ok=True)
-    if not (directory / "config.json").exists():
-        _write_json(directory / "config.json", {**config, "hash": config_hash(config), "environment": environment()})
+    _record_run(directory / "config.json", config)
 
     start = time.perf_counter()
     samples: list[Sample] = list(benchmark.samples(tokenizer, limit=limit, seed=seed))
