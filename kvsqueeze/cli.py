@@ -439,16 +439,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Compute a calibration artifact with ``kvsqueeze.calibration.calibrate`` and print where it was written."""
     for value, flag in ((args.n_sequences, "--n-sequences"), (args.seq_len, "--seq-len"),
-                        (args.n_samples, "--n-samples"), (args.steps, "--steps")):
+                        (args.n_samples, "--n-samples"), (args.steps, "--steps"), (args.n_recent, "--n-recent")):
         if value is not None:
             _positive(value, flag)
+    if args.duo_sink is not None and args.duo_sink < 0:
+        raise CLIError(f"--duo-sink must be >= 0, got {args.duo_sink}")
     from kvsqueeze.calibration import METHODS, calibrate  # the heavy part, imported only for this command
 
     if args.method not in METHODS:
         raise CLIError(f"unknown calibration method {args.method!r}; known methods: {', '.join(METHODS)}")
     duo = args.method == "duo_attention"
     wrong = [flag for flag, value, applies in (("--n-sequences", args.n_sequences, not duo),
-                                               ("--n-samples", args.n_samples, args.method == "qfilters"), ("--steps", args.steps, duo))
+                                               ("--n-samples", args.n_samples, args.method == "qfilters"),
+                                               ("--steps", args.steps, duo), ("--duo-sink", args.duo_sink, duo),
+                                               ("--n-recent", args.n_recent, duo))
              if value is not None and not applies]
     if wrong:
         raise CLIError(f"not used by --method {args.method}: {', '.join(wrong)}")
@@ -457,6 +461,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if duo:
         options = {"seq_len": args.seq_len or 1024, "steps": 50 if args.steps is None else args.steps}
+        options.update({k: v for k, v in (("duo_sink", args.duo_sink), ("n_recent", args.n_recent)) if v is not None})
     else:
         options = {"n_sequences": 20 if args.n_sequences is None else args.n_sequences,
                    "seq_len": args.seq_len or 2048, "n_samples": args.n_samples}
@@ -756,6 +761,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--steps", type=int, default=None, help="duo_attention: gate training steps, one passkey sample each (default 50)"
     )
+    p.add_argument("--duo-sink", type=int, default=None,
+                   help="duo_attention: sink tokens of the streaming window (default 16; the press's n_sink)")
+    p.add_argument("--n-recent", type=int, default=None,
+                   help="duo_attention: recent tokens of the streaming window (default 64; the press's n_recent)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("eval", help="evaluate presses x ratios on a benchmark (one shared prefill per sample)")

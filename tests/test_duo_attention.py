@@ -300,8 +300,9 @@ def test_press_refuses_gates_trained_for_another_window(tiny_model, calibration_
     message = (rf"trained with the streaming window n_sink={DUO_WINDOW[0]}, n_recent={DUO_WINDOW[1]}, but this press "
                r"streams n_sink=4, n_recent=16.*calibrate\(model, tokenizer, \"duo_attention\", duo_sink=4, "
                r"n_recent=16.*allow_window_mismatch=True")
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as refused:
         other.head_plan(adapter, 50)
+    assert "kvsqueeze calibrate" in str(refused.value) and "--duo-sink 4 --n-recent 16" in str(refused.value)
     hooks = hook_counts(model)
     with pytest.raises(ValueError, match=message):  # before the prefill, no hook left behind
         with other(model):

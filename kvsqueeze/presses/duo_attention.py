@@ -9,7 +9,7 @@ from typing import ClassVar, NamedTuple
 import torch
 
 from kvsqueeze.adapter import ModelAdapter
-from kvsqueeze.calibration.artifacts import check_artifact_field, load_artifact
+from kvsqueeze.calibration.artifacts import calibrate_command, check_artifact_field, load_artifact
 from kvsqueeze.presses.base import KV, Capabilities, LayerInputs, Press, RaggedKV, check_int
 from kvsqueeze.presses.registry import register_press
 
@@ -106,6 +106,8 @@ class DuoAttentionPress(Press):
         if trained != (self.n_sink, self.n_recent) and not self.allow_window_mismatch:
             command = (f'kvsqueeze.calibration.calibrate(model, tokenizer, "duo_attention", duo_sink={self.n_sink}, '
                        f"n_recent={self.n_recent}" + (f", output={str(artifact.path)!r})" if self.artifact else ")"))
+            cli = calibrate_command(adapter.model, METHOD, artifact.path if self.artifact else None)
+            command = f"`{cli} --duo-sink {self.n_sink} --n-recent {self.n_recent}` (Python: {command})"
             raise ValueError(
                 f"{artifact.path} holds DuoAttention gates trained with the streaming window n_sink={trained[0]}, "
                 f"n_recent={trained[1]}, but this press streams n_sink={self.n_sink}, n_recent={self.n_recent}: "
