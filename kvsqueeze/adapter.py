@@ -44,6 +44,9 @@ class UnsupportedModelError(ValueError):
 
 #: The cache layers a press can compress (empty at the prefill): transformers' dynamic ones, exactly.
 _PLAIN_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
+#: cache_implementation values for which generate() builds a plain DynamicCache ("hybrid", the hub default of
+#: Gemma 2/3 generation configs, is reset to the dynamic cache by transformers 5).
+_DYNAMIC_CACHE_IMPLEMENTATIONS = (None, "dynamic", "hybrid")
 #: generate() settings that make it draft tokens (assisted / prompt-lookup decoding), besides assistant_model.
 _DRAFTING_SETTINGS = ("prompt_lookup_num_tokens", "assistant_early_exit")
 
@@ -68,10 +71,10 @@ class CompressedLayer(DynamicLayer):
         self.n_compressed = keys.shape[-2]  # entries that belong to the compressed context (never cropped)
         # Compressed context entries of every dense compressed layer of the same cache, shared by them (and by
         # forks, whose layers are copies): {layer_idx: n_compressed}. Filled by :func:`write_layer`.
-        self.kept_by_layer = {} if kept is None else kept
+        self.kept_by_layer = _KeptByLayer() if kept is None else kept
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        if not _ATTENTION_STATE.fits_uneven and len(set(self.kept_by_layer.values())) > 1:
+        if self.kept_by_layer.uneven and not _ATTENTION_STATE.fits_uneven:
             # transformers builds one mask per attention type from one layer's sizes: other lengths mismatch it
             # (a shape error, or for a one-token SDPA step no mask at all, which happens to be right).
             lengths = sorted(set(self.kept_by_layer.values()))
@@ -93,6 +96,17 @@ class CompressedLayer(DynamicLayer):
 
     def crop(self, tokens_to_remove: int) -> None:
         _crop_appended(self, tokens_to_remove, self.keys.shape[-2] - self.n_compressed)
+
+
+class _KeptByLayer(dict):
+    """``{layer_idx: n_compressed}`` of a cache's dense compressed layers; ``uneven`` (whether they differ) is kept
+    up to date on every write, so decoding steps read a flag instead of scanning the layers."""
+
+    uneven = False
+
+    def __setitem__(self, key: int, value: int) -> None:
+        super().__setitem__(key, value)
+        self.uneven = len(set(self.values())) > 1
 
 
 def _crop_appended(layer: DynamicLayer, tokens_to_remove: int, appended: int) -> None:
@@ -276,7 +290,7 @@ def has_ragged_layers(cache: Cache) -> bool:
 
 def write_layer(cache: Cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, logical_length: int) -> None:
     """Replace one layer's storage by ``keys``/``values`` (the kept entries), keeping ``logical_length``."""
-    kept = next((layer.kept_by_layer for layer in cache.layers if isinstance(layer, CompressedLayer)), {})
+    kept = next((layer.kept_by_layer for layer in cache.layers if isinstance(layer, CompressedLayer)), _KeptByLayer())
     kept[layer_idx] = keys.shape[-2]
     cache.layers[layer_idx] = CompressedLayer(keys, values, logical_length, kept)
 
@@ -539,13 +553,20 @@ def register_ragged_attention() -> None:
         AttentionMaskInterface.register(name, masks[base])
 
 
-class _AttentionState(threading.local):
-    """Which of kvsqueeze's attention adjustments are open in this thread (the class attributes are every
-    thread's starting values). :class:`RaggedLayer` refuses to run outside :func:`ragged_attention`;
-    :class:`CompressedLayer` refuses uneven layer lengths unless masks are fitted per layer (either block)."""
+class _AttentionState:
+    """How many of kvsqueeze's attention adjustments are open in the process. :class:`RaggedLayer` refuses to run
+    while no :func:`ragged_attention` block is open; :class:`CompressedLayer` refuses uneven layer lengths while no
+    block fits masks per layer (either kind).
 
-    ragged = 0  # open ragged_attention blocks
-    aligned = 0  # open ModelAdapter.aligned_masks blocks
+    Process-wide, not per thread, because the adjustments themselves are: ``ragged_attention`` switches the model's
+    attention implementation and ``aligned_masks`` hooks its modules, so decoding in a worker thread inside a press
+    block (``TextIteratorStreamer``) runs through them and must not be refused.
+    """
+
+    def __init__(self) -> None:
+        self.ragged = 0  # open ragged_attention blocks
+        self.aligned = 0  # open ModelAdapter.aligned_masks blocks
+        self.lock = threading.Lock()
 
     @property
     def fits_uneven(self) -> bool:
@@ -557,11 +578,13 @@ _ATTENTION_STATE = _AttentionState()
 
 @contextmanager
 def _open(counter: str) -> Iterator[None]:
-    setattr(_ATTENTION_STATE, counter, getattr(_ATTENTION_STATE, counter) + 1)
+    with _ATTENTION_STATE.lock:
+        setattr(_ATTENTION_STATE, counter, getattr(_ATTENTION_STATE, counter) + 1)
     try:
         yield
     finally:
-        setattr(_ATTENTION_STATE, counter, getattr(_ATTENTION_STATE, counter) - 1)
+        with _ATTENTION_STATE.lock:
+            setattr(_ATTENTION_STATE, counter, getattr(_ATTENTION_STATE, counter) - 1)
 
 
 @contextmanager
@@ -1048,6 +1071,7 @@ class ModelAdapter:
         """
         model = self.model
         original = model.generate
+        shadowed = model.__dict__.get("generate")  # an instance attribute set by someone else: restored on removal
 
         def generate(*args: Any, **kwargs: Any):
             config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
@@ -1067,7 +1091,7 @@ class ModelAdapter:
                 )
             if setting("prefill_chunk_size") is not None:
                 problems.append("a chunked prefill (prefill_chunk_size) would be compressed one chunk only")
-            if setting("cache_implementation") not in (None, "dynamic"):
+            if setting("cache_implementation") not in _DYNAMIC_CACHE_IMPLEMENTATIONS:
                 problems.append(f"cache_implementation={setting('cache_implementation')!r} is not the dynamic cache")
             if problems:
                 raise ValueError(f"generate() under a press: {'; '.join(problems)}. Generate without them.")
@@ -1079,7 +1103,10 @@ class ModelAdapter:
             @staticmethod
             def remove() -> None:
                 if model.__dict__.get("generate") is generate:
-                    del model.__dict__["generate"]
+                    if shadowed is None:
+                        del model.__dict__["generate"]
+                    else:
+                        model.__dict__["generate"] = shadowed
 
         return [_Handle()]
 

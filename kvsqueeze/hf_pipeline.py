@@ -120,9 +120,10 @@ class KVCompressionPipeline(_HFPipeline):
                     f"unexpected argument {key!r} for the {TASK!r} pipeline; it takes question, press and "
                     f"{', '.join(_ANSWER_KWARGS)}"
                 )
-            if value is None and key == "seed":  # unseeded sampling
-                forward[key] = value
-                continue
+            if value is None:
+                if key == "seed":  # unseeded sampling, replacing a seed given at build time
+                    forward[key] = value
+                continue  # None for the others: not given (the build-time value or the default)
             if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
                 raise TypeError(f"{key} has the wrong type: got {value!r}")
             forward[key] = value  # one forward parameter each, so call-time values override build-time ones

@@ -89,7 +89,8 @@ def test_transformers_pipeline_task_call_arguments_replace_build_arguments(tiny_
     torch.manual_seed(0)  # unseeded sampling draws from the global generator: fixed here so the test is repeatable
     unseeded = {seeded(context, question="what jumps?", seed=None)["answer"] for _ in range(6)}
     assert len(unseeded) > 1
-    for bad in (dict(temperature=True), dict(top_p=True), dict(max_new_tokens=None), dict(batch_size=0)):
+    assert hf(context, question="what jumps?", max_new_tokens=None) == {"answer": compressed}  # None: not given
+    for bad in (dict(temperature=True), dict(top_p=True), dict(max_new_tokens="6"), dict(batch_size=0)):
         with pytest.raises((TypeError, ValueError)):
             hf(context, question="what jumps?", **bad)
 

@@ -251,6 +251,12 @@ def test_choice_and_numbers():
         ("A", "A"),
         ("(A) Dunmere", "A"),
         ("C: the cellar", "C"),
+        # The letter, then a new line or more words (only "A" can be an article).
+        ("B\nThe passage says so.", "B"),
+        ("A\n\nExplanation: the first option.", "A"),
+        ("C because the author says so", "C"),
+        ("D - the third option", "D"),
+        ("A - the first option", "A"),
     ],
 )
 def test_choice_letter(prediction, letter):

@@ -548,3 +548,26 @@ def test_generate_modes_a_press_cannot_follow_are_refused(kwargs, tiny_model):
         model.generate(ids, max_new_tokens=2, do_sample=False)
         assert report.kept and all(k == 20 for k in report.kept.values())
     assert "generate" not in model.__dict__
+
+
+def test_generate_guard_accepts_what_transformers_runs_as_a_dynamic_cache(tiny_model):
+    """Gemma 2/3 hub generation configs say cache_implementation="hybrid", which transformers 5 runs as the dynamic
+    cache: plain generate under a press must work. A generate the user patched on the instance is restored."""
+    model = tiny_model("llama")
+    ids = token_ids(40, seed=32)
+    press = make_press("knorm", compression_ratio=0.5)
+    model.generation_config.cache_implementation = "hybrid"
+    try:
+        with torch.inference_mode(), press(model) as report:
+            model.generate(ids, max_new_tokens=2, do_sample=False)
+        assert report.kept and all(k == 20 for k in report.kept.values())
+    finally:
+        model.generation_config.cache_implementation = None
+    patched = model.generate
+    model.generate = patched  # an instance attribute, as a wrapper or a user patch leaves
+    try:
+        with press(model):
+            assert model.generate is not patched
+        assert model.__dict__["generate"] is patched
+    finally:
+        del model.__dict__["generate"]

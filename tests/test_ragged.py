@@ -216,23 +216,30 @@ def test_ragged_cache_outside_ragged_attention_is_refused(tiny_model):
         with pytest.raises(ValueError, match="head-wise compressed layers.*attention_for_cache"):
             model(input_ids=step, **adapter.model_call_kwargs(A.fork_cache(cache)))
         with adapter.attention_for_cache(cache):
-            outside = model(input_ids=step, **adapter.model_call_kwargs(cache)).logits
+            outside = model(input_ids=step, **adapter.model_call_kwargs(A.fork_cache(cache))).logits
     torch.testing.assert_close(outside, inside, rtol=0, atol=0)
 
-    # The same refusal in another thread (the open-block count is per thread).
-    errors = []
-
-    def decode_in_thread() -> None:
+    # The same refusal in another thread; and inside the block, a worker thread decodes (TextIteratorStreamer runs
+    # generate in a thread): the attention switch is the model's, not the thread's.
+    def decode_in_thread(results: list) -> None:
         try:
             with torch.inference_mode():
-                model(input_ids=step, **adapter.model_call_kwargs(A.fork_cache(cache)))
+                results.append(model(input_ids=step, **adapter.model_call_kwargs(A.fork_cache(cache))).logits)
         except Exception as exc:  # noqa: BLE001 - the type is what the test checks
-            errors.append(exc)
+            results.append(exc)
 
-    worker = threading.Thread(target=decode_in_thread)
-    worker.start()
-    worker.join()
-    assert len(errors) == 1 and isinstance(errors[0], ValueError), errors
+    def in_thread() -> object:
+        results: list = []
+        worker = threading.Thread(target=decode_in_thread, args=(results,))
+        worker.start()
+        worker.join()
+        return results[0]
+
+    assert isinstance(in_thread(), ValueError)
+    with adapter.attention_for_cache(cache):
+        threaded = in_thread()
+    assert isinstance(threaded, torch.Tensor), threaded
+    torch.testing.assert_close(threaded, inside, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -255,7 +262,13 @@ def test_uneven_layer_cache_outside_aligned_masks_is_refused(tiny_model, attn, n
             model(input_ids=step, **adapter.model_call_kwargs(fork))
         with adapter.attention_for_cache(cache):
             outside = model(input_ids=step, **adapter.model_call_kwargs(A.fork_cache(cache))).logits
+            threaded: list = []  # a worker thread inside the block (TextIteratorStreamer) decodes too
+            worker = threading.Thread(target=lambda: threaded.append(
+                model(input_ids=step, **adapter.model_call_kwargs(A.fork_cache(cache))).logits))
+            worker.start()
+            worker.join()
     torch.testing.assert_close(outside, inside, rtol=0, atol=0)
+    torch.testing.assert_close(threaded[0], inside, rtol=0, atol=0)
     # Equal lengths need no alignment: a uniform press's cache decodes with the model's own attention.
     with torch.inference_mode(), make_press("knorm", compression_ratio=0.5)(model):
         uniform = A.ModelAdapter.cache_from_output(model(input_ids=token_ids(64, seed=5)))

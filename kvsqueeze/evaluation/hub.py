@@ -453,7 +453,9 @@ _ANSWER_STATEMENTS = (
 )
 #: A reply that starts with the letter itself: "B", "(B)", "[B]", "B.", "B)", "B:", "B," (then anything). A capital
 #: followed by a space and a word is not one ("A key point ..." starts with the article "A").
-_LEADING_LETTER = re.compile(r"\s*(?:[\(\[]([A-D])[\)\]]|([A-D])(?:[\.\):,]|\s*$))")
+# A reply that starts with the letter: bracketed; or followed by punctuation, a line break or the end; or (B-D only,
+# since "A" is also the article) followed by a space and more words ("C because ...").
+_LEADING_LETTER = re.compile(r"\s*(?:[\(\[]([A-D])[\)\]]|([A-D])(?=[ \t]*[\.\):,\-]|[ \t]*\n|\s*$)|([B-D])(?=\s))")
 _PARENTHESISED = re.compile(r"\(([A-D])\)")
 
 
@@ -462,7 +464,8 @@ def choice_letter(prediction: str) -> str | None:
 
     In order: an answer statement (``The correct answer is (B)`` as LongBench-v2's scorer reads it, case-insensitive,
     then ``Answer: B`` / ``the answer is B`` / ``the option is B`` as InfiniteBench's does); a reply that starts with
-    the letter (``B``, ``(B) text``, ``B. text``; not the article in ``A key point ...``); the one option letter in
+    the letter (``B``, ``(B) text``, ``B. text``, ``B`` then a new line, ``C because ...``; not the article in
+    ``A key point ...``); the one option letter in
     parentheses when only one appears (``... the correct one is (C)``). Markdown ``*`` is ignored.
     """
     text = prediction.replace("*", "")
@@ -472,7 +475,7 @@ def choice_letter(prediction: str) -> str | None:
             return (match.group(1) or match.group(2)).upper()
     match = _LEADING_LETTER.match(text)
     if match:
-        return match.group(1) or match.group(2)
+        return match.group(1) or match.group(2) or match.group(3)
     letters = set(_PARENTHESISED.findall(text))
     return letters.pop() if len(letters) == 1 else None
 

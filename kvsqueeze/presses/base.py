@@ -281,8 +281,11 @@ def _check_ratio(value: Any, name: str = "compression_ratio") -> None:
 class Press:
     """Base of every press: the hook life cycle and the compression contract.
 
-    Subclasses implement :meth:`compress`, a function of one layer's :class:`LayerInputs` returning the kept
-    keys and values. Use a press as a context manager on a model::
+    Subclasses implement :meth:`keep_indices` (the kept entries of one layer's :class:`LayerInputs`, the same number
+    in every head; :class:`ScorerPress` does it from scores) or, when they do more than select (head-wise budgets,
+    moved keys), :meth:`compress`, returning the kept keys and values; only the former can be chained in a
+    composition. A press with per-layer budgets overrides :meth:`own_layer_budget`, so a wrapper's budget still
+    wins (:meth:`layer_budget`). Use a press as a context manager on a model::
 
         with press(model) as report:
             model.generate(input_ids, max_new_tokens=32)

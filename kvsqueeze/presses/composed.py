@@ -53,9 +53,9 @@ class ComposedPress(Press):
             if caps.headwise or caps.extra_passes or type(p).keep_indices is Press.keep_indices:
                 raise ValueError(
                     f"presses[{i}] ({type(p).__name__}) cannot be chained: a composition passes each press the "
-                    "entries the previous one kept, which needs presses that keep the same number of entries in "
-                    "every head from the prefill alone (no head-wise budgets, no extra model passes); wrap the "
-                    "composition's scorers instead, or use the press on its own"
+                    "entries the previous one kept, which needs presses that select the same number of entries in "
+                    "every head from the prefill alone (Press.keep_indices; no head-wise budgets, no extra model "
+                    "passes); wrap the composition's scorers instead, or use the press on its own"
                 )
             if p.capabilities.changes_positions:
                 raise ValueError(
