@@ -1074,7 +1074,9 @@ class ModelAdapter:
         shadowed = model.__dict__.get("generate")  # an instance attribute set by someone else: restored on removal
 
         def generate(*args: Any, **kwargs: Any):
-            config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+            # generate(inputs, generation_config, ...): the config may come positionally
+            given = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+            config = given or getattr(model, "generation_config", None)
 
             def setting(name: str) -> Any:
                 value = kwargs.get(name)

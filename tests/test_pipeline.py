@@ -563,6 +563,11 @@ def test_generate_guard_accepts_what_transformers_runs_as_a_dynamic_cache(tiny_m
         assert report.kept and all(k == 20 for k in report.kept.values())
     finally:
         model.generation_config.cache_implementation = None
+    # A generation config passed positionally (generate(inputs, generation_config)) is read too.
+    from transformers import GenerationConfig
+
+    with torch.inference_mode(), press(model), pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
+        model.generate(ids, GenerationConfig(prompt_lookup_num_tokens=3, max_new_tokens=4, do_sample=False))
     patched = model.generate
     model.generate = patched  # an instance attribute, as a wrapper or a user patch leaves
     try:

@@ -226,10 +226,12 @@ def test_finished_units_of_samples_not_produced_this_time_are_never_deleted(tiny
     first = sweep(model, tokenizer, tmp_path, **kwargs)
     path = first.directory / "predictions.jsonl"
     before = path.read_bytes()
+    config_before = (first.directory / "config.json").read_bytes()
     with pytest.raises(ValueError, match=r"1 sample\(s\) that this run does not produce.*'double-1'.*Nothing was "
                                          r"deleted"):
         sweep(model, tokenizer, tmp_path, benchmark=Fewer(), **kwargs)
     assert path.read_bytes() == before
+    assert (first.directory / "config.json").read_bytes() == config_before  # a refused rerun is not a recorded run
 
 
 def test_config_json_records_every_run_and_keeps_the_key(tiny_model, tokenizer, tmp_path, monkeypatch):

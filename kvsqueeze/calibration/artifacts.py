@@ -70,7 +70,7 @@ _ARCH_KEYS = (
 _PROBE_ELEMENTS = 64  # values read from every parameter tensor, evenly strided over its elements
 
 _IDENTITY_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
-_LOADED: dict[tuple[str, int, int], Artifact] = {}
+_LOADED: dict[tuple[str, int, int, int], Artifact] = {}
 
 
 def _check_method(method: Any) -> str:
@@ -337,7 +337,8 @@ def load_artifact(path: str | os.PathLike | None, model: nn.Module, method: str)
             f"no {method} calibration artifact at {path}; create it with: {calibrate_command(model, method, path)}"
         )
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    # ctime too: a copy that keeps size and mtime (cp -p) over the file still changes it
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     artifact = _LOADED.get(key)
     if artifact is None:
         artifact = _read(path)

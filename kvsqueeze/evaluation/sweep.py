@@ -522,7 +522,6 @@ def run_sweep(
     config = resolved_config(model, model_name, benchmark, entries, limit, seed, pipe.template, max_new_tokens)
     directory = results_dir(output_dir, config)
     directory.mkdir(parents=True, exist_ok=True)
-    _record_run(directory / "config.json", config)
 
     start = time.perf_counter()
     samples: list[Sample] = list(benchmark.samples(tokenizer, limit=limit, seed=seed))
@@ -533,6 +532,7 @@ def run_sweep(
     if not resume and path.exists():
         path.unlink()
     finished = _clean_predictions(path, {s.id: len(s.questions) for s in samples})
+    _record_run(directory / "config.json", config)  # after the checks above: a refused rerun is not a run
     result = SweepResult(directory, [])
     result.units_skipped = sum(1 for s in samples for e in entries if (s.id, *e.key) in finished)
 
