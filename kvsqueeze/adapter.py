@@ -309,15 +309,30 @@ def write_ragged_layer(
 
 def layer_nbytes(cache: Cache, layer_idx: int) -> int:
     """Bytes held by one layer's stored tensors (keys, values and, for ragged layers, the length index);
-    measured from the tensors, not estimated."""
+    measured from the tensors' storage, not estimated: a tensor that is a view into a larger buffer counts the whole
+    buffer, which it keeps alive (see :func:`compact_cache`)."""
     layer = cache.layers[layer_idx]
     if isinstance(layer, RaggedLayer):
         return layer.nbytes()
     total = 0
     for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
         if isinstance(t, torch.Tensor):
-            total += t.numel() * t.element_size()
+            total += t.untyped_storage().nbytes()
     return total
+
+
+def compact_cache(cache: Cache) -> None:
+    """Copy every stored tensor that is a view into a larger buffer, so the cache holds only what it stores.
+
+    transformers' sliding-window layers keep the last window of a prefill as a view of the whole prefill's keys and
+    values: the full buffer stays alive until the layer's next update. A compressed context is never updated (its
+    questions run on forks), so without this its sliding layers would hold the whole context.
+    """
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > t.numel() * t.element_size():
+                setattr(layer, name, t.clone())
 
 
 def cache_nbytes(cache: Cache) -> int:

@@ -139,6 +139,7 @@ class Pipeline:
         else:
             with press(self.model) as report:
                 self._prefill(ids, cache)
+        A.compact_cache(cache)  # sliding-window layers hold views of the whole prefill
         prefill_seconds = time.perf_counter() - start
         return CompressedContext(
             pipeline=self,
@@ -165,6 +166,7 @@ class Pipeline:
         _check_press(press)
         start = time.perf_counter()
         cache, report = recorded.compress(press)
+        A.compact_cache(cache)  # its sliding-window layers are views of the recording's prefill
         seconds = recorded.prefill_seconds + time.perf_counter() - start
         return CompressedContext(self, cache, recorded.n_tokens, press, report, seconds)
 

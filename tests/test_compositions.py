@@ -72,6 +72,7 @@ def test_plain_scorers_are_found():
     assert {"knorm", "streaming_llm", "snapkv", "expected_attention", "keydiff"} <= set(PLAIN), PLAIN
 
 
+@pytest.mark.filterwarnings("ignore:.*counts the value norm a second time")  # the combination is the point here
 @pytest.mark.parametrize("model_name", ["llama", "gemma3"])
 @pytest.mark.parametrize("name", PLAIN)
 def test_budget_held_by_a_wrapper_selects_the_same(name, model_name, tiny_model):
@@ -273,3 +274,26 @@ def test_kept_count_is_the_exact_floor():
         exact = 1 - Fraction(str(r))
         for n in range(1, 2049):
             assert kept_for_ratio(n, r) == min(n, max(1, int(n * exact))), (n, r)
+
+
+@pytest.mark.filterwarnings("ignore:.*counts the value norm a second time")  # the combination is the point here
+@pytest.mark.parametrize("inner", ["knorm", "keydiff", "expected_attention"])
+def test_critical_adakv_splits_the_budget_like_adakv(inner, tiny_model):
+    """CriticalAdaKV gives each head the budget AdaKV's rule gives on the wrapped press's own scores; it used to
+    split on scores shifted per head to be non-negative, which moves budget between heads for scorers with
+    negative scores (KNorm, KeyDiff)."""
+    model = tiny_model("llama")
+    adapter = A.ModelAdapter(model)
+    ids = token_ids(SEQ_LEN, seed=27)
+    make = kvsqueeze.make_press
+    with torch.inference_mode():
+        ada = _compress(model, ids, make("adakv", press=make(inner), compression_ratio=0.5))
+        critical = _compress(model, ids, make("critical_adakv", press=make(inner), compression_ratio=0.5))
+    for i in adapter.compressible_layers:
+        assert torch.equal(A.layer_head_lengths(critical, i), A.layer_head_lengths(ada, i)), f"layer {i}"
+
+
+@pytest.mark.parametrize("wrapper", ["criticalkv", "critical_adakv"])
+def test_criticalkv_warns_when_the_value_norm_is_counted_twice(wrapper):
+    with pytest.warns(UserWarning, match="value norm a second time"):
+        kvsqueeze.make_press(wrapper, press=kvsqueeze.make_press("expected_attention"))

@@ -576,3 +576,21 @@ def test_generate_guard_accepts_what_transformers_runs_as_a_dynamic_cache(tiny_m
         assert model.__dict__["generate"] is patched
     finally:
         del model.__dict__["generate"]
+
+
+@pytest.mark.parametrize("how", ["compress", "from_recorded"])
+def test_context_cache_holds_only_what_it_stores(how, tiny_model, tokenizer):
+    """transformers keeps a sliding-window layer's last window as a view of the whole prefill, which stayed alive
+    with the context (its questions run on forks, so the layer is never updated): the reported bytes counted the
+    view, the memory held the whole prefill. The context's tensors now own exactly their bytes."""
+    model = tiny_model("gemma3")  # sliding window 8, far shorter than the context
+    pipe = Pipeline(model, tokenizer)
+    for press in (None, make_press("knorm", compression_ratio=0.5)):
+        ctx = pipe.compress(CONTEXT, press=press) if how == "compress" else pipe.from_recorded(pipe.record(CONTEXT), press)
+        held = 0
+        for i, layer in enumerate(ctx.cache.layers):
+            for t in (layer.keys, layer.values):
+                assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), f"layer {i} holds a larger buffer"
+                held += t.untyped_storage().nbytes()
+        assert ctx.cache_bytes == held
+        assert ctx.answer("what?", max_new_tokens=3) == pipe.compress(CONTEXT, press=press).answer("what?", max_new_tokens=3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,13 @@ def _default_inner() -> ScorerPress:
 
 
 def _check_fields(press: Press) -> None:
+    if getattr(press.press, "use_vnorm", False):
+        warnings.warn(
+            f"{type(press).__name__} multiplies by ‖W_o v‖₁ itself; the wrapped {type(press.press).__name__} with "
+            "use_vnorm=True counts the value norm a second time (pass use_vnorm=False, as the default inner press does)",
+            UserWarning,
+            stacklevel=3,
+        )
     for name in ("epsilon", "first_stage_ratio"):
         value = getattr(press, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -36,11 +44,16 @@ def _check_fields(press: Press) -> None:
         raise ValueError(f"first_stage_ratio must be in [0, 1], got {press.first_stage_ratio!r}")
 
 
-def base_scores(press: ScorerPress, layer: LayerInputs) -> torch.Tensor:
-    """The wrapped press's scores made non-negative per head (attention-like), float32."""
-    s = press.score(layer).float()
+def non_negative(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` shifted per head to start at 0 when any is negative (attention-like), float32."""
+    s = scores.float()
     low = s.amin(dim=-1, keepdim=True)
     return torch.where(low < 0, s - low, s)
+
+
+def base_scores(press: ScorerPress, layer: LayerInputs) -> torch.Tensor:
+    """The wrapped press's scores made non-negative per head (:func:`non_negative`), float32."""
+    return non_negative(press.score(layer))
 
 
 def _rank(scores: torch.Tensor) -> torch.Tensor:
@@ -145,7 +158,10 @@ class CriticalAdaKVPress(AdaKVPress):
         n_kept = self.layer_budget(layer)
         if n_kept >= layer.seq_len:
             return torch.ones(layer.keys.shape[:3], dtype=torch.bool, device=layer.keys.device)
-        scores = base_scores(self.press, layer.replace(budget=n_kept))
-        per_head = adaptive_head_budgets(scores, n_kept, self.alpha_safeguard).sum(-1)
+        raw = self.press.score(layer.replace(budget=n_kept)).float()
+        # AdaKV's split on the wrapped press's own scores (as AdaKVPress does); the two stages on scores shifted to
+        # be non-negative per head (see base_scores).
+        per_head = adaptive_head_budgets(raw, n_kept, self.alpha_safeguard).sum(-1)
+        scores = non_negative(raw)
         vnorm = layer.adapter.value_output_norms(layer.module, layer.values)
         return two_stage_keep(scores, vnorm, per_head, self.first_stage_ratio, self.epsilon)

@@ -54,7 +54,11 @@ class KVzipPress(Press):
     an original entry's score is the maximum softmax weight it receives over all reconstruction queries and over
     the query heads of its GQA group. Long contexts are reconstructed in chunks of ``chunk_size`` tokens, each on
     its own fork of the context cache; a later chunk's prompt asks to continue "starting with" the last
-    ``n_overlap`` tokens of the previous chunk (the paper's chunked scoring, as in the official code and kvpress).
+    ``n_overlap`` tokens of the previous chunk, as in the official code and kvpress. Where they differ: their
+    softmax for a chunk's reconstruction queries runs over the sinks, that chunk's own context keys and the
+    reconstruction keys only, and those queries score only that chunk; here it runs over every context key the
+    queries attend to in the model (the whole context, causally), and every entry takes its maximum over all
+    chunks. The two agree for contexts of at most ``chunk_size`` tokens (one chunk) and differ beyond.
     The first ``n_sink`` entries of every head are always kept. Then the ``T = n_kept(seq_len) × H`` highest
     scores over all (compressed layer, KV head, position) are kept, ``H`` the number of (layer, KV head) pairs —
     exactly the total of a uniform press; with ``layerwise=True`` every layer keeps ``n_kept × kv_heads``, spread
