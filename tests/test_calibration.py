@@ -95,6 +95,9 @@ def test_fingerprint_is_the_same_in_float32_bfloat16_and_eager(model_name, tiny_
     half = copy.deepcopy(model).to(torch.float16)
     with pytest.raises(ValueError, match="float16 weights do not match their float32/bfloat16 originals"):
         load_artifact(path, half, "qfilters")
+    # The CLI loads float32: for a float16 model the "create it with" hint is the Python call, not the CLI.
+    with pytest.raises(FileNotFoundError, match=r"calibrate\(model, tokenizer, 'qfilters'.*float16"):
+        load_artifact(None, half, "qfilters")
 
 
 def test_fingerprint_refuses_weights_on_the_meta_device():

@@ -197,6 +197,11 @@ def calibrate_command(model: nn.Module, method: str, path: Path | None = None) -
     Config attributes :func:`kvsqueeze.models.load_model` replaced on ``model`` are part of its identity, so they
     are passed again (``--model-option KEY=VALUE``); without them the command would calibrate another model.
     """
+    first = next(model.parameters(), None)
+    if first is not None and first.dtype == torch.float16:  # the CLI loads float32/bfloat16, another fingerprint
+        where = "" if path is None else f", output={str(path)!r}"
+        return (f"kvsqueeze.calibration.calibrate(model, tokenizer, {method!r}{where}) in Python, with this float16 "
+                "model (the CLI loads the model in float32, whose artifact a float16 model does not match)")
     name = model_name(model)
     command = f"kvsqueeze calibrate --model {shlex.quote(name) if name else '<model name or path>'} --method {method}"
     for key, value in config_overrides(model).items():
