@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from transformers import Pipeline as _HFPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from kvsqueeze.pipeline import Pipeline
+from kvsqueeze.pipeline import Pipeline, check_press, check_questions
 from kvsqueeze.presses.base import Press
 
 TASK = "kv-compression"
@@ -106,12 +106,9 @@ class KVCompressionPipeline(_HFPipeline):
             raise ValueError("give either question= or questions=, not both")
         asked = question if question is not None else questions
         if asked is not None:
-            forward["questions"] = _check_questions(asked)
+            forward["questions"] = check_questions(asked, "question")
         if press is not _UNSET:
-            if press is not None and not isinstance(press, Press):
-                raise TypeError(
-                    f"press must be a kvsqueeze Press (kvsqueeze.make_press(...)) or None, got {type(press).__name__}"
-                )
+            check_press(press)
             forward["press"] = press
         for key, value in answer_kwargs.items():
             expected = _ANSWER_KWARGS.get(key)
@@ -153,14 +150,6 @@ class KVCompressionPipeline(_HFPipeline):
     def postprocess(self, model_outputs: dict[str, Any]) -> dict[str, str] | list[dict[str, str]]:
         answers = [{"answer": a} for a in model_outputs["answers"]]
         return answers[0] if model_outputs["single"] else answers
-
-
-def _check_questions(questions: Any) -> str | list[str]:
-    if isinstance(questions, str):
-        return questions
-    if isinstance(questions, (list, tuple)) and questions and all(isinstance(q, str) for q in questions):
-        return list(questions)
-    raise TypeError(f"question must be a string or a non-empty list of strings, got {questions!r}")
 
 
 def register() -> None:

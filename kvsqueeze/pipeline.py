@@ -128,7 +128,7 @@ class Pipeline:
     @torch.inference_mode()
     def compress(self, context: str, press: Press | None = None) -> CompressedContext:
         """Prefill ``context`` once and compress it with ``press`` (None: keep everything)."""
-        _check_press(press)
+        check_press(press)
         ids = self.context_ids(context)
         cache = self.adapter.new_cache()
         report = CompressionReport()
@@ -163,7 +163,7 @@ class Pipeline:
                 "this recording was made on another model than the pipeline's; answering from it would read "
                 "another model's cache: record the context with this pipeline (pipe.record(context))"
             )
-        _check_press(press)
+        check_press(press)
         start = time.perf_counter()
         cache, report = recorded.compress(press)
         A.compact_cache(cache)  # its sliding-window layers are views of the recording's prefill
@@ -179,21 +179,28 @@ class Pipeline:
         self, context: str, questions: str | list[str], press: Press | None = None, **answer_kwargs
     ) -> str | list[str]:
         """Compress ``context`` and answer one question (returns a string) or several (returns a list)."""
-        if not isinstance(questions, str) and not (
-            isinstance(questions, (list, tuple)) and questions and all(isinstance(q, str) for q in questions)
-        ):
-            raise TypeError(f"questions must be a string or a non-empty list of strings, got {questions!r}")
+        questions = check_questions(questions)
         ctx = self.compress(context, press=press)
         if isinstance(questions, str):
             return ctx.answer(questions, **answer_kwargs)
         return [ctx.answer(q, **answer_kwargs) for q in questions]
 
 
-def _check_press(press: object) -> None:
+def check_press(press: object) -> None:
+    """``press`` is a kvsqueeze press or None (keep everything); anything else is a TypeError."""
     if press is not None and not isinstance(press, Press):
         raise TypeError(
             f"press must be a kvsqueeze Press (kvsqueeze.make_press(...)) or None, got {type(press).__name__}"
         )
+
+
+def check_questions(questions: object, name: str = "questions") -> str | list[str]:
+    """One question (a string) or a non-empty list of them (returned as a list); anything else is a TypeError."""
+    if isinstance(questions, str):
+        return questions
+    if isinstance(questions, (list, tuple)) and questions and all(isinstance(q, str) for q in questions):
+        return list(questions)
+    raise TypeError(f"{name} must be a string or a non-empty list of strings, got {questions!r}")
 
 
 @dataclass

@@ -451,10 +451,9 @@ _ANSWER_STATEMENTS = (
     # The answer prefixes InfiniteBench's scorer looks for ("answer is:", "answer:", "answer is", "option is").
     re.compile(r"(?i:\banswer(?:\s+is)?|\boption\s+is)" + _LETTER_AFTER),
 )
-#: A reply that starts with the letter itself: "B", "(B)", "[B]", "B.", "B)", "B:", "B," (then anything). A capital
-#: followed by a space and a word is not one ("A key point ..." starts with the article "A").
-# A reply that starts with the letter: bracketed; or followed by punctuation, a line break or the end; or (B-D only,
-# since "A" is also the article) followed by a space and more words ("C because ...").
+#: A reply that starts with the letter: bracketed ("(B)", "[B]"); or followed by punctuation ("B.", "B)", "B:",
+#: "B,", "B -"), a line break or the end; or, B-D only, by a space and more words ("C because ..."): "A" followed by
+#: a word is the article ("A key point ...").
 _LEADING_LETTER = re.compile(r"\s*(?:[\(\[]([A-D])[\)\]]|([A-D])(?=[ \t]*[\.\):,\-]|[ \t]*\n|\s*$)|([B-D])(?=\s))")
 _PARENTHESISED = re.compile(r"\(([A-D])\)")
 
@@ -465,8 +464,8 @@ def choice_letter(prediction: str) -> str | None:
     In order: an answer statement (``The correct answer is (B)`` as LongBench-v2's scorer reads it, case-insensitive,
     then ``Answer: B`` / ``the answer is B`` / ``the option is B`` as InfiniteBench's does); a reply that starts with
     the letter (``B``, ``(B) text``, ``B. text``, ``B`` then a new line, ``C because ...``; not the article in
-    ``A key point ...``); the one option letter in
-    parentheses when only one appears (``... the correct one is (C)``). Markdown ``*`` is ignored.
+    ``A key point ...``); the one option letter in parentheses when only one appears (``... the correct one is
+    (C)``). Markdown ``*`` is ignored.
     """
     text = prediction.replace("*", "")
     for pattern in _ANSWER_STATEMENTS:
