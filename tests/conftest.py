@@ -76,7 +76,7 @@ def build_model(name: str, attn_implementation: str = "sdpa", seed: int = SEED, 
     config_name, model_name, defaults = _ARCHITECTURES[name]
     config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, model_name)
     torch.manual_seed(seed)
-    config = config_cls(**_COMMON, attn_implementation=attn_implementation, **{**defaults, **config_overrides})
+    config = config_cls(**{**_COMMON, **defaults, **config_overrides}, attn_implementation=attn_implementation)
     model = model_cls(config).eval()
     model.name_or_path = f"tiny-{name}"
     model.generation_config.eos_token_id = EOS_ID

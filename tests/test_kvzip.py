@@ -157,7 +157,8 @@ def _pipeline_context(model_name, tiny_model, press):
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_cache_unchanged_after_answering(model_name, tiny_model):
-    model, pipe, ctx = _pipeline_context(model_name, tiny_model, _press(compression_ratio=0.5))
+    # chunks of 24: the tiny models' 256 positions must hold the context and each reconstruction chunk after it
+    model, pipe, ctx = _pipeline_context(model_name, tiny_model, _press(compression_ratio=0.5, chunk_size=24))
     assert any(A.is_ragged_layer(ctx.cache, i) for i in range(len(ctx.cache.layers)))
     snapshot = [tuple(t.clone() for t in A.layer_entries(ctx.cache, i)) for i in range(len(ctx.cache.layers))]
     lengths = [layer.get_seq_length() for layer in ctx.cache.layers]
@@ -171,7 +172,7 @@ def test_cache_unchanged_after_answering(model_name, tiny_model):
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_generate_inside_the_block_equals_the_pipeline(model_name, tiny_model):
-    press = _press(compression_ratio=0.5)
+    press = _press(compression_ratio=0.5, chunk_size=24)  # within the tiny models' 256 positions
     model, pipe, ctx = _pipeline_context(model_name, tiny_model, press)
     question = "What is the magic number?"
     want = ctx.generate_ids(question, max_new_tokens=8)
@@ -214,9 +215,9 @@ def test_generate_alone_compresses_its_prompt(tiny_model):
 def test_measured_bytes_follow_ratio(model_name, ratio, tiny_model):
     model = tiny_model(model_name)
     adapter = A.ModelAdapter(model)
-    ids = token_ids(200, seed=7)
+    ids = token_ids(150, seed=7)
     base, _, _ = prefill(model, ids)
-    cache, _, _ = prefill(model, ids, _press(compression_ratio=ratio))
+    cache, _, _ = prefill(model, ids, _press(compression_ratio=ratio, chunk_size=32))  # within 256 positions
     full = adapter.compressible_layers
     before = sum(A.layer_nbytes(base, i) for i in full)
     after = sum(A.layer_nbytes(cache, i) for i in full)
@@ -262,6 +263,25 @@ def test_missing_tokenizer_is_explained(tiny_model):
     with pytest.raises(ValueError, match=r"tokenizer=tokenizer"):
         with press(tiny_model("llama")):
             pass
+
+
+def test_reconstruction_past_the_models_positions_is_refused():
+    """The reconstruction chunks run after the context; past ``max_position_embeddings`` they are refused before any
+    pass, and the error's chunk size fits exactly."""
+    model = build_model("llama", max_position_embeddings=150)
+    ids = token_ids(60, seed=3)
+    prompt = len(TOKENIZER(kvsqueeze.presses.kvzip.REPEAT_PROMPT, add_special_tokens=False).input_ids)
+    press = _press(compression_ratio=0.5)  # one chunk: prompt + 60 tokens after 60 context tokens
+    with pytest.raises(ValueError, match=rf"60 tokens.*position {60 + prompt + 60 - 1}.*maximum of 150") as err:
+        prefill(model, ids, press)
+    room = int(__import__("re").search(r"chunk_size <= (\d+)", str(err.value)).group(1))
+    calls = []
+    model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    with pytest.raises(ValueError):
+        prefill(model, ids, _press(compression_ratio=0.5, chunk_size=room + 1))
+    assert len(calls) == 1  # the context prefill only: no reconstruction pass ran
+    cache, report, _ = prefill(model, ids, _press(compression_ratio=0.5, chunk_size=room))
+    assert report.measured_ratio == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize(

@@ -71,6 +71,9 @@ class KVzipPress(Press):
     cannot be used (``capabilities.extra_passes``). Cost: one forward of prompt + context over a cache twice as long,
     plus the scoring matmuls and softmaxes (the paper's fused kernels bring it to ~2× the prefill; this torch
     version measured 34.5 s of reconstruction after a 7.1 s prefill, 2,039 tokens, SmolLM2-135M, one CPU thread).
+    The chunks run at the positions after the context, so a context plus its longest chunk (prompt included) must
+    fit in ``max_position_embeddings``; one that does not is refused before any pass, with the ``chunk_size`` that
+    would fit.
 
     Where this differs from the paper: the repeat prompt is plain text (no chat template), all reconstruction
     queries count (the prompt's too), and the cache is physically pruned instead of masked. The prompts are
@@ -173,15 +176,36 @@ class KVzipPress(Press):
             score = self._chunk_scores(adapter, module, q, keys, n_ctx)
             best[idx] = score if idx not in best else torch.maximum(best[idx], score)
 
+        chunks = self.chunks(model, input_ids)
+        self._check_positions(adapter, n_ctx, max(c.shape[1] for c in chunks))
         handles = adapter.register_query_capture(queries) + adapter.register_attention_hooks(hook)
         try:
-            for ids in self.chunks(model, input_ids):
+            for ids in chunks:
                 fork = A.fork_cache(cache)
                 model(input_ids=ids, use_cache=True, logits_to_keep=1, **adapter.model_call_kwargs(fork))
         finally:
             for h in handles:
                 h.remove()
         return {i: best[i] for i in layers}
+
+    def _check_positions(self, adapter: A.ModelAdapter, n_ctx: int, longest: int) -> None:
+        """Refuse reconstruction passes that would run past the model's positions: each chunk sits after the whole
+        context, at positions up to ``n_ctx + longest - 1``, where the model was never trained (RoPE would not
+        complain; the scores would silently come from untrained positions)."""
+        limit = adapter.shape.max_position_embeddings
+        if limit is None or n_ctx + longest <= limit:
+            return
+        model = adapter.model
+        overhead = max(len(self._encode(model, self.repeat_prompt)),
+                       len(self._encode(model, self.continue_prompt)) + min(self.n_overlap, n_ctx))
+        room = limit - n_ctx - overhead  # context tokens per chunk that would still fit after the prompt
+        hint = f"use chunk_size <= {room} or a shorter context" if room >= 1 else "use a shorter context"
+        raise ValueError(
+            f"KVzipPress: a context of {n_ctx} tokens leaves no room for its reconstruction pass: the repeat prompt "
+            f"and up to {min(self.chunk_size, n_ctx)} context tokens ({longest} tokens in all) run after the context, "
+            f"up to position {n_ctx + longest - 1}, past the model's maximum of {limit} "
+            f"(config.max_position_embeddings); {hint}"
+        )
 
     def _chunk_scores(
         self, adapter: A.ModelAdapter, module: nn.Module, q: torch.Tensor, keys: torch.Tensor, n_ctx: int
