@@ -1,5 +1,5 @@
 """Score functions of the attention-free scorer presses against slow float64 references written from the method
-specifications (the reference notes ``methods.md`` §2.1 and ``papers.md`` §2, §3, §6), not from the presses
+specifications (the reference notes ``methods.md`` §2.1 and ``papers.md`` §2, §3, §6), not from the presses'
 code.
 
 ``tests/test_presses.py`` checks that a press keeps the top of its *own* score; these tests check the score itself
