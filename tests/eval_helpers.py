@@ -7,6 +7,7 @@ answer. Rows carry ``length`` and ``depth`` metadata, like the "niah" benchmark,
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Iterator, Sequence
 
@@ -62,3 +63,22 @@ class TinyNeedles(Benchmark):
 
     def config(self) -> dict:
         return {"length": self.length, "tasks": list(self.selected)}
+
+
+def record_answers(monkeypatch) -> list[dict]:
+    """Spy on ``CompressedContext.answer`` (still answering): the returned list gets the arguments of every call,
+    defaults filled in (``question``, ``max_new_tokens``, ``answer_prefix``, ...)."""
+    from kvsqueeze.pipeline import CompressedContext
+
+    calls: list[dict] = []
+    answer = CompressedContext.answer
+    signature = inspect.signature(answer)
+
+    def spy(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        calls.append({k: v for k, v in bound.arguments.items() if k != "self"})
+        return answer(self, *args, **kwargs)
+
+    monkeypatch.setattr(CompressedContext, "answer", spy)
+    return calls

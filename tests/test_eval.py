@@ -11,7 +11,8 @@ import pytest
 from kvsqueeze import cli
 from kvsqueeze.evaluation.base import Benchmark, register_benchmark
 
-import eval_helpers  # noqa: F401  registers "tiny_needles"
+from conftest import build_model, build_tokenizer
+from eval_helpers import record_answers  # importing eval_helpers registers "tiny_needles"
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -73,6 +74,53 @@ def test_eval_then_report(tiny_load, tmp_path, capsys):
     assert code == 0, err
     assert "| knorm | 0.25 |" in out and "leaderboard.md" in out
     assert (tmp_path / "report" / "leaderboard.csv").is_file()
+
+
+TINY_EVAL = ["eval", "--benchmark", "tiny_needles", "--presses", "knorm", "--ratios", "0.5", "--limit", "1", "--tasks",
+             "single", "--json"]
+
+
+def test_naive_flag_prefills_every_unit(tiny_load, tmp_path, capsys):
+    code, out, err = run(TINY_EVAL + ["--output-dir", str(tmp_path), "--naive"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["prefills"] == summary["units_run"] == 2  # baseline and knorm, each its own prefill
+
+
+def test_seed_flag_reaches_the_sweep(tiny_load, tmp_path, capsys):
+    code, out, err = run(TINY_EVAL + ["--output-dir", str(tmp_path), "--seed", "3"], capsys)
+    assert code == 0, err
+    config = json.loads(Path(json.loads(out)["directory"], "config.json").read_text())
+    assert config["seed"] == 3
+
+
+def test_max_new_tokens_flag_reaches_the_answers(tiny_load, tmp_path, capsys, monkeypatch):
+    calls = record_answers(monkeypatch)
+    code, out, err = run(TINY_EVAL + ["--output-dir", str(tmp_path), "--max-new-tokens", "3"], capsys)
+    assert code == 0, err
+    assert len(calls) == 2 and {c["max_new_tokens"] for c in calls} == {3}  # tiny_needles samples ask for 4
+    config = json.loads(Path(json.loads(out)["directory"], "config.json").read_text())
+    assert config["generation"]["max_new_tokens"] == 3
+
+
+def test_model_options_load_the_model_with_them(tmp_path, capsys):
+    """``--model-option`` reaches the loaded model, and so the results key."""
+    folder = tmp_path / "tiny-llama"
+    build_model("llama").save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    code, out, err = run(TINY_EVAL + ["--output-dir", str(tmp_path / "results"), "--model", str(folder),
+                                      "--model-option", "max_position_embeddings=512"], capsys)
+    assert code == 0, err
+    config = json.loads(Path(json.loads(out)["directory"], "config.json").read_text())
+    assert config["model"]["config_overrides"] == {"max_position_embeddings": 512}
+
+
+def test_report_goes_next_to_the_results_directories_by_default(tiny_load, tmp_path, capsys):
+    code, out, err = run(TINY_EVAL + ["--output-dir", str(tmp_path / "results")], capsys)
+    assert code == 0, err
+    code, _, err = run(["report", json.loads(out)["directory"]], capsys)
+    assert code == 0, err
+    assert (tmp_path / "results" / "report" / "leaderboard.md").is_file()
 
 
 @pytest.mark.parametrize(

@@ -90,6 +90,36 @@ def test_max_new_tokens_override():
     assert {s.max_new_tokens for s in samples} == {256}
 
 
+def test_truncation_records_the_original_length_in_tokens():
+    """``truncated_from`` counts the model's tokens, not characters (the character tokenizer cannot tell them
+    apart, so this one makes a token of every word)."""
+
+    class WordTokenizer:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": text.split(" ")}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(ids)
+
+    bench = make_benchmark("longbench", tasks=["hotpotqa"], data_files=FIXTURES / "longbench", max_context_tokens=6)
+    full = {s.id: s for s in make_benchmark("longbench", tasks=["hotpotqa"], data_files=FIXTURES / "longbench")
+            .samples(None)}
+    for s in bench.samples(WordTokenizer()):
+        assert s.metadata["truncated_from"] == len(full[s.id].context.split(" ")) > 6
+
+
+def test_infinitebench_choice_reference_is_the_letter_of_the_correct_option():
+    bench = make_benchmark("infinitebench", tasks=["longbook_choice_eng"], data_files=FIXTURES / "infinitebench")
+    (sample,) = bench.samples(None)
+    assert sample.answers[0][0] == "B" and "(B) Dunmere" in sample.questions[0]  # options: Harrowgate, Dunmere, ...
+
+
+def test_loogle_keeps_every_reference_answer():
+    sample = make_benchmark("loogle").to_sample(
+        "shortdep_qa", {"context": "c", "question": "q", "answer": ["the Kessel River", "Kessel"]}, 0)
+    assert sample.answers[0] == ("the Kessel River", "Kessel")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Errors: offline, missing data, bad options
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,6 +146,12 @@ def test_check_data_fails_fast_without_loading(name, unreachable_hub, monkeypatc
         make_benchmark(name).check_data()
     assert make_benchmark(name).DATASET in str(info.value)
     make_benchmark(name, tasks=_fixture_tasks(name), data_files=FIXTURES / name).check_data()
+
+
+def test_check_data_checks_every_local_task_file(tmp_path):
+    files = {"trec": FIXTURES / "longbench" / "trec.jsonl", "hotpotqa": tmp_path / "no.jsonl"}
+    with pytest.raises(hub.HubDataUnavailable, match="no.jsonl"):  # the first task's file is there, not the second's
+        make_benchmark("longbench", tasks=["trec", "hotpotqa"], data_files=files).check_data()
 
 
 def test_check_data_names_a_missing_local_file(tmp_path):
@@ -179,6 +215,16 @@ def test_qa_f1_from_token_overlap():
     assert M.qa_f1("湖水", ["湖"]) == pytest.approx(2 * 0.5 * 1 / 1.5)  # Chinese: one token per character
 
 
+def test_qa_f1_counts_a_repeated_token_as_often_as_it_occurs():
+    assert M.qa_f1("new york new york", ["New York, New York"]) == 1.0
+    assert M.qa_f1("new york", ["New York, New York"]) == pytest.approx(2 * 1 * 0.5 / 1.5)  # 2 of 4 tokens
+
+
+def test_exact_match_compares_normalised_answers():
+    assert M.exact_match("The Kessel River!", ["Dunmere", "kessel river"]) == 1.0  # case, punctuation, articles
+    assert M.exact_match("Kessel", ["kessel river"]) == 0.0
+
+
 def test_chinese_qa_f1_drops_chinese_punctuation():
     # LongBench's qa_f1_zh removes Chinese and English punctuation before counting (per character here).
     assert M.qa_f1("北京。", ["北京"]) == 1.0
@@ -194,6 +240,12 @@ def test_rouge_from_ngrams_and_lcs():
     assert M.rouge_l(pred, ref) == pytest.approx(3 / 4)  # LCS cat-on-mat
     assert M.rouge_l("mat on cat", ref) == pytest.approx(2 * (1 / 3) * (1 / 4) / (1 / 3 + 1 / 4))  # LCS length 1
     assert M.rouge_geometric_mean(pred, [ref]) == pytest.approx((3 / 4 * 1 / 3 * 3 / 4) ** (1 / 3))
+
+
+def test_max_rouge_l_takes_the_best_reference_wherever_it_is_listed():
+    assert M.max_rouge_l("cat sat", ["cat sat", "dog ran"]) == 1.0
+    assert M.max_rouge_l("cat sat", ["dog ran", "cat sat"]) == 1.0
+    assert M.max_rouge_l("cat sat", ["dog ran", "cat ran"]) == pytest.approx(0.5)  # LCS "cat", 1 of 2 each
 
 
 def test_edit_similarity_from_lcs():
@@ -214,6 +266,15 @@ def test_longbench_classification_retrieval_count():
     assert hub.count_score("none", ["7"], {}) == 0
 
 
+def test_classification_does_not_count_a_class_contained_in_the_reference():
+    """A class named only as part of the reference ("Description" inside "Description and abstract concept") is
+    not a second answer, as in LongBench's ``classification_score``."""
+    classes = {"all_classes": ["Description", "Description and abstract concept", "Entity"]}
+    reference = ["Description and abstract concept"]
+    assert hub.classification_score("Description and abstract concept", reference, classes) == 1
+    assert hub.classification_score("Description and abstract concept, or Entity", reference, classes) == 1 / 2
+
+
 def test_choice_and_numbers():
     assert hub.choice_accuracy("The correct answer is (B)", ["B"], {}) == 1
     assert hub.choice_accuracy("**The correct answer is C**", ["B"], {}) == 0
@@ -225,6 +286,11 @@ def test_choice_and_numbers():
     assert hub.word_match("The value is c0de-42.", ["c0de-42"], {}) == 1
     assert hub.word_match("The value is c0de-421.", ["c0de-42"], {}) == 0
     assert hub.sequence_accuracy("3, 5, 9, 13", ["3", "5", "8", "13"], {}) == 2 / 4  # stops at the first error
+
+
+def test_choice_option_text_matches_in_any_case():
+    assert hub.choice_accuracy("It is dunmere.", ["Dunmere"], {"options": ["Harrowgate", "Dunmere"]}) == 1
+    assert hub.choice_accuracy("It is HARROWGATE.", ["Dunmere"], {"options": ["Harrowgate", "Dunmere"]}) == 0
 
 
 @pytest.mark.parametrize(
@@ -297,6 +363,26 @@ def test_math_answers():
     assert hub.math_match(r"\boxed{4}", ["3"], {}) == 0 and hub.math_match("3", ["3"], {}) == 0  # unboxed
 
 
+def test_math_match_scores_the_last_boxed_answer():
+    prediction = r"First \boxed{2}; correcting: \boxed{3}"
+    assert hub.math_match(prediction, ["3"], {}) == 1 and hub.math_match(prediction, ["2"], {}) == 0
+
+
+@pytest.mark.parametrize(
+    "a, b, equivalent",
+    [
+        (r"-\frac{1}{2}", "-0.5", True),
+        (r"-\frac{1}{2}", r"\frac{1}{2}", False),  # the sign of a fraction counts
+        (r"\frac{1}{3}", "0.333", False),  # values are compared exactly, not to a few digits
+        ("100", "100.5", False),
+        ("100", "100.0", True),
+    ],
+)
+def test_math_equivalent_compares_exact_values(a, b, equivalent):
+    assert hub.math_equivalent(a, b) is equivalent
+    assert hub.math_equivalent(b, a) is equivalent
+
+
 def test_math_commas_are_thousands_separators_only_in_groups_of_three():
     assert hub.math_equivalent("32000", "32,000") and hub.math_equivalent("1234567.5", "1,234,567.5")
     assert not hub.math_equivalent("12", "1,2")  # a list of two numbers
@@ -328,3 +414,11 @@ def test_benchmark_score_averages_tasks():
     expected["average"] = sum(expected.values()) / 3
     assert bench.score(preds) == pytest.approx(expected, abs=0.01)  # scores are rounded to 2 decimals
     assert "average" not in M.aggregate([])  # nothing to score: no average
+
+
+def test_triviaqa_is_scored_on_the_first_line_of_the_output():
+    """LongBench scores its few-shot tasks (trec, triviaqa, samsum, lsht) on the first line: a model continuing the
+    few-shot pattern with another question is not penalised for it."""
+    bench = make_benchmark("longbench", tasks=["triviaqa"])
+    prediction = Prediction("x", "triviaqa", 0, "\nParis\nQuestion: the capital of Italy?\nAnswer: Rome", ("Paris",))
+    assert bench.score([prediction]) == {"triviaqa": 100.0, "average": 100.0}

@@ -48,6 +48,19 @@ def test_deterministic_by_seed(tokenizer):
     assert len(list(bench.samples(tokenizer, limit=1))) == 1
 
 
+def test_limit_above_n_per_cell_yields_n_per_cell(tokenizer):
+    assert len(list(NeedleInAHaystack(lengths=[600], depths=[0.5]).samples(tokenizer, limit=3))) == 1
+
+
+def test_samples_of_a_cell_start_their_haystacks_at_different_places(tokenizer):
+    first, second = NeedleInAHaystack(lengths=[600], depths=[0.0], n_per_cell=2).samples(tokenizer)
+
+    def after_needle(sample):
+        return sample.context.split(f"is {sample.answers[0][0]}.", 1)[1][:200]
+
+    assert after_needle(first) != after_needle(second)
+
+
 def test_scores_per_cell_length_and_average(grid_samples, tmp_path):
     bench, samples = grid_samples
     # The needle is found in every sample at depth 0 and 1, and in one of the two samples at depth 0.5.
@@ -68,6 +81,55 @@ def test_scores_per_cell_length_and_average(grid_samples, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     png2 = niah_heatmap(scores, tmp_path / "from_scores.png", title="from score()")
     assert png2.stat().st_size > 1000
+
+
+def _prediction(length: int, depth: float, found: bool) -> Prediction:
+    return Prediction(f"niah-{length}-{depth}", "niah", 0, "1234567" if found else "no idea", ("1234567",),
+                      {"length": length, "depth": depth})
+
+
+def test_per_length_score_averages_only_that_lengths_cells():
+    scores = NeedleInAHaystack(lengths=[600, 1200], depths=[0.0]).score(
+        [_prediction(600, 0.0, True), _prediction(1200, 0.0, False)])
+    assert scores["niah_600"] == 100 and scores["niah_1200"] == 0 and scores["niah"] == 50
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """What heatmaps draw: the last image's values and the x and y tick labels."""
+    import matplotlib.axes
+
+    seen = {}
+
+    def spy(name):
+        original = getattr(matplotlib.axes.Axes, name)
+
+        def method(self, *args, **kwargs):
+            seen[name] = args[0] if name == "imshow" else list(args[1])
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(matplotlib.axes.Axes, name, method)
+
+    for name in ("imshow", "set_xticks", "set_yticks"):
+        spy(name)
+    return seen
+
+
+def test_heatmap_rows_are_depths_and_columns_lengths(drawn, tmp_path):
+    niah_heatmap({(600, 0.0): 0, (1200, 0.0): 100, (600, 1.0): 50, (1200, 1.0): 25}, tmp_path / "h.png")
+    assert drawn == {"imshow": [[0, 100], [50, 25]], "set_xticks": ["600", "1200"], "set_yticks": ["0%", "100%"]}
+
+
+def test_heatmap_from_scores_draws_the_grid_of_the_predictions(grid_samples, drawn, tmp_path):
+    """``score()`` names cells by depth in percent (``niah_600_50``); drawn from those scores, the heatmap shows
+    the grid drawn from the predictions themselves."""
+    bench, samples = grid_samples
+    preds = [Prediction.of(s, 0, s.answers[0][0] if s.metadata["depth"] < 1 else "?") for s in samples]
+    niah_heatmap(preds, tmp_path / "from_predictions.png")
+    from_predictions = dict(drawn)
+    niah_heatmap(bench.score(preds), tmp_path / "from_scores.png")
+    assert drawn == from_predictions
+    assert from_predictions["set_yticks"] == ["0%", "50%", "100%"]
 
 
 def test_heatmap_rejects_data_without_cells(tmp_path):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 
 import pytest
 
-from kvsqueeze.evaluation.report import write_report
+from kvsqueeze.evaluation.report import plot_score_vs_ratio, write_report
 from kvsqueeze.evaluation.sweep import run_sweep
 
 from eval_helpers import TinyNeedles
@@ -78,6 +80,76 @@ def test_report_refuses_unfinished_or_missing_directories(two_runs, tmp_path):
 def _markdown_rows(path) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in path.read_text().splitlines()
             if line.startswith("| ") and not line.startswith("| press |")]
+
+
+def _markdown_table(path) -> list[dict[str, str]]:
+    """The rows of the (first) leaderboard table, keyed by column."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, row, strict=True)) for row in _markdown_rows(path)]
+
+
+def test_leaderboard_rows_carry_each_configurations_cache_bytes_and_sample_count(two_runs, tmp_path):
+    """cache (after compression), full (before) and samples (not predictions: a sample has several questions) are
+    those of the row's own configuration in metrics.json, in the Markdown table and the CSV alike."""
+    directory = two_runs[0]
+    stored = {(r["press"], r["ratio"]): r for r in json.loads((directory / "metrics.json").read_text())["results"]}
+    assert all(r["n_samples"] != r["n_predictions"] for r in stored.values())
+    assert all(r["cache_bytes"] != r["full_cache_bytes"] for (press, _), r in stored.items() if press != "none")
+    written = write_report([directory], tmp_path / "report")
+
+    markdown = _markdown_table(written["markdown"][0])
+    assert len(markdown) == len(stored)
+    for row in markdown:
+        expected = stored[(row["press"], float(row["ratio"]))]
+        assert row["cache MB"] == f"{expected['cache_bytes'] / 1e6:.2f}"
+        assert row["full MB"] == f"{expected['full_cache_bytes'] / 1e6:.2f}"
+        assert row["samples"] == str(expected["n_samples"])
+    with written["csv"][0].open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(stored)
+    for row in table:
+        expected = stored[(row["press"], float(row["ratio"]))]
+        assert float(row["cache_bytes"]) == expected["cache_bytes"]
+        assert float(row["full_cache_bytes"]) == expected["full_cache_bytes"]
+        assert int(row["n_samples"]) == expected["n_samples"]
+
+
+def test_average_column_is_the_benchmarks_own_average(two_runs, tmp_path):
+    """The report shows the ``average`` the benchmark scored (it may weight its tasks, or add breakdown columns
+    that are not tasks); it never recomputes it from the columns."""
+    directory = tmp_path / two_runs[0].name
+    shutil.copytree(two_runs[0], directory)
+    data = json.loads((directory / "metrics.json").read_text())
+    for row in data["results"]:
+        row["metrics"]["average"] = 12.34
+    (directory / "metrics.json").write_text(json.dumps(data))
+    written = write_report([directory], tmp_path / "report")
+    assert {row["average"] for row in _markdown_table(written["markdown"][0])} == {"12.3"}
+    with written["csv"][0].open() as f:
+        assert {float(row["average"]) for row in csv.DictReader(f)} == {12.34}
+
+
+def test_score_vs_ratio_plot_draws_ratio_against_score_with_a_dashed_baseline(monkeypatch, tmp_path):
+    import matplotlib.axes
+
+    calls = {"plot": [], "axhline": []}
+    for name in calls:
+        original = getattr(matplotlib.axes.Axes, name)
+
+        def method(self, *args, _original=original, _name=name, **kwargs):
+            calls[_name].append((args, kwargs))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(matplotlib.axes.Axes, name, method)
+    rows = [{"press": "none", "ratio": 0.0, "metrics": {"average": 80.0}},
+            {"press": "knorm", "ratio": 0.5, "metrics": {"average": 40.0}},
+            {"press": "knorm", "ratio": 0.25, "metrics": {"average": 60.0}}]
+    assert plot_score_vs_ratio(rows, "title", tmp_path / "plot.png").read_bytes().startswith(PNG)
+    ((args, kwargs),) = calls["plot"]  # one line per press; the baseline is not one of them
+    assert (list(args[0]), list(args[1]), kwargs["label"]) == ([0.25, 0.5], [60.0, 40.0], "knorm")
+    ((args, kwargs),) = calls["axhline"]
+    assert args[0] == 80.0 and kwargs["linestyle"] == "--"
 
 
 def test_same_press_with_other_options_gets_its_own_labelled_row(tiny_model, tokenizer, tmp_path):

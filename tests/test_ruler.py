@@ -124,10 +124,63 @@ def test_fwe_answers_are_ranks_two_to_four(tokenizer):
         assert ranked[3][1] > ranked[4][1]  # no tie with rank 5
 
 
+def test_niah_needle_sits_at_its_recorded_depth():
+    """The needle of niah_single_1 follows ``depth`` percent of the haystack's noise sentences."""
+    for index in range(5):
+        built = Ruler(length=2000).builder("niah_single_1", index, 0)(200, 0)
+        body = built.context.split("\n\n", 1)[1]
+        (depth,) = built.metadata["depths"]
+        assert body[: body.index("A special magic")].count(".") == round(depth / 100 * 200)  # one "." a sentence
+
+
+def test_several_needles_are_placed_by_their_depth_in_the_haystack_alone():
+    """Each depth is a position in the haystack before any needle goes in, as in RULER's reference: needles
+    inserted before it do not push a needle deeper."""
+    assert ruler._insert(list("abcd"), ["X", "Y"], [75, 100]) == ["a", "b", "c", "X", "d", "Y"]
+    assert ruler._insert(list("abcd"), ["X", "Y", "Z"], [0, 50, 50]) == ["X", "a", "b", "Y", "Z", "c", "d"]
+
+
+def test_cwe_frequencies_switch_at_4096_tokens():
+    """Common words appear 6 times against 1 below 4096 tokens, 30 against 3 from there on."""
+    assert ruler._cwe(TASKS["cwe"], "s", 5, 0, 4095).metadata["frequencies"] == [6, 1]
+    assert ruler._cwe(TASKS["cwe"], "s", 5, 0, 4096).metadata["frequencies"] == [30, 3]
+
+
+def test_cwe_distractor_words_are_distinct_and_never_part_of_another_word():
+    """Every uncommon word appears exactly its frequency, and no listed word contains another (which would make a
+    substring match credit it)."""
+    for seed in range(3):
+        built = ruler._cwe(TASKS["cwe"], f"s{seed}", 300, 0, 8000)
+        listing = built.context.rsplit("appear more often than the others.\n\n", 1)[1]
+        counts = Counter(re.findall(r"^\d+\. (\w+)$", listing, flags=re.MULTILINE))
+        assert {c for w, c in counts.items() if w not in built.answers} == {3}
+        words = list(counts)
+        assert not [(a, w) for a in words for w in words if a != w and a in w]
+
+
+def test_fwe_answers_are_never_tied_with_the_next_word_at_any_size():
+    """However few coded words a haystack holds, the three answers each occur more often than any other coded
+    word (down to haystacks where the frequencies would all round to zero)."""
+    for n in range(300):
+        built = ruler._fwe(TASKS["fwe"], "s", n, 0, 512)
+        counts = Counter(built.context.split("\n\n", 1)[1].split())
+        others = [c for w, c in counts.items() if w != "..." and w not in built.answers]
+        assert min(counts[a] for a in built.answers) > max(others, default=0), (n, counts)
+
+
 def test_qa_documents_contain_the_gold_paragraph(tokenizer, qa_files):
     for s in _samples(tokenizer, CHAR_LENGTH, tasks=["qa_1", "qa_2"], qa_data_files=qa_files):
         assert s.context.count("Document ") == s.metadata["n_documents"]
         assert "Question:" in s.questions[0]
+
+
+def test_qa_gold_paragraph_appears_once_when_every_document_is_used():
+    """The gold paragraph is never drawn again as a distractor, even when the sample takes the whole pool."""
+    data = ruler.load_qa_data("qa_1", str(FIXTURES / "squad.jsonl"))
+    for i, row in enumerate(data.rows):
+        pool_words = sum(len(d.split()) for d in data.documents if d not in row.gold)
+        built = ruler._qa(TASKS["qa_1"], f"s{i}", pool_words, 0, data, i)
+        assert [built.context.count(g) for g in row.gold] == [1] * len(row.gold)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,6 +207,17 @@ def test_lengths_within_tolerance_real_tokenizer(smollm_tokenizer, qa_files, len
         assert (1 - TOLERANCE) * length <= measured <= length, (s.task, measured)
         for ref in s.answers[0]:
             assert ref in s.context
+
+
+def test_a_length_the_units_cannot_reach_within_tolerance_is_an_error(tokenizer):
+    """When the largest build that fits falls more than ``TOLERANCE`` short (units of 100 tokens for 150 here),
+    the sample is refused, never returned short."""
+
+    def build(n, fill):
+        return ruler._Built("x" * (100 * n), "", ("a",), "", {})
+
+    with pytest.raises(ValueError, match="could not be fitted to 150 tokens"):
+        ruler.fit_length(build, tokenizer, 150, "coarse")
 
 
 def test_a_tokenizer_is_required():
@@ -234,6 +298,17 @@ def test_limit_caps_samples_per_task(tokenizer):
     assert bench.config() == {"length": 2000, "tasks": ["niah_single_1", "fwe"], "n_samples": 5, "qa_data_files": {}}
 
 
+def test_samples_of_a_task_differ_from_each_other(tokenizer):
+    samples = _samples(tokenizer, 2000, tasks=NON_QA, n=2)
+    for task in NON_QA:
+        a, b = [s for s in samples if s.task == task]
+        assert a.context != b.context and a.answers != b.answers, task
+
+
+def test_limit_above_n_samples_yields_n_samples(tokenizer):
+    assert len(list(Ruler(length=2000, tasks=["fwe"], n_samples=1).samples(tokenizer, limit=3))) == 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Scoring
 # ---------------------------------------------------------------------------------------------------------------
@@ -303,6 +378,25 @@ def test_only_qa_tasks_offline_is_an_error(tokenizer, unreachable_hub):
 def test_missing_datasets_package_is_named(tokenizer, no_datasets_package):
     with pytest.raises(QaDataUnavailable, match=r"`datasets` package is missing.*pip install"):
         _samples(tokenizer, 2000, tasks=["qa_1"], n=1)
+
+
+def test_squad_unanswerable_rows_are_skipped(tmp_path):
+    rows = [json.loads(line) for line in (FIXTURES / "squad.jsonl").read_text().splitlines()]
+    rows.append({"id": "v2", "title": "t", "context": "A lake.", "question": "Unanswerable?",
+                 "answers": {"text": [], "answer_start": []}})  # SQuAD v2's unanswerable form
+    path = tmp_path / "squad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = ruler.load_qa_data("qa_1", str(path))
+    assert len(data.rows) == len(rows) - 1 and all(r.answers for r in data.rows)
+    assert "Unanswerable?" not in [r.question for r in data.rows]
+
+
+def test_hotpotqa_gold_is_every_supporting_paragraph():
+    rows = [json.loads(line) for line in (FIXTURES / "hotpotqa.jsonl").read_text().splitlines()]
+    data = ruler.load_qa_data("qa_2", str(FIXTURES / "hotpotqa.jsonl"))
+    for raw, row in zip(rows, data.rows, strict=True):
+        titles = list(dict.fromkeys(raw["supporting_facts"]["title"]))
+        assert len(titles) == 2 and [g.split("\n", 1)[0] for g in row.gold] == titles
 
 
 @pytest.mark.parametrize(

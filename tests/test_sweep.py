@@ -3,15 +3,17 @@ keyed by the configuration, resume after an interruption, and bad input refused 
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
+import torch
 
 from kvsqueeze.evaluation import sweep as S
 from kvsqueeze.evaluation.sweep import run_sweep
 
 from conftest import MODEL_NAMES
-from eval_helpers import TinyNeedles
+from eval_helpers import TinyNeedles, record_answers
 from press_matrix import PRESS_KWARGS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -117,13 +119,28 @@ def test_changed_config_goes_to_another_directory(tiny_model, tokenizer, tmp_pat
 
 
 def _config_of(model, tokenizer, presses, ratios, limit, seed=0, press_options=None, benchmark=None,
-               max_new_tokens=None, model_name=None):
+               max_new_tokens=None, model_name=None, template=None):
     from kvsqueeze.pipeline import PromptTemplate
 
     entries = S.build_entries(presses, ratios, press_options)
-    template = PromptTemplate.for_tokenizer(tokenizer)
+    template = template or PromptTemplate.for_tokenizer(tokenizer)
     return S.resolved_config(model, model_name, benchmark or TinyNeedles(), entries, limit, seed, template,
                              max_new_tokens)
+
+
+def test_prompt_template_dtype_and_attention_implementation_are_part_of_the_key(tiny_model, tokenizer, tmp_path):
+    """Each changes every prediction, so each goes to another results directory."""
+    from kvsqueeze.pipeline import PromptTemplate
+
+    model = tiny_model("llama")
+    base = dict(presses=["knorm"], ratios=[0.5], limit=1)
+    configs = [
+        _config_of(model, tokenizer, **base, template=PromptTemplate()),
+        _config_of(model, tokenizer, **base, template=PromptTemplate(prefix="<|user|>")),
+        _config_of(copy.deepcopy(model).to(torch.bfloat16), tokenizer, **base, template=PromptTemplate()),
+        _config_of(tiny_model("llama", "eager"), tokenizer, **base, template=PromptTemplate()),
+    ]
+    assert len({S.results_dir(tmp_path, c) for c in configs}) == len(configs)
 
 
 def test_interrupted_sweep_resumes_without_repeating_a_unit(tiny_model, tokenizer, tmp_path, monkeypatch):
@@ -157,6 +174,29 @@ def test_interrupted_sweep_resumes_without_repeating_a_unit(tiny_model, tokenize
     assert len(keys) == len(set(keys)), "a unit was repeated"
     assert comparable(rows) == comparable(S.read_predictions(clean.directory / "predictions.jsonl"))
     assert _same_scores(directory, clean.directory)
+
+
+def test_resume_runs_the_ratios_an_interruption_left(tiny_model, tokenizer, tmp_path, monkeypatch):
+    """A unit is a (sample, press, ratio): knorm finished at 0.25 is not knorm finished at 0.5."""
+    model = tiny_model("llama")
+    kwargs = dict(presses=["knorm"], ratios=[0.25, 0.5], limit=1)
+    finish = S._finish_unit
+    calls = {"n": 0}
+
+    def interrupted(*args, **kw):
+        if calls["n"] == 2:  # the first sample's baseline and knorm at 0.25 are done, knorm at 0.5 is not
+            raise KeyboardInterrupt("simulated interruption")
+        calls["n"] += 1
+        return finish(*args, **kw)
+
+    monkeypatch.setattr(S, "_finish_unit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(model, tokenizer, tmp_path, **kwargs)
+    monkeypatch.setattr(S, "_finish_unit", finish)
+    resumed = sweep(model, tokenizer, tmp_path, **kwargs)
+    assert resumed.units_skipped == 2 and resumed.units_run == 4
+    rows = S.read_predictions(resumed.directory / "predictions.jsonl")
+    assert len({S._unit(r) for r in rows}) == 2 * 3  # 2 samples x (baseline + 2 ratios)
 
 
 def _same_scores(a, b) -> bool:
@@ -254,6 +294,56 @@ def test_config_json_records_every_run_and_keeps_the_key(tiny_model, tokenizer, 
     assert {k: v for k, v in env.items() if k != "runs"} == env["runs"][-1]
     stored = {k: v for k, v in config_two.items() if k not in ("hash", "environment")}
     assert S.config_hash(stored) == config_two["hash"]
+
+
+def test_a_press_at_ratio_zero_is_the_baseline(tiny_model, tokenizer, tmp_path):
+    result = sweep(tiny_model("llama"), tokenizer, tmp_path, presses=["knorm"], ratios=[0.0, 0.5], limit=1)
+    assert [(r["press"], r["ratio"]) for r in result.metrics] == [("none", 0.0), ("knorm", 0.5)]
+    assert result.units_run == 2 * 2  # 2 samples x (baseline, knorm at 0.5)
+
+
+def test_metrics_of_each_ratio_come_from_its_own_units(tiny_model, tokenizer, tmp_path):
+    result = sweep(tiny_model("llama"), tokenizer, tmp_path, presses=["knorm"], ratios=[0.25, 0.5], limit=1)
+    rows = S.read_predictions(result.directory / "predictions.jsonl")
+    assert len(result.metrics) == 3
+    for metrics in result.metrics:
+        units = {r["sample_id"]: r for r in rows if (r["press"], r["ratio"]) == (metrics["press"], metrics["ratio"])}
+        assert metrics["n_samples"] == len(units) == 2
+        assert metrics["cache_bytes"] == sum(u["cache_bytes"] for u in units.values()) / len(units)
+    assert result.metrics[1]["cache_bytes"] > result.metrics[2]["cache_bytes"]  # 0.25 keeps more than 0.5
+
+
+@pytest.mark.parametrize("max_new_tokens", [None, 2])
+def test_answers_get_the_samples_answer_prefix_and_token_budget(max_new_tokens, tiny_model, tokenizer, tmp_path,
+                                                                monkeypatch):
+    """Every question is decoded after its sample's answer prefix, for the sample's ``max_new_tokens`` unless the
+    sweep overrides it."""
+    calls = record_answers(monkeypatch)
+    sweep(tiny_model("llama"), tokenizer, tmp_path, presses=["knorm"], ratios=[0.5], limit=1,
+          max_new_tokens=max_new_tokens)
+    sample = next(TinyNeedles().samples(tokenizer, limit=1))
+    assert sample.max_new_tokens != 2
+    assert len(calls) == 2 * 3  # (baseline, knorm) x 3 questions
+    assert {(c["answer_prefix"], c["max_new_tokens"]) for c in calls} == {
+        (sample.answer_prefix, max_new_tokens or sample.max_new_tokens)}
+
+
+def test_each_question_is_scored_against_its_own_answers(tiny_model, tokenizer, tmp_path):
+    result = sweep(tiny_model("llama"), tokenizer, tmp_path, presses=["knorm"], ratios=[0.5], limit=1)
+    samples = {s.id: s for s in TinyNeedles().samples(tokenizer, limit=1)}
+    rows = S.read_predictions(result.directory / "predictions.jsonl")
+    assert {r["question_index"] for r in rows} == {0, 1}
+    for row in rows:
+        assert row["answers"] == list(samples[row["sample_id"]].answers[row["question_index"]])
+
+
+def test_unreadable_benchmark_data_fails_before_the_results_directory_exists(tiny_model, tokenizer, tmp_path):
+    from kvsqueeze.evaluation import hub, make_benchmark
+
+    benchmark = make_benchmark("longbench", tasks=["hotpotqa"], data_files=tmp_path / "missing.jsonl")
+    with pytest.raises(hub.HubDataUnavailable, match="missing.jsonl"):
+        sweep(tiny_model("llama"), tokenizer, tmp_path / "out", benchmark=benchmark, presses=["knorm"], ratios=[0.5])
+    assert not (tmp_path / "out").exists()
 
 
 def test_resume_false_starts_afresh(tiny_model, tokenizer, tmp_path):
