@@ -285,3 +285,30 @@ def test_ragged_attention_refuses_unknown_implementation(tiny_model):
                 pass
     finally:
         model.config._attn_implementation_internal = "sdpa"
+
+
+def test_attention_switches_are_undone_when_the_block_raises(tiny_model):
+    """An exception inside ``attention_for_cache`` (or a press block) restores the model's attention implementation
+    and closes the process-wide switches: afterwards a head-wise cache is refused again, as before the block."""
+    model = tiny_model("llama")
+    adapter = A.ModelAdapter(model)
+    press = make_press("adakv", press=make_press("knorm"), compression_ratio=0.75)
+    with torch.inference_mode(), press(model):
+        cache = A.ModelAdapter.cache_from_output(model(input_ids=token_ids(40, seed=3)))
+    pyramid = make_press("pyramidkv", compression_ratio=0.5)
+    with torch.inference_mode(), pyramid(model):
+        uneven = A.ModelAdapter.cache_from_output(model(input_ids=token_ids(40, seed=4)))
+    assert len({A.layer_physical_length(uneven, i) for i in adapter.compressible_layers}) > 1
+    before = model.config._attn_implementation
+    for block in (lambda: adapter.attention_for_cache(cache), lambda: adapter.attention_for_cache(uneven),
+                  lambda: press(model)):
+        with pytest.raises(RuntimeError, match="boom"):
+            with block():
+                raise RuntimeError("boom")
+        assert model.config._attn_implementation == before
+        step = torch.tensor([[7]])
+        with torch.inference_mode():
+            with pytest.raises(ValueError, match="head-wise compressed layers"):
+                model(input_ids=step, **adapter.model_call_kwargs(A.fork_cache(cache)))
+            with pytest.raises(ValueError, match="different numbers of context entries"):
+                model(input_ids=torch.tensor([[7, 8, 9]]), **adapter.model_call_kwargs(A.fork_cache(uneven)))
