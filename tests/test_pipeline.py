@@ -269,6 +269,10 @@ def test_chat_template_wraps_context_and_question(tiny_model, tokenizer, chat_to
     assert (want[0] == chat_tokenizer.bos_token_id).sum() == 1, "BOS must not be doubled"
     q = chat_tokenizer("\n\n" + QUESTIONS[0] + "\nBot:", add_special_tokens=False, return_tensors="pt").input_ids
     assert torch.equal(pipe.question_ids(QUESTIONS[0]), q)
+    # The answer prefix starts the assistant's turn: after the template's suffix, not inside the user's message.
+    prefixed = chat_tokenizer("\n\n" + QUESTIONS[0] + "\nBot:" + " Answer:", add_special_tokens=False,
+                              return_tensors="pt").input_ids
+    assert torch.equal(pipe.question_ids(QUESTIONS[0], answer_prefix=" Answer:"), prefixed)
     press = make_press("knorm", compression_ratio=0.5)
     ctx = pipe.compress(CONTEXT, press=press)
     answer = ctx.generate_ids(QUESTIONS[0], max_new_tokens=6)
