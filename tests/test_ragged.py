@@ -312,3 +312,27 @@ def test_attention_switches_are_undone_when_the_block_raises(tiny_model):
                 model(input_ids=step, **adapter.model_call_kwargs(A.fork_cache(cache)))
             with pytest.raises(ValueError, match="different numbers of context entries"):
                 model(input_ids=torch.tensor([[7, 8, 9]]), **adapter.model_call_kwargs(A.fork_cache(uneven)))
+
+
+@pytest.mark.parametrize("press_name", ["knorm", "adakv"])
+def test_crop_removes_appended_tokens_and_keeps_their_positions(press_name, tiny_model):
+    """``cache.crop(-n)`` (transformers' contract) removes tokens appended after compression: decoding them again
+    gives the same logits (same positions), all of them may go, the compressed context itself may not."""
+    model = tiny_model("llama")
+    adapter = A.ModelAdapter(model)
+    inner = make_press("knorm", compression_ratio=0.5)
+    press = inner if press_name == "knorm" else make_press("adakv", press=make_press("knorm"), compression_ratio=0.5)
+    ids = token_ids(40, seed=8)
+    new = torch.tensor([[11, 12, 13]])
+    with torch.inference_mode(), press(model):
+        cache = A.ModelAdapter.cache_from_output(model(input_ids=ids))
+        stored = A.layer_lengths(cache)
+        first = model(input_ids=new, **adapter.model_call_kwargs(cache)).logits
+        cache.crop(-2)
+        assert cache.get_seq_length() == 41 and A.layer_lengths(cache) == [n + 1 for n in stored]
+        again = model(input_ids=new[:, 1:], **adapter.model_call_kwargs(cache)).logits
+        torch.testing.assert_close(again, first[:, 1:], rtol=1e-4, atol=1e-5)
+        cache.crop(-3)
+        assert cache.get_seq_length() == 40 and A.layer_lengths(cache) == stored
+        with pytest.raises(ValueError, match="cannot crop 1 tokens: only 0 were appended"):
+            cache.crop(-1)
