@@ -344,6 +344,17 @@ def test_context_longer_than_the_model_maximum(model_name, tiny_model, tokenizer
     ctx = pipe.compress("y" * (MAX_POSITIONS - 20), press=make_press("knorm", compression_ratio=0.5))
     with pytest.raises(ValueError, match=rf"max_new_tokens \(64\).*{MAX_POSITIONS}"):
         ctx.generate_ids("why?", max_new_tokens=64)
+    # The limits are exact: a context of MAX_POSITIONS tokens leaves no room (refused), one token less does; an
+    # answer budget that exactly fills the positions is accepted, one more token is refused.
+    k = MAX_POSITIONS - (len(tokenizer("x").input_ids) - 1)
+    assert len(tokenizer("x" * k).input_ids) == MAX_POSITIONS
+    with pytest.raises(ValueError, match=rf"{MAX_POSITIONS} tokens"):
+        pipe.context_ids("x" * k)
+    assert pipe.context_ids("x" * (k - 1)).shape[1] == MAX_POSITIONS - 1
+    room = MAX_POSITIONS - ctx.n_tokens - pipe.question_ids("why?").shape[1]
+    ctx.generate_ids("why?", max_new_tokens=room)
+    with pytest.raises(ValueError, match=rf"max_new_tokens \({room + 1}\)"):
+        ctx.generate_ids("why?", max_new_tokens=room + 1)
 
 
 def test_unknown_press_suggests_close_names():
