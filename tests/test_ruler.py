@@ -15,6 +15,7 @@ import pytest
 from kvsqueeze.corpus import essays
 from kvsqueeze.evaluation import Prediction, make_benchmark, ruler
 from kvsqueeze.evaluation.ruler import TASKS, TOLERANCE, QaDataUnavailable, Ruler
+from kvsqueeze.evaluation.metrics import string_match_all, string_match_part
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ruler"
 NON_QA = [t for t in TASKS if TASKS[t].kind != "qa"]
@@ -333,6 +334,28 @@ def test_score_is_rulers_string_match():
     expected = {"niah_multivalue": 100 * (3 / 4 + 0) / 2, "cwe": 100.0, "qa_1": 100 * (1 + 0) / 2}
     expected["average"] = sum(expected.values()) / 3
     assert Ruler(length=1024).score(preds) == pytest.approx(expected)
+
+
+def test_score_post_processes_predictions_as_rulers_evaluator():
+    """RULER's evaluator turns every control character (ASCII 0-31, tab and newline too) into a newline before
+    matching: a control character inside the number splits it (no match), one around it changes nothing, and DEL
+    (127) is not a control character there."""
+    number = ("4738215",)
+    cases = {
+        "4738215": 1.0,
+        "\x00 4738215\x1f\n": 1.0,
+        "47382\x0715": 0.0,
+        "47382\t15": 0.0,
+        "47382\n15": 0.0,
+        "47382\x7f15": 0.0,
+    }
+    for prediction, hit in cases.items():
+        assert string_match_all(prediction, number) == hit, repr(prediction)
+        assert string_match_part(prediction, number) == hit, repr(prediction)
+    # A reference that spans a line break matches the newline the control character became.
+    assert string_match_all("alpha\x0bbeta", ("alpha\nbeta",)) == 1.0
+    preds = [_pred("niah_single_1", p, number) for p in cases]
+    assert Ruler(length=1024).score(preds)["niah_single_1"] == round(100 * 2 / 6, 2)  # RULER rounds task scores to 2 decimals
 
 
 def test_score_rejects_unknown_task():

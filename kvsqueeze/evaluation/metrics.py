@@ -5,7 +5,10 @@ Every function scores one prediction against its references and returns a number
 benchmark contract, on a 0–100 scale.
 
 * :func:`string_match_all` / :func:`string_match_part` — RULER (Hsieh et al., arXiv 2404.06654): the fraction of
-  references found in the prediction (case-insensitive substring), or whether any is found.
+  references found in the prediction (case-insensitive substring), or whether any is found. The prediction is first
+  post-processed as RULER's evaluator does: every ASCII control character (``\x00``–``\x1f``, tab and newline
+  included) becomes a newline, so a control character inside a number breaks the match instead of joining its
+  halves.
 * :func:`qa_f1` — SQuAD token F1 (Rajpurkar et al., arXiv 1606.05250) after the SQuAD answer normalisation
   (lower case, no punctuation, no articles, single spaces), as LongBench and ZeroSCROLLS use it; Chinese text
   counts one token per character without Chinese punctuation (LongBench's ``qa_f1_zh``, per character for jieba).
@@ -26,7 +29,8 @@ from collections.abc import Callable, Iterable, Sequence
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+#: RULER's post-processing turns these (ASCII 0–31) into newlines before matching; DEL (127) is left alone.
+_CONTROL = re.compile(r"[\x00-\x1f]")
 #: The Chinese punctuation LongBench's ``qa_f1_zh`` removes (with the ASCII punctuation) before counting tokens.
 _ZH_PUNCT = frozenset(
     "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃《》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏"
@@ -47,11 +51,17 @@ def tokens(text: str) -> list[str]:
     return norm.split()
 
 
+def _ruler_prediction(prediction: str) -> str:
+    """The prediction as RULER's evaluator scores it: control characters replaced by newlines, outer whitespace
+    stripped, lower-cased (matching is case-insensitive)."""
+    return _CONTROL.sub("\n", prediction).strip().lower()
+
+
 def string_match_all(prediction: str, references: Sequence[str]) -> float:
     """RULER ``string_match_all``: fraction of ``references`` occurring in ``prediction`` (case-insensitive)."""
     if not references:
         raise ValueError("string_match_all needs at least one reference")
-    pred = _CONTROL.sub("", prediction).lower()
+    pred = _ruler_prediction(prediction)
     return sum(ref.lower() in pred for ref in references) / len(references)
 
 
@@ -59,7 +69,7 @@ def string_match_part(prediction: str, references: Sequence[str]) -> float:
     """RULER ``string_match_part``: 1 if any reference occurs in ``prediction`` (case-insensitive), else 0."""
     if not references:
         raise ValueError("string_match_part needs at least one reference")
-    pred = _CONTROL.sub("", prediction).lower()
+    pred = _ruler_prediction(prediction)
     return float(any(ref.lower() in pred for ref in references))
 
 
