@@ -278,7 +278,8 @@ def test_foreign_artifact_is_refused(tiny_model, calibration_artifact):
     [
         ({"n_sink": -1}, ValueError, r"n_sink.*-1"),
         ({"n_recent": "8"}, TypeError, r"n_recent.*'8'"),
-        ({"n_sink": 0, "n_recent": 0}, ValueError, r"n_sink \+ n_recent.*0 \+ 0"),
+        ({"n_sink": 0, "n_recent": 0}, ValueError, r"n_recent must be an int >= 1, got 0"),
+        ({"n_sink": 16, "n_recent": 0}, ValueError, r"n_recent must be an int >= 1, got 0"),
         ({"artifact": 3}, TypeError, r"artifact.*3"),
         ({"allow_window_mismatch": "yes"}, TypeError, r"allow_window_mismatch must be a bool, got 'yes'"),
         ({"compression_ratio": 1.0}, ValueError, r"compression_ratio.*1\.0"),

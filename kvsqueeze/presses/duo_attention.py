@@ -72,6 +72,12 @@ class DuoAttentionPress(Press):
     models and 1K–4K contexts from the paper's 128 + 256; to change them, calibrate with the same values
     (``calibrate(model, tokenizer, "duo_attention", duo_sink=..., n_recent=...)``). ``allow_window_mismatch``
     (False): use gates trained with another window anyway (their ranking is then only a guess).
+
+    How the window counts: in calibration (as in the paper's training) a streaming head's query at position t sees
+    the sinks and the keys ``t - n_recent + 1 … t``, itself included. The press keeps the last ``n_recent``
+    *context* entries, and the question and answer tokens appended after the context are never evicted, so the
+    first question token sees ``n_recent + 1`` recent tokens (itself included) and later ones see more: the
+    streaming heads are compressed once, after the prefill, not slid during decoding.
     """
 
     artifact: str | None = None
@@ -85,9 +91,9 @@ class DuoAttentionPress(Press):
         super().__post_init__()
         check_artifact_field(self.artifact)
         check_int(self.n_sink, "n_sink", minimum=0)
-        check_int(self.n_recent, "n_recent", minimum=0)
-        if self.n_sink + self.n_recent < 1:
-            raise ValueError(f"the streaming window n_sink + n_recent must be >= 1, got {self.n_sink} + {self.n_recent}")
+        # Calibration needs a recent window of at least one token (the query itself), so gates for a window
+        # without recent tokens cannot exist.
+        check_int(self.n_recent, "n_recent", minimum=1)
         if not isinstance(self.allow_window_mismatch, bool):
             raise TypeError(f"allow_window_mismatch must be a bool, got {self.allow_window_mismatch!r}")
 
