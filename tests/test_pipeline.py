@@ -183,6 +183,9 @@ def test_from_recorded_equals_compress(case, model_name, setup):
         k2, v2, n2 = A.layer_entries(other.cache, i)
         assert torch.equal(n1, n2) and torch.equal(k1, k2) and torch.equal(v1, v2), f"layer {i}"
     assert other.report.kept == ctx.report.kept
+    # Its prefill time is the recording's prefill plus this compression, as for a context compressed directly.
+    assert recorded.prefill_seconds > 0
+    assert other.prefill_seconds >= recorded.prefill_seconds + other.compression_seconds
     assert other.generate_ids(QUESTIONS[1], max_new_tokens=6) == ctx.generate_ids(QUESTIONS[1], max_new_tokens=6)
 
 
