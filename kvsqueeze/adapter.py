@@ -47,6 +47,8 @@ _PLAIN_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
 #: cache_implementation values for which generate() builds a plain DynamicCache ("hybrid", the hub default of
 #: Gemma 2/3 generation configs, is reset to the dynamic cache by transformers 5).
 _DYNAMIC_CACHE_IMPLEMENTATIONS = (None, "dynamic", "hybrid")
+#: Attribute set on a model while a press runs its own extra passes (:meth:`ModelAdapter.internal_pass`).
+_INTERNAL_PASS = "_kvsqueeze_internal_pass"
 #: generate() settings that make it draft tokens (assisted / prompt-lookup decoding), besides assistant_model.
 _DRAFTING_SETTINGS = ("prompt_lookup_num_tokens", "assistant_early_exit")
 
@@ -212,8 +214,9 @@ class RaggedLayer(DynamicLayer):
 
     def _unsupported(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(
-            "a head-wise (ragged) compressed cache cannot be reordered or expanded across the batch "
-            "(beam search, num_return_sequences > 1); decode greedily or by sampling one sequence per context"
+            "a head-wise (ragged) compressed cache cannot be reordered or expanded across the batch (beam search, "
+            "or num_return_sequences > 1 when continuing from this cache); decode greedily or by sampling (under "
+            "a press, generate() expands the prompt before the prefill, so num_return_sequences works there)"
         )
 
     reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
@@ -877,6 +880,19 @@ class ModelAdapter:
         )
 
     @property
+    def decoder(self) -> nn.Module:
+        """The module that runs the decoder layers (``model.model`` of a causal LM, or the model itself when it
+        is the bare decoder): every forward that fills the cache passes through it, also a call on the inner
+        model that bypasses the causal LM's ``forward``."""
+        first = self.attention_modules[0]
+        found = self.model
+        for _, module in self.model.named_modules():
+            layers = getattr(module, "layers", None)
+            if isinstance(layers, nn.ModuleList) and any(m is first for m in layers.modules()):
+                found = module  # named_modules lists parents first: the last match is the innermost owner
+        return found
+
+    @property
     def attn_implementation(self) -> str:
         return getattr(self.model.config, "_attn_implementation", None) or "eager"
 
@@ -1037,10 +1053,19 @@ class ModelAdapter:
           and attended to afterwards. Only prefills (empty cache) are checked, so decoding steps pay no host sync;
         * a cache other than transformers' dynamic one (static, offloaded, quantized layers): a static layer's
           keys are its whole fixed-size buffer, empty slots included, and a quantized layer's are only its
-          recent residual, so a press would score and keep the wrong entries.
+          recent residual, so a press would score and keep the wrong entries;
+        * a cache that already holds tokens no press compressed (a prefix or system-prompt cache, a prefill done
+          before the block): a press compresses the prefill into an empty cache, from that prefill's hidden
+          states; the cached tokens' are gone, so it would compress nothing. A cache that a press compressed
+          (in this block or an earlier one) may be continued: the tokens appended to it are kept, like questions.
+
+        The hook sits on :attr:`decoder`, so calling the inner model directly is checked too. A press's own extra
+        passes (:meth:`internal_pass`) are not checked.
         """
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if getattr(self.model, _INTERNAL_PASS, 0):
+                return
             cache = self.cache_from_call(kwargs)
             if cache is None:
                 use_cache = kwargs.get("use_cache")
@@ -1052,7 +1077,14 @@ class ModelAdapter:
                         "compress; call it with use_cache=True (generate's default)"
                     )
             elif cache.get_seq_length() > 0:
-                return  # a decoding step: the prefill was checked
+                if any(isinstance(layer, (CompressedLayer, RaggedLayer)) for layer in cache.layers):
+                    return  # a decoding step, or tokens appended to a compressed context: the prefill was checked
+                raise ValueError(
+                    f"the cache already holds {cache.get_seq_length()} tokens that no press compressed (a prefix "
+                    "cache, or a prefill run before the press block): a press compresses the prefill into an empty "
+                    "cache, from its hidden states, so it would compress nothing here. Prefill the whole prompt "
+                    "inside the press block, or continue a cache that a press compressed"
+                )
             else:
                 other = {type(layer).__name__ for layer in cache.layers if type(layer) not in _PLAIN_LAYERS}
                 if other:
@@ -1071,7 +1103,21 @@ class ModelAdapter:
                     f"{mask.shape[0]}; compress one sequence at a time (kvsqueeze.Pipeline does)"
                 )
 
-        return [self.model.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+        return [self.decoder.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+
+    @contextmanager
+    def internal_pass(self) -> Iterator[None]:
+        """Mark the model calls in the block as a press's own extra passes (KVzip's reconstruction runs the model
+        on a fork of the uncompressed context cache), which :meth:`register_prefill_guard` lets through."""
+        setattr(self.model, _INTERNAL_PASS, getattr(self.model, _INTERNAL_PASS, 0) + 1)
+        try:
+            yield
+        finally:
+            depth = getattr(self.model, _INTERNAL_PASS) - 1
+            if depth:
+                setattr(self.model, _INTERNAL_PASS, depth)
+            else:
+                delattr(self.model, _INTERNAL_PASS)
 
     def register_generate_guard(self) -> list[Any]:
         """Refuse, while a press is open, the ``generate()`` modes that do not feed the model "the prompt, then one
@@ -1083,11 +1129,15 @@ class ModelAdapter:
         * a ``cache_implementation`` other than the dynamic cache (static buffers, offloading, quantization).
 
         ``model.generate`` is shadowed by an instance attribute for the duration; the returned handle removes it.
+        A model without ``generate`` (a bare decoder) needs no guard.
         """
         model = self.model
+        if not callable(getattr(model, "generate", None)):
+            return []
         original = model.generate
         shadowed = model.__dict__.get("generate")  # an instance attribute set by someone else: restored on removal
 
+        @functools.wraps(original)  # the same name, docstring and signature as the method it guards
         def generate(*args: Any, **kwargs: Any):
             # generate(inputs, generation_config, ...): the config may come positionally
             given = kwargs.get("generation_config", args[1] if len(args) > 1 else None)

@@ -609,6 +609,166 @@ def test_bare_forward_is_compressed_and_no_cache_is_refused(case, setup):
     assert calls == [], "a layer ran before the call without a cache was refused"
 
 
+@pytest.mark.parametrize("case", first_case_params)
+def test_inner_model_calls_are_compressed_and_guarded(case, setup):
+    """Calling the causal LM's inner decoder (``model.model``) directly under a press compresses exactly like the
+    full model, and its padded batches are refused before any layer runs: the guards sit on the decoder."""
+    press, _, model = setup(case, "llama", ratio=0.5)
+    adapter = A.ModelAdapter(model)
+    ids = token_ids(16, seed=13)
+    expected, _, _ = prefill(model, ids, press)
+    cache = adapter.new_cache()
+    with torch.inference_mode(), press(model) as report:
+        model.model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))
+    assert report.kept, "nothing was compressed"
+    assert_layers_equal(cache, expected, what="inner model: ")
+    ids = token_ids(16, seed=14, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    calls = []
+    handle = model.model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"padded batch.*row\(s\) \[1\] of 2"):
+            with torch.inference_mode(), press(model):
+                model.model(input_ids=ids, attention_mask=mask, use_cache=True)
+    finally:
+        handle.remove()
+    assert calls == [], "a layer ran before the padded batch was refused"
+
+
+@pytest.mark.parametrize("case", first_case_params)
+def test_a_cache_no_press_compressed_is_refused(case, setup):
+    """A press compresses the prefill into an empty cache. A cache that already holds tokens no press compressed
+    (a prefix cache, a prefill run before the block) is refused before any layer runs, whatever the call — the
+    press would compress nothing. A cache a press compressed, in an earlier block, can be continued inside a block
+    (the new tokens are appended, not compressed) with the same logits as outside one."""
+    press, _, model = setup(case, "llama", ratio=0.5)
+    adapter = A.ModelAdapter(model)
+    ids = token_ids(24, seed=15)
+    prefix, _, _ = prefill(model, ids[:, :10])
+    calls = []
+    handle = model.model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        for call in (
+            lambda: model(input_ids=ids[:, 10:], use_cache=True, **adapter.model_call_kwargs(A.fork_cache(prefix))),
+            lambda: model(input_ids=ids[:, 10:11], use_cache=True, **adapter.model_call_kwargs(A.fork_cache(prefix))),
+            lambda: model.generate(input_ids=ids, max_new_tokens=2, do_sample=False,
+                                   **adapter.model_call_kwargs(A.fork_cache(prefix))),
+        ):
+            with pytest.raises(ValueError, match="already holds 10 tokens that no press compressed"):
+                with torch.inference_mode(), press(model):
+                    call()
+    finally:
+        handle.remove()
+    assert calls == [], "a layer ran before the uncompressed cache was refused"
+    compressed, _, _ = prefill(model, ids[:, :16], press)
+    follow_up = ids[:, 16:]
+    ragged = A.has_ragged_layers(compressed)
+    with torch.inference_mode():
+        with adapter.aligned_masks(), (A.ragged_attention(model) if ragged else nullcontext()):
+            outside = model(input_ids=follow_up, use_cache=True,
+                            **adapter.model_call_kwargs(A.fork_cache(compressed))).logits
+        with press(model) as report:
+            inside = model(input_ids=follow_up, use_cache=True,
+                           **adapter.model_call_kwargs(A.fork_cache(compressed))).logits
+    assert not report.kept, "the appended tokens were compressed"
+    torch.testing.assert_close(inside, outside)
+
+
+def test_a_block_that_fails_to_open_leaves_nothing_behind(tiny_model, monkeypatch):
+    """When installing a guard fails, the guards already installed are removed and the model is not marked: calls
+    without a press (and later press blocks) behave as if the block had never been tried."""
+    model = tiny_model("llama")
+    press = kvsqueeze.make_press("knorm", compression_ratio=0.5)
+    before = hook_counts(model)
+
+    def broken(self, *args, **kwargs):
+        raise _Boom("generate guard failed")
+
+    monkeypatch.setattr(A.ModelAdapter, "register_generate_guard", broken)
+    with pytest.raises(_Boom):
+        with press(model):
+            pass
+    monkeypatch.undo()
+    assert hook_counts(model) == before
+    ids = token_ids(12, seed=16)
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=False)  # no press open: nothing refuses it
+        with press(model) as report:
+            model(input_ids=ids, use_cache=True)
+    assert report.kept
+
+
+def test_a_press_on_the_bare_decoder(tiny_model):
+    """A press opened on a model without ``generate`` (the bare decoder) needs no generate guard; it compresses
+    like the causal LM's prefill and leaves no hook behind."""
+    model = tiny_model("llama")
+    press = kvsqueeze.make_press("knorm", compression_ratio=0.5)
+    ids = token_ids(16, seed=17)
+    expected, _, _ = prefill(model, ids, press)
+    decoder = model.model
+    before = hook_counts(decoder)
+    cache = A.ModelAdapter(model).new_cache()
+    with torch.inference_mode(), press(decoder) as report:
+        decoder(input_ids=ids, use_cache=True, **A.ModelAdapter(model).model_call_kwargs(cache))
+    assert report.kept
+    assert_layers_equal(cache, expected, what="bare decoder: ")
+    assert hook_counts(decoder) == before
+
+
+def test_guarded_generate_keeps_the_methods_signature_and_docstring(tiny_model):
+    import inspect
+
+    model = tiny_model("llama")
+    with kvsqueeze.make_press("knorm", compression_ratio=0.5)(model):
+        assert "generate" in model.__dict__  # the guard is in place
+        assert inspect.signature(model.generate) == inspect.signature(type(model).generate.__get__(model))
+        assert model.generate.__doc__ == type(model).generate.__doc__ and model.generate.__doc__
+
+
+def test_two_threads_opening_a_block_on_one_model(tiny_model):
+    """Checking for an open block and marking one open happen in one step: of two threads entering at once, one
+    gets the block and the other a clear error (or both run one after the other), and the model is left clean."""
+    import sys
+    import threading
+
+    model = tiny_model("llama")
+    press = kvsqueeze.make_press("knorm", compression_ratio=0.5)
+    before = hook_counts(model)
+    errors: list[Exception] = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(200):
+            barrier = threading.Barrier(2)
+
+            def enter():
+                barrier.wait()
+                try:
+                    with press(model):
+                        pass
+                except ValueError as exc:
+                    errors.append(exc)
+                except Exception as exc:  # anything else is a bug
+                    errors.append(RuntimeError(f"{type(exc).__name__}: {exc}"))
+
+            threads = [threading.Thread(target=enter) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert all(isinstance(e, ValueError) and "already active" in str(e) for e in errors), errors[:3]
+    assert hook_counts(model) == before
+    assert not hasattr(model, "_kvsqueeze_active_press")
+
+
+def test_a_scorer_press_without_a_score_says_what_to_implement(tiny_model):
+    with pytest.raises(NotImplementedError, match=r"ScorerPress without a score: subclasses implement score\(layer\)"):
+        prefill(tiny_model("llama"), token_ids(16, seed=9), ScorerPress(compression_ratio=0.5))
+
+
 def test_hooks_removed_when_compression_raises(tiny_model):
     """A press whose compression fails inside the hook leaves no hook behind and propagates the error."""
 
@@ -910,6 +1070,8 @@ def test_matrix_handles_unlisted_presses(scratch_registry):
         ("expected_attention", "n_future_positions", 0, ValueError),
         ("expected_attention", "n_sink", True, TypeError),
         ("random", "seed", "0", TypeError),
+        ("random", "seed", 2**64, ValueError),
+        ("random", "seed", -(2**63) - 1, ValueError),
         ("knorm", "budget", 0, ValueError),
     ],
 )

@@ -16,6 +16,7 @@ Conventions, stated once:
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -257,6 +258,15 @@ def check_int(value: Any, name: str, minimum: int | None = None) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
+def check_seed(value: Any, name: str = "seed") -> None:
+    """Validate a random seed: an int (bools refused) that ``torch.Generator.manual_seed`` takes, i.e. in
+    ``[-2**63, 2**64)``; the messages name the field and the value."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if not -(2**63) <= value < 2**64:
+        raise ValueError(f"{name} must be an int in [-2**63, 2**64) (torch's seed range), got {value!r}")
+
+
 def check_number(value: Any, name: str, minimum: float | None = None, positive: bool = False) -> None:
     """Validate a real-valued field: TypeError unless an int or float (bools refused), ValueError when it is not
     finite, below ``minimum``, or not > 0 with ``positive``; every message names the field and the value."""
@@ -424,6 +434,7 @@ class Press:
 
 #: Attribute set on a model while a press block is open on it.
 _ACTIVE = "_kvsqueeze_active_press"
+_ACTIVE_LOCK = threading.Lock()
 
 
 def check_no_active_press(model: nn.Module) -> None:
@@ -443,15 +454,20 @@ def active_press(adapter: A.ModelAdapter, press: Press) -> Iterator[None]:
     second), and refuse prefills and generate() modes it cannot compress meanwhile
     (:meth:`ModelAdapter.register_prefill_guard`, :meth:`ModelAdapter.register_generate_guard`)."""
     model = adapter.model
-    check_no_active_press(model)
-    handles = adapter.register_prefill_guard() + adapter.register_generate_guard()
-    setattr(model, _ACTIVE, press)
+    with _ACTIVE_LOCK:  # check and mark in one step: two threads opening a block on one model cannot both enter
+        check_no_active_press(model)
+        setattr(model, _ACTIVE, press)
+    handles: list[Any] = []
     try:
+        handles += adapter.register_prefill_guard()
+        handles += adapter.register_generate_guard()
         yield
-    finally:
-        delattr(model, _ACTIVE)
+    finally:  # also when installing a guard failed: nothing stays behind on the model
         for h in handles:
             h.remove()
+        with _ACTIVE_LOCK:
+            if model.__dict__.get(_ACTIVE) is press:
+                delattr(model, _ACTIVE)
 
 
 def kv_nbytes(keys: torch.Tensor, values: torch.Tensor) -> int:
@@ -522,7 +538,10 @@ class ScorerPress(Press):
     """
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} is a ScorerPress without a score: subclasses implement score(layer), returning "
+            "(bsz, num_key_value_heads, seq_len) scores, higher = keep"
+        )
 
     def select(self, layer: LayerInputs, n_kept: int | None = None) -> torch.Tensor:
         """Kept indices ``(bsz, num_key_value_heads, n_kept)``, ascending."""

@@ -109,7 +109,7 @@ class KVzipPress(Press):
         for name in ("repeat_prompt", "continue_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a string, got {getattr(self, name)!r}")
-        if self.tokenizer is not None and not callable(self.tokenizer):
+        if self.tokenizer is not None and not (callable(self.tokenizer) and hasattr(self.tokenizer, "decode")):
             raise TypeError(f"tokenizer must be a Hugging Face tokenizer or None, got {self.tokenizer!r}")
 
     # -- prompts --------------------------------------------------------------------------------------------------
@@ -182,7 +182,8 @@ class KVzipPress(Press):
         try:
             for ids in chunks:
                 fork = A.fork_cache(cache)
-                model(input_ids=ids, use_cache=True, logits_to_keep=1, **adapter.model_call_kwargs(fork))
+                with adapter.internal_pass():  # a fork of the uncompressed context: not a prefill to refuse
+                    model(input_ids=ids, use_cache=True, logits_to_keep=1, **adapter.model_call_kwargs(fork))
         finally:
             for h in handles:
                 h.remove()
@@ -319,9 +320,10 @@ class KVzipPress(Press):
             finally:
                 state["busy"] = False
 
+        decoder = adapter.decoder  # also sees a call on the inner model that bypasses the causal LM's forward
         handles = [
-            model.register_forward_pre_hook(pre_hook, with_kwargs=True),
-            model.register_forward_hook(hook, with_kwargs=True),
+            decoder.register_forward_pre_hook(pre_hook, with_kwargs=True),
+            decoder.register_forward_hook(hook, with_kwargs=True),
         ]
         try:
             with adapter.compressed_attention(uneven_layers=True, ragged=True):
