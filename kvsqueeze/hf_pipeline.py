@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from transformers import Pipeline as _HFPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from kvsqueeze.pipeline import Pipeline, check_press, check_questions
+from kvsqueeze.pipeline import Pipeline, check_answer_option, check_press, check_questions
 from kvsqueeze.presses.base import Press
 
 TASK = "kv-compression"
@@ -90,6 +90,9 @@ class KVCompressionPipeline(_HFPipeline):
         batch_size = kwargs.get("batch_size", self._batch_size)
         if batch_size not in (None, 1) or isinstance(batch_size, bool):
             raise ValueError(f"the {TASK!r} pipeline compresses one context at a time; got batch_size={batch_size}")
+        if isinstance(context, (list, tuple)):  # every context checked before the first one is prefilled
+            for item in context:
+                self.preprocess(item)
         return super().__call__(context, **kwargs)
 
     def _sanitize_parameters(
@@ -123,6 +126,7 @@ class KVCompressionPipeline(_HFPipeline):
                 continue  # None for the others: not given (the build-time value or the default)
             if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
                 raise TypeError(f"{key} has the wrong type: got {value!r}")
+            check_answer_option(key, value)  # its range too: refused when given, not after a prefill
             forward[key] = value  # one forward parameter each, so call-time values override build-time ones
         return {}, forward, {}
 
@@ -142,6 +146,9 @@ class KVCompressionPipeline(_HFPipeline):
     ) -> dict[str, Any]:
         if questions is None:
             raise ValueError(f"the {TASK!r} pipeline needs a question: pipe(context, question='...')")
+        # Options that only conflict once the build's and the call's are merged (sampling settings without
+        # do_sample) and questions too long for the context: refused before the prefill.
+        self.kv_pipeline.check_answerable(model_inputs["context"], questions, **answer_kwargs)
         ctx = self.kv_pipeline.compress(model_inputs["context"], press=press)
         asked = [questions] if isinstance(questions, str) else questions
         answers = [ctx.answer(q, **answer_kwargs) for q in asked]

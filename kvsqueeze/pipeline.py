@@ -16,10 +16,12 @@ import torch
 from torch import nn
 
 from kvsqueeze import adapter as A
-from kvsqueeze.presses.base import CompressionReport, Press, check_no_active_press
+from kvsqueeze.presses.base import CompressionReport, Press, check_no_active_press, check_seed
 from kvsqueeze.record import RecordedPrefill, record_prefill
 
 _SLOT = "\u2063KVSQUEEZE_QUESTION\u2063"
+#: Answer length when ``max_new_tokens`` is not given.
+DEFAULT_MAX_NEW_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,12 @@ class Pipeline:
         self.model = model
         self.tokenizer = tokenizer
         self.adapter = A.ModelAdapter(model)
+        head = getattr(model, "get_output_embeddings", None)
+        if head is None or head() is None:  # e.g. AutoModel's bare decoder: no logits to answer with
+            raise TypeError(
+                f"model must be a causal LM with a language-model head (AutoModelForCausalLM), got "
+                f"{type(model).__name__}"
+            )
         self.template = PromptTemplate.for_tokenizer(tokenizer, use_chat_template)
 
     # -- tokens ---------------------------------------------------------------------------------------------------
@@ -97,6 +105,7 @@ class Pipeline:
         ids = self.tokenizer(
             self.template.prefix + context, add_special_tokens=self.template.add_special_tokens, return_tensors="pt"
         ).input_ids
+        self._check_vocabulary(ids)
         if self.max_length is not None and ids.shape[1] >= self.max_length:
             raise ValueError(
                 f"context has {ids.shape[1]} tokens, which leaves no room for a question within the model's maximum "
@@ -108,8 +117,21 @@ class Pipeline:
         """Token ids ``(1, m)`` appended after the compressed context."""
         if not isinstance(question, str):
             raise TypeError(f"question must be a string, got {type(question).__name__}")
+        if not isinstance(answer_prefix, str):
+            raise TypeError(f"answer_prefix must be a string, got {answer_prefix!r}")
         text = self.template.sep + question + self.template.suffix + answer_prefix
-        return self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(self.device)
+        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        self._check_vocabulary(ids)
+        return ids.to(self.device)
+
+    def _check_vocabulary(self, ids: torch.Tensor) -> None:
+        """Refuse token ids the model has no embedding for (a tokenizer of another model)."""
+        vocab = getattr(self.adapter.config, "vocab_size", None)
+        if vocab is not None and ids.numel() and int(ids.max()) >= vocab:
+            raise ValueError(
+                f"the tokenizer produced token id {int(ids.max())}, but the model's vocabulary has {vocab} tokens "
+                f"(config.vocab_size): the tokenizer ({type(self.tokenizer).__name__}) does not belong to this model"
+            )
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -170,6 +192,28 @@ class Pipeline:
         seconds = recorded.prefill_seconds + time.perf_counter() - start
         return CompressedContext(self, cache, recorded.n_tokens, press, report, seconds)
 
+    def check_room(self, n_context: int, n_question: int, max_new_tokens: int) -> None:
+        """Raise when a question and its answer would not fit after the context in the model's positions."""
+        limit = self.max_length
+        if limit is not None and n_context + n_question + max_new_tokens > limit:
+            raise ValueError(
+                f"context ({n_context}) + question ({n_question}) + max_new_tokens ({max_new_tokens}) tokens "
+                f"exceed the model's maximum of {limit}"
+            )
+
+    def check_answerable(self, context: str, questions: str | list[str], **answer_kwargs) -> None:
+        """Raise, before any prefill, what answering ``questions`` about ``context`` with ``answer_kwargs`` (the
+        options of :meth:`CompressedContext.answer`) would raise after it: a bad context, question or option, or a
+        question that would not fit after the context. Costs one tokenization of each."""
+        for name, value in answer_kwargs.items():
+            check_answer_option(name, value)  # an unknown option is named, not a bare keyword-argument TypeError
+        check_answer_options(**answer_kwargs)
+        n_context = self.context_ids(context).shape[1]
+        prefix = answer_kwargs.get("answer_prefix", "")
+        new_tokens = answer_kwargs.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        for question in [questions] if isinstance(questions, str) else questions:
+            self.check_room(n_context, self.question_ids(question, prefix).shape[1], new_tokens)
+
     def _prefill(self, ids: torch.Tensor, cache) -> None:
         # Logits for the last position only: with a 262k vocabulary the output layer over every context token
         # would cost more than the transformer itself.
@@ -180,6 +224,7 @@ class Pipeline:
     ) -> str | list[str]:
         """Compress ``context`` and answer one question (returns a string) or several (returns a list)."""
         questions = check_questions(questions)
+        self.check_answerable(context, questions, **answer_kwargs)  # before the prefill, not after it
         ctx = self.compress(context, press=press)
         if isinstance(questions, str):
             return ctx.answer(questions, **answer_kwargs)
@@ -254,7 +299,7 @@ class CompressedContext:
     def answer(
         self,
         question: str,
-        max_new_tokens: int = 32,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         answer_prefix: str = "",
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -268,7 +313,7 @@ class CompressedContext:
     def generate_ids(
         self,
         question: str,
-        max_new_tokens: int = 32,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         answer_prefix: str = "",
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -280,34 +325,10 @@ class CompressedContext:
         Greedy unless ``do_sample``; ``temperature``, ``top_p`` and ``seed`` only apply when sampling, and giving
         them without ``do_sample=True`` is an error rather than silently ignored.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if not isinstance(answer_prefix, str):
-            raise TypeError(f"answer_prefix must be a string, got {answer_prefix!r}")
-        if not isinstance(do_sample, bool):
-            raise TypeError(f"do_sample must be a bool, got {do_sample!r}")
-        for name, value in (("temperature", temperature), ("top_p", top_p)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number, got {value!r}")
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
-        if not do_sample:
-            ignored = [f"{name}={value!r}" for name, value, default in
-                       (("temperature", temperature, 1.0), ("top_p", top_p, 1.0), ("seed", seed, None)) if value != default]
-            if ignored:  # greedy decoding would silently ignore them
-                raise ValueError(f"{', '.join(ignored)} only apply when sampling; pass do_sample=True (greedy by default)")
+        check_answer_options(max_new_tokens, answer_prefix, do_sample, temperature, top_p, seed)
         pipe = self.pipeline
         ids = pipe.question_ids(question, answer_prefix)
-        limit = pipe.max_length
-        if limit is not None and self.n_tokens + ids.shape[1] + max_new_tokens > limit:
-            raise ValueError(
-                f"context ({self.n_tokens}) + question ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) tokens "
-                f"exceed the model's maximum of {limit}"
-            )
+        pipe.check_room(self.n_tokens, ids.shape[1], max_new_tokens)
         generator = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
         cache = self.fork_cache()
         eos = pipe.eos_token_ids
@@ -327,6 +348,56 @@ class CompressedContext:
         return out
 
 
+def check_answer_options(
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    answer_prefix: str = "",
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> None:
+    """Validate the options of :meth:`CompressedContext.answer`; each error names the option and its value.
+
+    ``temperature``, ``top_p`` and ``seed`` only apply when sampling: giving them with greedy decoding is an error
+    rather than silently ignored."""
+    for name, value in (("max_new_tokens", max_new_tokens), ("answer_prefix", answer_prefix),
+                        ("do_sample", do_sample), ("temperature", temperature), ("top_p", top_p), ("seed", seed)):
+        check_answer_option(name, value)
+    if not do_sample:
+        ignored = [f"{name}={value!r}" for name, value, default in
+                   (("temperature", temperature, 1.0), ("top_p", top_p, 1.0), ("seed", seed, None)) if value != default]
+        if ignored:  # greedy decoding would silently ignore them
+            raise ValueError(f"{', '.join(ignored)} only apply when sampling; pass do_sample=True (greedy by default)")
+
+
+def check_answer_option(name: str, value: object) -> None:
+    """Validate one option of :meth:`CompressedContext.answer` on its own (an unknown name is a TypeError)."""
+    if name == "max_new_tokens":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {value!r}")
+    elif name == "answer_prefix":
+        if not isinstance(value, str):
+            raise TypeError(f"answer_prefix must be a string, got {value!r}")
+    elif name == "do_sample":
+        if not isinstance(value, bool):
+            raise TypeError(f"do_sample must be a bool, got {value!r}")
+    elif name in ("temperature", "top_p"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+        if name == "temperature" and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
+        if name == "top_p" and not 0 < value <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {value!r}")
+    elif name == "seed":
+        if value is not None:
+            check_seed(value)
+    else:
+        raise TypeError(
+            f"unexpected answer option {name!r}; answer() takes max_new_tokens, answer_prefix, do_sample, "
+            "temperature, top_p and seed"
+        )
+
+
 def _next_token(
     logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> int:
@@ -334,8 +405,10 @@ def _next_token(
     logits = logits[0].float()
     if not do_sample:
         return int(logits.argmax())
-    # Shifted first, so a tiny temperature gives the argmax instead of inf - inf = NaN.
-    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
+    # Shifted first, so a tiny temperature gives the argmax instead of inf - inf = NaN; the scale is capped at
+    # float32's largest value, or 0 · (1 / 1e-300 → inf) would make the top logit NaN.
+    scale = min(1.0 / temperature, torch.finfo(logits.dtype).max)
+    probs = torch.softmax((logits - logits.max()) * scale, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p

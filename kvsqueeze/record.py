@@ -67,6 +67,8 @@ def record_prefill(model: nn.Module, input_ids: torch.Tensor, keep_attentions: b
     ``keep_attentions`` keeps eager attention weights ``(bsz, heads, seq_len, seq_len)`` per layer — quadratic
     memory, only for small inputs and presses that need them.
     """
+    if not isinstance(keep_attentions, bool):
+        raise TypeError(f"keep_attentions must be a bool, got {keep_attentions!r}")
     check_no_active_press(model)  # its hooks would compress the recorded prefill
     adapter = A.ModelAdapter(model)
     if keep_attentions and adapter.attn_implementation != "eager":

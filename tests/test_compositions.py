@@ -169,6 +169,21 @@ def test_uniform_ratio_on_a_wrapper_of_per_layer_budgets_is_refused(wrapper, inn
     kvsqueeze.make_press(wrapper, press=press)  # without a ratio of its own it follows the inner budgets
 
 
+@pytest.mark.parametrize(
+    "inner",
+    [
+        lambda L: kvsqueeze.make_press("per_layer", press=kvsqueeze.make_press("knorm"), compression_ratios=[0.9] * L),
+        lambda L: kvsqueeze.make_press("pyramidkv"),
+    ],
+    ids=["per_layer", "pyramidkv"],
+)
+def test_per_layer_ratios_over_per_layer_budgets_are_refused(inner):
+    """per_layer's ratios would replace the inner press's own per-layer budgets (its allocation silently unused)."""
+    press = inner(4)
+    with pytest.raises(ValueError, match=rf"wrapped {type(press).__name__} gives each layer its own budget"):
+        kvsqueeze.make_press("per_layer", press=press, compression_ratios=[0.1] * 4)
+
+
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_window_attention_over_kept_entries_masks_by_original_position(model_name, tiny_model):
     """Window attention over a subset of the keys (what an earlier press of a composition kept) equals the

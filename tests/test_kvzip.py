@@ -293,6 +293,7 @@ def test_reconstruction_past_the_models_positions_is_refused():
         ({"layerwise": 1}, TypeError, r"layerwise.*1"),
         ({"repeat_prompt": None}, TypeError, r"repeat_prompt.*None"),
         ({"tokenizer": "gpt2"}, TypeError, r"tokenizer.*'gpt2'"),
+        ({"tokenizer": len}, TypeError, r"tokenizer.*<built-in function len>"),
     ],
 )
 def test_bad_fields(kwargs, error, match):

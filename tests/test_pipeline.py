@@ -363,12 +363,104 @@ def test_context_longer_than_the_model_maximum(model_name, tiny_model, tokenizer
 def test_unknown_press_suggests_close_names():
     with pytest.raises(KeyError, match=r"'knrom'.*Did you mean: knorm"):
         make_press("knrom", compression_ratio=0.5)
+    # Also a ValueError, like every other bad input, and its message is not quoted as a plain KeyError's is.
+    with pytest.raises(ValueError) as raised:
+        make_press("knrom")
+    assert str(raised.value).startswith("unknown press 'knrom'.")
+    with pytest.raises(TypeError, match="a press name must be a string, got 123"):
+        kvsqueeze.register_press(123)
     with pytest.raises(KeyError, match=r"'snap_kv'.*Did you mean:.*snapkv"):
         make_press("snap_kv")
     with pytest.raises(KeyError, match=r"'no_such_thing'.*Known presses: .*knorm"):
         kvsqueeze.presses.press_class("no_such_thing")
     with pytest.raises(TypeError, match=r"'knorm'.*no field\(s\) \['windw_size'\]"):
         make_press("knorm", windw_size=3)
+
+
+class _ForwardCounter:
+    """Counts the forward passes of ``model``'s decoder layers while the ``with`` block runs."""
+
+    def __init__(self, model):
+        self.layer, self.calls = model.model.layers[0], 0
+
+    def __enter__(self):
+        self.handle = self.layer.register_forward_pre_hook(lambda *a: setattr(self, "calls", self.calls + 1))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_answer_options_and_question_lengths_are_checked_before_the_prefill(tiny_model, tokenizer):
+    """``pipe(context, questions, ...)`` and the transformers "kv-compression" task refuse bad answer options, a
+    question too long for the context and a bad context in a list before any prefill, not after compressing the
+    context (or after answering the first questions)."""
+    import transformers
+
+    model = tiny_model("llama")
+    pipe = Pipeline(model, tokenizer)
+    press = make_press("knorm", compression_ratio=0.5)
+    room = MAX_POSITIONS - pipe.context_ids(CONTEXT).shape[1] - pipe.question_ids("q").shape[1]
+    too_long = "q" * (room - 2)  # with max_new_tokens=4: context + question + answer one token past the maximum
+    bad_calls = [
+        (dict(max_new_tokens=0), ValueError, r"max_new_tokens must be a positive int, got 0"),
+        (dict(top_k=5), TypeError, r"unexpected answer option 'top_k'"),
+        (dict(temperature=0.7), ValueError, r"temperature=0.7 only apply when sampling"),
+        (dict(answer_prefix=None), TypeError, r"answer_prefix must be a string, got None"),
+        (dict(do_sample=True, seed=2**64), ValueError, r"seed must be an int in \[-2\*\*63, 2\*\*64\).*18446744073709551616"),
+    ]
+    with _ForwardCounter(model) as counter:
+        for kwargs, error, match in bad_calls:
+            with pytest.raises(error, match=match):
+                pipe(CONTEXT, QUESTIONS[0], press=press, **kwargs)
+        with pytest.raises(ValueError, match=r"exceed the model's maximum"):
+            pipe(CONTEXT, [QUESTIONS[0], too_long], press=press, max_new_tokens=4)
+        hf = transformers.pipeline("kv-compression", model=model, tokenizer=tokenizer, press=press)
+        with pytest.raises(ValueError, match=r"max_new_tokens must be a positive int, got 0"):
+            transformers.pipeline("kv-compression", model=model, tokenizer=tokenizer, max_new_tokens=0)
+        with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 2.0"):
+            hf(CONTEXT, question="q", do_sample=True, top_p=2.0)
+        with pytest.raises(ValueError, match=r"temperature=0.7 only apply when sampling"):
+            hf(CONTEXT, question="q", temperature=0.7)
+        with pytest.raises(ValueError, match=r"exceed the model's maximum"):
+            hf(CONTEXT, question=[QUESTIONS[0], too_long], max_new_tokens=4)
+        with pytest.raises(ValueError, match=r"context is empty"):
+            hf([CONTEXT, " "], question="q")
+    assert counter.calls == 0, "a forward pass ran before the bad input was refused"
+    # The limit is exact: one token less fits, and the same call is answered.
+    assert len(pipe(CONTEXT, [QUESTIONS[0], too_long[:-1]], press=press, max_new_tokens=4)) == 2
+
+
+def test_pipeline_refuses_what_it_cannot_answer_with(tiny_model, tokenizer):
+    """A model without a language-model head (``AutoModel``'s bare decoder) cannot answer; a tokenizer whose ids
+    exceed the model's vocabulary belongs to another model. Both are refused, naming what is wrong."""
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match=r"causal LM with a language-model head.*got LlamaModel"):
+        Pipeline(model.model, tokenizer)
+    from conftest import build_model
+
+    small = build_model("llama", vocab_size=40)  # the test tokenizer has ids up to 127: printable ASCII
+    pipe = Pipeline(small, tokenizer)
+    with _ForwardCounter(small) as counter:
+        with pytest.raises(ValueError, match=r"token id \d+, but the model's vocabulary has 40 tokens"):
+            pipe.compress("zzz")
+        ctx_ok = pipe.context_ids("AB")  # ids below 40 pass
+        assert int(ctx_ok.max()) < 40
+    assert counter.calls == 0
+
+
+def test_a_tiny_temperature_samples_the_argmax(tiny_model, tokenizer):
+    """``temperature`` → 0 is greedy decoding, also below float32's smallest number (1/T overflows there)."""
+    ctx = Pipeline(tiny_model("llama"), tokenizer).compress(CONTEXT)
+    greedy = ctx.generate_ids(QUESTIONS[0], max_new_tokens=8)
+    for temperature in (1e-30, 1e-300, 5e-324):
+        assert ctx.generate_ids(QUESTIONS[0], max_new_tokens=8, do_sample=True, temperature=temperature,
+                                seed=0) == greedy, temperature
+    # The largest seed torch takes is accepted; one more is refused (before the prefill, see above).
+    ctx.generate_ids(QUESTIONS[0], max_new_tokens=2, do_sample=True, seed=2**64 - 1)
+    ctx.generate_ids(QUESTIONS[0], max_new_tokens=2, do_sample=True, seed=-(2**63))
+    with pytest.raises(ValueError, match="seed must be an int in"):
+        ctx.generate_ids(QUESTIONS[0], max_new_tokens=2, do_sample=True, seed=-(2**63) - 1)
 
 
 def test_no_prefill_under_an_open_press_block(tiny_model, tokenizer):
@@ -485,6 +577,8 @@ def test_eager_only_presses_refuse_a_non_eager_model(tiny_model, tokenizer, cali
         assert hook_counts(model) == before
     with pytest.raises(ValueError, match=r"keep_attentions.*eager.*'sdpa'"):
         record_prefill(model, token_ids(8), keep_attentions=True)
+    with pytest.raises(TypeError, match=r"keep_attentions must be a bool, got 'no'"):
+        record_prefill(model, token_ids(8), keep_attentions="no")
     # The same presses run on the eager variant of the same weights.
     eager = Pipeline(tiny_model("llama", "eager"), tokenizer)
     for press in presses:

@@ -9,7 +9,8 @@ A benchmark is a small class that
   (``{task: score, ..., "average": score}``; scores on a 0–100 scale unless a metric says otherwise).
 
 Benchmarks register themselves under a short name with :func:`register_benchmark`; :func:`make_benchmark` builds
-one by name, and an unknown name raises a ``KeyError`` suggesting close matches.
+one by name, and an unknown name raises an ``UnknownNameError`` (a ``KeyError`` and a ``ValueError``) suggesting
+close matches.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
+
+from kvsqueeze.presses.registry import UnknownNameError
 
 
 def _references(refs: Any, where: str, example: str) -> tuple[str, ...]:
@@ -187,7 +190,8 @@ def list_benchmarks() -> list[str]:
 
 
 def benchmark_class(name: str) -> type[Benchmark]:
-    """The class registered under ``name``; an unknown name raises ``KeyError`` with close matches."""
+    """The class registered under ``name``; an unknown name raises ``UnknownNameError`` (a ``KeyError`` and a
+    ``ValueError``) with close matches."""
     if not isinstance(name, str):
         raise TypeError(f"benchmark name must be a string, got {name!r}")
     _load_builtin()
@@ -195,7 +199,7 @@ def benchmark_class(name: str) -> type[Benchmark]:
     if key not in _REGISTRY:
         close = difflib.get_close_matches(key, list(_REGISTRY), n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise KeyError(f"unknown benchmark {name!r}.{hint} Known benchmarks: {', '.join(sorted(_REGISTRY))}")
+        raise UnknownNameError(f"unknown benchmark {name!r}.{hint} Known benchmarks: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[key]
 
 

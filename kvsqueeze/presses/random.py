@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsqueeze.presses.base import LayerInputs, ScorerPress, check_int
+from kvsqueeze.presses.base import LayerInputs, ScorerPress, check_seed
 from kvsqueeze.presses.registry import register_press
 
 
@@ -26,7 +26,7 @@ class RandomPress(ScorerPress):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int(self.seed, "seed")
+        check_seed(self.seed)
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed + layer.layer_idx)

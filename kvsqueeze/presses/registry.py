@@ -15,12 +15,24 @@ from kvsqueeze.presses.base import Press
 
 P = TypeVar("P", bound=type[Press])
 
+
+
+class UnknownNameError(KeyError, ValueError):
+    """An unknown registry name (a press, a benchmark). A ``KeyError`` for lookups, and a ``ValueError`` like every
+    other bad input; its message is shown as written (a plain ``KeyError`` would print it quoted)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 _REGISTRY: dict[str, type[Press]] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 def register_press(name: str):
     """Class decorator registering a press under ``name`` (lowercase, digits and underscores)."""
+    if not isinstance(name, str):
+        raise TypeError(f"a press name must be a string, got {name!r}")
     if not _NAME.match(name):
         raise ValueError(f"press names are lowercase identifiers, got {name!r}")
 
@@ -42,14 +54,15 @@ def list_presses() -> list[str]:
 
 
 def press_class(name: str) -> type[Press]:
-    """The class registered under ``name``; an unknown name raises ``KeyError`` with close matches."""
+    """The class registered under ``name``; an unknown name raises :class:`UnknownNameError` (a ``KeyError`` and
+    a ``ValueError``) with close matches."""
     if not isinstance(name, str):
         raise TypeError(f"press name must be a string, got {name!r}")
     key = name.strip().lower().replace("-", "_")
     if key not in _REGISTRY:
         close = difflib.get_close_matches(key, list(_REGISTRY), n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise KeyError(f"unknown press {name!r}.{hint} Known presses: {', '.join(list_presses())}")
+        raise UnknownNameError(f"unknown press {name!r}.{hint} Known presses: {', '.join(list_presses())}")
     return _REGISTRY[key]
 
 
