@@ -13,6 +13,7 @@ import argparse
 import ast
 import dataclasses
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -31,6 +32,13 @@ DEMO_PRESS = "keydiff"
 DEMO_RATIOS = "0,0.25,0.5,0.75"
 
 _MB = 1e6
+
+#: The presses whose inner press has no default (:func:`wrapped_press_fields`), named in the ``--press`` help.
+WRAPPERS_WITHOUT_DEFAULT = ("key_rerotation", "per_layer", "composed")
+WRAPPER_HELP = (
+    "presses that wrap another press run with their default inner press (adakv, criticalkv, critical_adakv); "
+    f"{', '.join(WRAPPERS_WITHOUT_DEFAULT)} have none and are built in Python (make_press)"
+)
 
 
 class CLIError(Exception):
@@ -134,9 +142,51 @@ def _positive(value: int, flag: str) -> int:
     return value
 
 
+def wrapped_press_fields(name: str) -> dict[str, bool]:
+    """The fields of registered press ``name`` that hold other presses (``press``, ``presses``), each mapped to
+    whether it must be given (no default inner press: ``key_rerotation``, ``per_layer``, ``composed``)."""
+    from kvsqueeze.presses import press_class
+
+    out = {}
+    for f in dataclasses.fields(press_class(name)):
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if "Press" in kind:
+            required, default = _default_repr(f)
+            out[f.name] = required or default is None or default == []
+    return out
+
+
+def check_cli_press(name: str, options: dict[str, Any], option_prefix: str = "") -> None:
+    """Refuse what the command line cannot build: a press that wraps another press and has no default inner press,
+    or an option that sets a wrapped press (the command line builds no inner presses; Python does).
+    ``option_prefix`` is what precedes ``KEY=VALUE`` in ``--press-option`` (eval: ``"PRESS."``)."""
+    from kvsqueeze.presses import press_class
+
+    key = getattr(press_class(name), "registry_name", name)  # unknown name: KeyError with close matches
+    fields = wrapped_press_fields(key)
+    example = {f: "[make_press(...), ...]" if f == "presses" else "make_press(...)" for f in fields}
+    for field, value in options.items():
+        if field in fields:
+            raise CLIError(
+                f"--press-option {option_prefix}{field}={value!r}: press {key!r} wraps another press, which the "
+                f"command line cannot build from a name; build it in Python (make_press({key!r}, "
+                f"{field}={example[field]}))"
+            )
+    required = [f for f, needed in fields.items() if needed]
+    if required:
+        given = ", ".join(f"{f}={example[f]}" for f in required)
+        raise CLIError(
+            f"press {key!r} wraps another press, which the command line cannot build; build it in Python "
+            f"(make_press({key!r}, {given}))"
+        )
+
+
 def build_press(name: str, ratio: float | None, options: dict[str, Any] | None = None):
-    """A fresh press from the registry, or None for ``none`` (no compression); validates before any model loads."""
-    from kvsqueeze.presses import make_press, press_class
+    """A fresh press from the registry, or None for ``none`` (no compression); validates before any model loads.
+
+    Presses that wrap another press run with their default inner press (``adakv``, ``criticalkv``); those without
+    one, and options that would set one, are refused (:func:`check_cli_press`)."""
+    from kvsqueeze.presses import make_press
 
     options = options or {}
     if name.strip().lower() == "none":
@@ -145,7 +195,7 @@ def build_press(name: str, ratio: float | None, options: dict[str, Any] | None =
         if options:
             raise CLIError(f"--press none takes no --press-option (got {sorted(options)})")
         return None
-    press_class(name)  # unknown name: KeyError with close matches
+    check_cli_press(name, options)  # before the ratio: a composition is refused with or without --ratio
     if ratio is None:
         raise CLIError(f"--ratio is required with --press {name} (fraction of KV entries removed, e.g. 0.5)")
     kwargs = dict(options)
@@ -154,13 +204,27 @@ def build_press(name: str, ratio: float | None, options: dict[str, Any] | None =
     return make_press(name, **kwargs)
 
 
+def load_with_options(model_name: str | None, model_options: dict[str, Any] | None = None, **kwargs: Any):
+    """``load_model(model_name, **kwargs)`` with the config attributes ``model_options`` replaced; options the
+    checkpoint's weights do not fit (another number of heads, another vocabulary size) are one error naming them."""
+    from kvsqueeze.models import ConfigMismatchError, load_model
+
+    try:
+        return load_model(model_name, **kwargs, **(model_options or {}))
+    except ConfigMismatchError as exc:
+        given = " ".join(f"--model-option {key}={value!r}" for key, value in exc.overrides.items())
+        verb = "does" if len(exc.overrides) == 1 else "do"
+        raise CLIError(
+            f"{given} {verb} not match the weights of {exc.name}: the checkpoint's tensor shapes differ from what "
+            "the changed config needs (see the load report above); keep the checkpoint's value"
+        ) from None
+
+
 def load_for(model_name: str | None, press, model_options: dict[str, Any] | None = None) -> tuple[Any, Any]:
     """Load ``model_name`` with the attention implementation ``press`` needs (eager for attention weights) and the
     config attributes ``model_options`` replaced."""
-    from kvsqueeze.models import load_model
-
     needs_eager = press is not None and press.capabilities.needs_attention_weights
-    return load_model(model_name, attn_implementation="eager" if needs_eager else "sdpa", **(model_options or {}))
+    return load_with_options(model_name, model_options, attn_implementation="eager" if needs_eager else "sdpa")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,7 +441,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from kvsqueeze.pipeline import Pipeline
-    from kvsqueeze.presses import press_class
 
     ratios = parse_ratios(args.ratios)
     press_name = args.press
@@ -385,7 +448,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if any(ratios):
             raise CLIError("--press none cannot compress; use --ratios 0 or pick a press (kvsqueeze ls)")
     else:
-        press_class(press_name)  # unknown name: KeyError with close matches
+        check_cli_press(press_name, {})  # unknown name: KeyError with close matches
     _positive(args.max_new_tokens, "--max-new-tokens")
     model_options = parse_model_options(args.model_option)
     presses = [build_press(press_name, r) if r else None for r in ratios]
@@ -394,6 +457,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_for(args.model, pressed[0] if pressed else None, model_options)
     pipe = Pipeline(model, tokenizer)
+    for press in pressed:  # as run and eval do: a missing calibration artifact fails here, before the prefill
+        press.validate(pipe.adapter)
     text = demo_text()
     # One shared prefill when the press can work from recorded layer inputs; otherwise one prefill per ratio.
     shared = caps is None or caps.shares_recording
@@ -444,10 +509,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             _positive(value, flag)
     if args.duo_sink is not None and args.duo_sink < 0:
         raise CLIError(f"--duo-sink must be >= 0, got {args.duo_sink}")
-    from kvsqueeze.calibration import METHODS, calibrate  # the heavy part, imported only for this command
+    from kvsqueeze.calibration import METHODS, calibrate, check_output_path  # imported only for this command
 
     if args.method not in METHODS:
         raise CLIError(f"unknown calibration method {args.method!r}; known methods: {', '.join(METHODS)}")
+    if args.output is not None:
+        try:
+            check_output_path(args.output)
+        except ValueError as exc:
+            raise CLIError(f"--output: {exc}") from None
     duo = args.method == "duo_attention"
     wrong = [flag for flag, value, applies in (("--n-sequences", args.n_sequences, not duo),
                                                ("--n-samples", args.n_samples, args.method == "qfilters"),
@@ -457,15 +527,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if wrong:
         raise CLIError(f"not used by --method {args.method}: {', '.join(wrong)}")
     model_options = parse_model_options(args.model_option)
-    from kvsqueeze.models import load_model
-
     if duo:
         options = {"seq_len": args.seq_len or 1024, "steps": 50 if args.steps is None else args.steps}
         options.update({k: v for k, v in (("duo_sink", args.duo_sink), ("n_recent", args.n_recent)) if v is not None})
     else:
         options = {"n_sequences": 20 if args.n_sequences is None else args.n_sequences,
                    "seq_len": args.seq_len or 2048, "n_samples": args.n_samples}
-    model, tokenizer = load_model(args.model, **model_options)
+    model, tokenizer = load_with_options(args.model, model_options)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    maximum = getattr(config, "max_position_embeddings", None)
+    if maximum is not None and options["seq_len"] > maximum:  # before any forward pass
+        given = f"{options['seq_len']}" if args.seq_len else f"{options['seq_len']} (the default)"
+        raise CLIError(
+            f"--seq-len {given} exceeds the model's maximum of {maximum} positions (config.max_position_embeddings); "
+            f"pass --seq-len {maximum} or less"
+        )
     path = calibrate(model, tokenizer, args.method, output=args.output, progress=True, **options)
     print(path)
     return 0
@@ -600,10 +676,49 @@ def benchmark_options(cls, args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def check_benchmark_lengths(benchmark, model, max_new_tokens: int | None = None) -> None:
+    """Refuse the lengths of ``niah`` (``--lengths``) and ``ruler`` (``--length``) that cannot fit in ``model``'s
+    ``max_position_embeddings``, before the (slow) sample building.
+
+    Their length is the target of context + question in tokens of the model's tokenizer: RULER refuses to build a
+    sample more than ``TOLERANCE`` (2%) short of it, and NIAH cuts its haystack at a word, closer still. The
+    pipeline refuses a sample whose context + question + answer tokens exceed the maximum; so only a length whose
+    shortest possible sample leaves no room for ``max_new_tokens`` answer tokens (1 when not given) is refused here:
+    every sample of it would be refused later. Other benchmarks are not checked (their lengths mean other things).
+    """
+    from kvsqueeze.evaluation.niah import NeedleInAHaystack
+    from kvsqueeze.evaluation.ruler import TOLERANCE, Ruler
+
+    if isinstance(benchmark, NeedleInAHaystack):
+        flag, lengths = "--lengths", list(benchmark.lengths)
+    elif isinstance(benchmark, Ruler):
+        flag, lengths = "--length", [benchmark.length]
+    else:
+        return
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    maximum = getattr(config, "max_position_embeddings", None)
+    if maximum is None:
+        return
+    answer = max_new_tokens or 1
+
+    def fewest_tokens(length: int) -> int:  # the shortest sample a length may give (RULER's own bound)
+        return math.ceil((1 - TOLERANCE) * length)
+
+    too_long = [n for n in lengths if fewest_tokens(n) + answer > maximum]
+    if too_long:
+        shortest = min(too_long)
+        raise CLIError(
+            f"{flag} {','.join(map(str, too_long))} cannot fit in the model's maximum of {maximum} positions "
+            f"(config.max_position_embeddings): a sample of length {shortest} holds at least "
+            f"{fewest_tokens(shortest)} tokens of context and question (samples land within {TOLERANCE:.0%} below "
+            f"their length), which leaves no room for {answer} answer token(s); use lengths below {maximum}"
+        )
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate presses × ratios on a benchmark (one shared prefill per sample) into a results directory."""
     from kvsqueeze.evaluation.base import benchmark_class
-    from kvsqueeze.evaluation.sweep import build_entries
+    from kvsqueeze.evaluation.sweep import BASELINE, build_entries
 
     # Everything is checked before the model loads.
     cls = benchmark_class(args.benchmark)  # unknown name: KeyError with close matches
@@ -618,15 +733,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.max_new_tokens is not None:
         _positive(args.max_new_tokens, "--max-new-tokens")
     model_options = parse_model_options(args.model_option)
-    entries = build_entries(presses, ratios, press_options)  # unknown press names: KeyError with close matches
+    for name in (p.strip().lower() for p in presses):
+        if name != BASELINE:  # unknown names: KeyError with close matches
+            check_cli_press(name, press_options.get(name, {}), option_prefix=f"{name}.")
+    entries = build_entries(presses, ratios, press_options)
     benchmark = cls(**options)
     benchmark.check_data()  # data files missing or the hub unreachable: fails here, before the model loads
 
     from kvsqueeze.evaluation.sweep import run_sweep
-    from kvsqueeze.models import load_model, resolve_name
+    from kvsqueeze.models import resolve_name
 
     name = resolve_name(args.model)
-    model, tokenizer = load_model(name, **model_options)
+    model, tokenizer = load_with_options(name, model_options)
+    check_benchmark_lengths(benchmark, model, args.max_new_tokens)  # before any sample is built
     result = run_sweep(
         model,
         tokenizer,
@@ -723,7 +842,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("run", help="compress a context file and answer a question from the compressed cache")
-    p.add_argument("--press", required=True, help="press name (kvsqueeze ls), or 'none' for no compression")
+    p.add_argument(
+        "--press", required=True, help=f"press name (kvsqueeze ls), or 'none' for no compression; {WRAPPER_HELP}"
+    )
     p.add_argument("--ratio", help="compression ratio in [0, 1): fraction of KV entries removed")
     p.add_argument("--context", required=True, metavar="FILE", help="UTF-8 text file to compress ('-': stdin)")
     p.add_argument("--question", required=True, help="question answered from the compressed context")
@@ -732,7 +853,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32)")
     p.add_argument("--answer-prefix", default="", help="text the answer starts with (e.g. 'The code is')")
     p.add_argument(
-        "--press-option", action="append", metavar="KEY=VALUE", help="set another press field, e.g. n_sink=8"
+        "--press-option", action="append", metavar="KEY=VALUE",
+        help="set another press field, e.g. n_sink=8 (not a wrapped press: those are built in Python)",
     )
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
     p.set_defaults(func=cmd_run)
@@ -740,7 +862,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline demo: one shipped document at several compression ratios")
     p.add_argument("--model", default=None, help=model_help)
     add_model_option(p)
-    p.add_argument("--press", default=DEMO_PRESS, help=f"press name (default {DEMO_PRESS})")
+    p.add_argument("--press", default=DEMO_PRESS, help=f"press name (default {DEMO_PRESS}); {WRAPPER_HELP}")
     p.add_argument("--ratios", default=DEMO_RATIOS, help=f"comma-separated ratios (default {DEMO_RATIOS})")
     p.add_argument("--max-new-tokens", type=int, default=12, help="answer length limit (default 12)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -769,7 +891,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate presses x ratios on a benchmark (one shared prefill per sample)")
     p.add_argument("--benchmark", required=True, help="registered benchmark name (e.g. ruler, niah)")
-    p.add_argument("--presses", required=True, help="comma-separated press names (kvsqueeze ls)")
+    p.add_argument("--presses", required=True, help=f"comma-separated press names (kvsqueeze ls); {WRAPPER_HELP}")
     p.add_argument("--ratios", default="0.25,0.5,0.75", help="comma-separated ratios in [0, 1) (default 0.25,0.5,0.75)")
     p.add_argument("--limit", type=int, default=None, help="at most this many samples per task (default: all)")
     p.add_argument("--length", type=int, default=None, help="context length option of the benchmark (e.g. 4096)")
@@ -779,7 +901,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--qa-data-files", action="append", metavar="TASK=PATH",
         help="ruler: local SQuAD/HotpotQA rows for qa_1/qa_2, e.g. qa_1=squad.jsonl (repeatable)",
     )
-    p.add_argument("--lengths", default=None, help="niah: comma-separated context lengths (default 1000,2000,4000)")
+    p.add_argument(
+        "--lengths", default=None,
+        help="niah: comma-separated context lengths (default 1000,2000,4000); each must fit the model's maximum",
+    )
     p.add_argument(
         "--depths", default=None, help="niah: comma-separated needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)"
     )

@@ -276,6 +276,76 @@ def converted_dir(name: str) -> Path:
     return target
 
 
+class ConfigMismatchError(ValueError):
+    """Config overrides that the checkpoint's weights do not fit (another number of heads, another vocabulary size):
+    transformers refuses the mismatched tensor shapes. ``name`` is the model, ``overrides`` the attributes given."""
+
+    def __init__(self, message: str, name: str, overrides: dict[str, Any]):
+        super().__init__(message)
+        self.name = name
+        self.overrides = dict(overrides)
+
+
+def check_device(device: Any) -> torch.device:
+    """``device`` as a ``torch.device`` the weights can be moved to, checked before any weights load.
+
+    Raises
+    ------
+    TypeError
+        ``device`` is not a string, a ``torch.device`` or an int (an accelerator index).
+    ValueError
+        ``device`` names no device type (``"gpu"``), is ``"meta"`` (shapes only: nothing could run), or names an
+        accelerator this torch build or machine does not have (``"cuda"`` without CUDA, ``"cuda:3"`` with 2 GPUs).
+    """
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+        raise TypeError(
+            f"device must be a string such as 'cpu' or 'cuda:0', a torch.device or an accelerator index, got {device!r}"
+        )
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        reason = " ".join(str(exc).split())
+        raise ValueError(
+            f"device={device!r} is not a usable torch device ({reason}); use e.g. 'cpu' or 'cuda:0'"
+        ) from None
+    if parsed.type == "meta":
+        raise ValueError(
+            f"device={device!r} holds no weights (the meta device records shapes only, so the model could not run); "
+            "use 'cpu' or an accelerator such as 'cuda'"
+        )
+    if parsed.type == "cpu":
+        return parsed
+    backend = getattr(torch, parsed.type, None)  # torch.cuda, torch.mps, torch.xpu, ...; other types are not checked
+    if backend is not None and callable(getattr(backend, "is_available", None)):
+        if not backend.is_available():
+            raise ValueError(
+                f"device={device!r} is not available: torch.{parsed.type}.is_available() is False (torch "
+                f"{torch.__version__} on this machine); use device='cpu'"
+            )
+        count = backend.device_count() if callable(getattr(backend, "device_count", None)) else None
+        if parsed.index is not None and count is not None and parsed.index >= count:
+            raise ValueError(
+                f"device={device!r} does not exist: this machine has {count} {parsed.type} device(s) "
+                f"(indices 0 to {count - 1})"
+            )
+    return parsed
+
+
+def _check_model_dir(name: str) -> None:
+    """A local directory must hold a saved model (``config.json``) before transformers is asked to read it."""
+    if name in EMBEDDED or not os.path.isdir(name) or os.path.isfile(os.path.join(name, "config.json")):
+        return
+    ggufs = sorted(p.name for p in Path(name).glob("*.gguf"))
+    hint = (
+        f" (it holds {', '.join(ggufs)}: GGUF files are read only for the embedded models, see list_models())"
+        if ggufs else ""
+    )
+    raise ValueError(
+        f"no model found in directory {name!r}: it has no config.json, which every saved Hugging Face model "
+        f"directory has{hint}"
+    )
+
+
 def load_model(
     name_or_path: str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -293,14 +363,23 @@ def load_model(
     dtype : torch.dtype, default float32
     attn_implementation : str, default "sdpa"
         ``"eager"`` for presses that need attention weights.
-    device : str or torch.device, default "cpu"
+    device : str, torch.device or int, default "cpu"
+        Checked before the weights load (:func:`check_device`): an unknown type, ``"meta"`` or an accelerator the
+        machine does not have is a ValueError.
     **config_overrides
         Model config attributes to replace, e.g. ``sliding_window=None`` to run a model whose every layer has a
-        sliding window (Mistral-7B-v0.1, Phi-3-mini-4k) with full attention, which kvsqueeze can compress.
+        sliding window (Mistral-7B-v0.1, Phi-3-mini-4k) with full attention, which kvsqueeze can compress. An
+        override the checkpoint's weights do not fit (``num_attention_heads``, ``vocab_size``) raises
+        :class:`ConfigMismatchError` (a ValueError).
 
     Returns
     -------
     (model, tokenizer)
+
+    Raises
+    ------
+    ValueError
+        Besides the cases above: a local directory that holds no saved model (no ``config.json``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -308,7 +387,9 @@ def load_model(
         raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float32), got {dtype!r}")
     if not isinstance(attn_implementation, str) or not attn_implementation:
         raise ValueError(f"attn_implementation must be a name such as 'sdpa' or 'eager', got {attn_implementation!r}")
+    device = check_device(device)
     name = resolve_name(name_or_path)
+    _check_model_dir(name)
     source = str(converted_dir(name)) if name in EMBEDDED else name
     tokenizer = AutoTokenizer.from_pretrained(source)
     extra = {}
@@ -320,7 +401,21 @@ def load_model(
                 raise ValueError(f"{name} has no config attribute {key!r} to override (with {value!r})")
             setattr(text_config, key, value)
         extra["config"] = config
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, **extra)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=attn_implementation, **extra
+        )
+    except RuntimeError as exc:
+        # transformers refuses weights whose shapes the overridden config changed ("ignore_mismatched_sizes").
+        if not config_overrides or "mismatch" not in str(exc).lower():
+            raise
+        given = ", ".join(f"{key}={value!r}" for key, value in config_overrides.items())
+        raise ConfigMismatchError(
+            f"config overrides {given} do not match the weights of {name}: their tensor shapes differ from the "
+            "checkpoint's (see the load report above); keep the checkpoint's values for these attributes",
+            name,
+            config_overrides,
+        ) from exc
     model.to(device).eval()
     model.name_or_path = name
     model._kvsqueeze_config_overrides = dict(config_overrides)  # part of a sweep's results key (config_overrides)
@@ -348,5 +443,6 @@ def load_tokenizer(name_or_path: str | None = None):
     from transformers import AutoTokenizer
 
     name = resolve_name(name_or_path)
+    _check_model_dir(name)
     source = str(converted_dir(name)) if name in EMBEDDED else name
     return AutoTokenizer.from_pretrained(source)

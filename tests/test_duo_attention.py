@@ -347,11 +347,11 @@ def test_calibration_records_the_settings_it_used(tiny_model, tmp_path):
     assert settings["final_distill_loss"] > 0
     # Passkey samples record their length and passkey options.
     tok = build_tokenizer()
-    path = calibrate(model, tok, "duo_attention", texts=["lorem ipsum dolor sit amet " * 20], seq_len=260, steps=1,
+    path = calibrate(model, tok, "duo_attention", texts=["lorem ipsum dolor sit amet " * 20], seq_len=256, steps=1,
                      duo_sink=2, n_recent=8, n_passkeys=2, passkey_digits=4, output=tmp_path / "p.safetensors",
                      progress=False)
     settings = load_artifact(path, model, "duo_attention").settings
-    assert (settings["seq_len"], settings["n_passkeys"], settings["passkey_digits"]) == (260, 2, 4)
+    assert (settings["seq_len"], settings["n_passkeys"], settings["passkey_digits"]) == (256, 2, 4)
     assert settings["source"] == "passkeys in texts" and "min_seq_len" not in settings
 
 

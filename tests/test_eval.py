@@ -206,11 +206,12 @@ def test_benchmark_data_and_grid_flags_reach_the_benchmark(captured_sweep, tiny_
     squad = str(fixtures / "ruler" / "squad.jsonl")
     longbench = fixtures / "hub" / "longbench"
     cases = [
-        (["--benchmark", "niah", "--lengths", "1000,2000", "--depths", "0,0.5", "--n-per-cell", "2"],
-         {"lengths": [1000, 2000], "depths": [0.0, 0.5], "n_per_cell": 2}),
-        (["--benchmark", "ruler", "--length", "1024", "--tasks", "niah_single_1,qa_1", "--n-samples", "3",
+        # Lengths within the tiny model's 256 positions (longer ones are refused before any sample is built).
+        (["--benchmark", "niah", "--lengths", "100,200", "--depths", "0,0.5", "--n-per-cell", "2"],
+         {"lengths": [100, 200], "depths": [0.0, 0.5], "n_per_cell": 2}),
+        (["--benchmark", "ruler", "--length", "200", "--tasks", "niah_single_1,qa_1", "--n-samples", "3",
           "--qa-data-files", f"qa_1={squad}"],
-         {"length": 1024, "tasks": ["niah_single_1", "qa_1"], "n_samples": 3, "qa_data_files": {"qa_1": squad}}),
+         {"length": 200, "tasks": ["niah_single_1", "qa_1"], "n_samples": 3, "qa_data_files": {"qa_1": squad}}),
         (["--benchmark", "math500", "--data-files", str(fixtures / "hub" / "math500"), "--max-context-tokens", "64",
           "--dataset", "someone/MATH-500-parquet"],
          {"dataset": "someone/MATH-500-parquet", "tasks": ["math500"], "data_files": str(fixtures / "hub" / "math500"),

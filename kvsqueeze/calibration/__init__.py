@@ -22,7 +22,7 @@ from kvsqueeze.calibration.artifacts import (
     save_artifact,
 )
 from kvsqueeze.calibration.qfilters import group_filters, qfilter_directions
-from kvsqueeze.calibration.runner import calibrate, default_texts, essays_dir, text_sequences
+from kvsqueeze.calibration.runner import calibrate, check_output_path, default_texts, essays_dir, text_sequences
 
 __all__ = [
     "METHODS",
@@ -30,6 +30,7 @@ __all__ = [
     "calibrate",
     "calibrate_command",
     "check_artifact_field",
+    "check_output_path",
     "default_artifact_path",
     "default_texts",
     "essays_dir",

@@ -7,6 +7,7 @@ package; pre-tokenized ``input_ids`` can be given instead (tests calibrate tiny 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,88 @@ def text_sequences(tokenizer, texts: Sequence[str], n_sequences: int, seq_len: i
     if not chunks:
         raise ValueError("the calibration texts produced no tokens")
     return [torch.tensor([c], dtype=torch.long) for c in chunks]
+
+
+def check_output_path(output: Any) -> Path | None:
+    """``output`` as a ``Path`` (None stays None: the default location), refused before any calibration work when
+    the artifact could not be written there.
+
+    Raises
+    ------
+    TypeError
+        ``output`` is neither a path (``str`` or ``os.PathLike``) nor None.
+    ValueError
+        ``output`` is empty, an existing directory, or lies in a directory that does not exist and cannot be created
+        or that is not writable (checked by creating and removing a temporary file or directory there).
+    """
+    if output is None:
+        return None
+    text = os.fspath(output) if isinstance(output, (str, os.PathLike)) else None
+    if not isinstance(text, str):
+        raise TypeError(f"output must be a file path (str or os.PathLike) or None, got {output!r}")
+    if not text.strip():
+        raise ValueError(f"output is empty ({text!r}); give the artifact's file path, e.g. 'qfilters.safetensors'")
+    path = Path(text)
+    if path.is_dir():
+        example = str(path / "qfilters.safetensors")
+        raise ValueError(f"output={text!r} is a directory; give the artifact's file path, e.g. {example!r}")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:  # the nearest folder that exists
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"output={text!r} cannot be written: {str(existing)!r} is not a directory")
+    try:
+        if existing == path.parent:  # what save_artifact does: a temporary file next to the artifact
+            fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        else:  # the missing folders must be creatable
+            os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.", dir=existing))
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if existing == path.parent:
+            problem = f"its directory {str(existing)!r} is not writable ({reason})"
+        else:
+            problem = f"its directory {str(path.parent)!r} cannot be created in {str(existing)!r} ({reason})"
+        raise ValueError(f"output={text!r} cannot be written: {problem}") from None
+    return path
+
+
+def _model_limits(model: nn.Module) -> tuple[int | None, int | None]:
+    """``(max_position_embeddings, vocabulary size)`` of ``model``, each None when the model does not say."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    max_positions = getattr(text_config, "max_position_embeddings", None)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab_size = getattr(embeddings, "num_embeddings", None) or getattr(text_config, "vocab_size", None)
+    return max_positions, vocab_size
+
+
+def check_calibration_lengths(model: nn.Module, seq_len: int, batches: list[torch.Tensor] | None) -> None:
+    """Refuse sequences longer than the model's ``max_position_embeddings`` (``seq_len`` when the sequences are cut
+    from text or are passkey samples, otherwise each given batch's length) and token ids outside its vocabulary,
+    before any forward pass."""
+    max_positions, vocab_size = _model_limits(model)
+    if batches is None:
+        if max_positions is not None and seq_len > max_positions:
+            raise ValueError(
+                f"seq_len={seq_len} exceeds the model's maximum of {max_positions} positions "
+                f"(config.max_position_embeddings); use seq_len <= {max_positions}"
+            )
+        return
+    for i, ids in enumerate(batches):
+        if max_positions is not None and ids.shape[1] > max_positions:
+            raise ValueError(
+                f"input_ids_batches[{i}] has {ids.shape[1]} tokens per sequence, more than the model's maximum of "
+                f"{max_positions} positions (config.max_position_embeddings)"
+            )
+        if vocab_size is not None:
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= vocab_size:
+                raise ValueError(
+                    f"input_ids_batches[{i}] holds token id {low if low < 0 else high}, outside the model's "
+                    f"vocabulary of {vocab_size} tokens [0, {vocab_size})"
+                )
 
 
 def _check_input_ids(batches: Any) -> list[torch.Tensor]:
@@ -123,11 +206,15 @@ def calibrate(
     n_samples : int or None, default None (3000)
         ``qfilters``: query vectors sampled per head (uniformly over all calibration positions) for the SVD.
     output : path or None, default None
-        Where to write; None is :func:`default_artifact_path` (where the presses look by default).
+        Where to write; None is :func:`default_artifact_path` (where the presses look by default). Checked before
+        any forward pass (:func:`check_output_path`): an existing directory, an empty path or an unwritable folder
+        is refused.
     progress : bool, default True
         Show a tqdm bar over the forward passes.
     input_ids_batches : LongTensor or list of LongTensor, optional
-        Pre-tokenized ``(bsz, seq_len)`` batches used as given, instead of ``texts`` (no padding allowed).
+        Pre-tokenized ``(bsz, seq_len)`` batches used as given, instead of ``texts`` (no padding allowed). Ids must
+        lie in the model's vocabulary and sequences within its ``max_position_embeddings`` (as must ``seq_len``
+        otherwise); both are checked before any forward pass.
     n_sink : int or None, default None (4)
         ``expected_attention_stats``: leading positions of each sequence left out of the statistics.
     seed : int, default 0
@@ -149,6 +236,9 @@ def calibrate(
     _check_method(method)
     seq_len = _positive_int(seq_len, "seq_len", 2)
     check_int(seed, "seed")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool, got {progress!r}")
+    path = check_output_path(output)
     batches = None
     if input_ids_batches is not None:
         if texts is not None:
@@ -161,6 +251,7 @@ def calibrate(
             raise ValueError(f"{method} calibration from text needs a tokenizer (or pass input_ids_batches)")
         if not callable(tokenizer):
             raise TypeError(f"tokenizer must be a Hugging Face tokenizer (callable), got {type(tokenizer).__name__}")
+    check_calibration_lengths(model, seq_len, batches)
     if batches is not None and n_sequences is not None and method != "duo_attention":
         check_int(n_sequences, "n_sequences", 1)
         given_rows = sum(b.shape[0] for b in batches)
@@ -193,7 +284,8 @@ def calibrate(
         kvsqueeze_version=kvsqueeze.__version__,
         transformers_version=transformers.__version__,
     )
-    path = default_artifact_path(model, method) if output is None else Path(output)
+    if path is None:
+        path = default_artifact_path(model, method)
     return save_artifact(path, tensors, model, method, settings)
 
 
