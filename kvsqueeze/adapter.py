@@ -159,9 +159,12 @@ class RaggedLayer(DynamicLayer):
         self.values = ctx_values.new_empty(bsz, heads, 0, ctx_values.shape[-1])
         self.is_initialized = True
         self.cumulative_length = int(logical_length)
+        self._index()
+
+    def _index(self) -> None:
+        """``max_kept`` and the host copy of the index (segment start, length), read by every decoding step."""
         self.max_kept = int(self.lengths.max())
         flat = self.lengths.reshape(-1)
-        # Host copy of the index (segment start, length), read by every decoding step.
         self._segments: list[tuple[int, int]] = list(zip((flat.cumsum(0) - flat).tolist(), flat.tolist()))
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -212,14 +215,34 @@ class RaggedLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         _crop_appended(self, tokens_to_remove, self.keys.shape[-2])
 
-    def _unsupported(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(
-            "a head-wise (ragged) compressed cache cannot be reordered or expanded across the batch (beam search, "
-            "or num_return_sequences > 1 when continuing from this cache); decode greedily or by sampling (under "
-            "a press, generate() expands the prompt before the prefill, so num_return_sequences works there)"
-        )
+    # -- across the batch (beam search, several sequences per prompt) -------------------------------------------
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep the sequences ``rows`` (a 1-D index into the batch; repeats allowed), in that order: each keeps its
+        own kept entries per head, and its appended tokens. New tensors, so a fork's original is untouched."""
+        rows = torch.as_tensor(rows).reshape(-1).to(self.lengths.device)
+        rows = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.to(torch.int64)
+        per_sequence = self.lengths.sum(dim=1)
+        starts = per_sequence.cumsum(0) - per_sequence
+        spans = list(zip(starts[rows].tolist(), per_sequence[rows].tolist()))
+        self.ctx_keys = torch.cat([self.ctx_keys[s : s + n] for s, n in spans])
+        self.ctx_values = torch.cat([self.ctx_values[s : s + n] for s, n in spans])
+        self.lengths = self.lengths.index_select(0, rows)
+        on_device = rows.to(self.keys.device)
+        self.keys = self.keys.index_select(0, on_device)
+        self.values = self.values.index_select(0, on_device)
+        self._index()
 
-    reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row ``i`` becomes the old row ``beam_idx[i]``."""
+        self.select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Each sequence ``repeats`` times in a row (generate() expanding a given cache)."""
+        self.select_rows(torch.arange(self.lengths.shape[0]).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Only the sequences ``indices``."""
+        self.select_rows(indices)
 
     def nbytes(self) -> int:
         tensors = (self.ctx_keys, self.ctx_values, self.lengths, self.keys, self.values)

@@ -20,7 +20,7 @@ from kvsqueeze.pipeline import Pipeline
 from kvsqueeze.presses.base import Capabilities, LayerInputs, Press, RaggedKV
 from kvsqueeze.record import record_prefill
 
-from conftest import MODEL_NAMES, hook_counts, token_ids
+from conftest import EOS_ID, MODEL_NAMES, hook_counts, token_ids
 from ragged_reference import masked_dense_decode, masked_dense_logits, ragged_decode
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -177,6 +177,108 @@ def test_pipeline_and_generate_agree_on_a_ragged_cache(model_name, tiny_model, t
     assert generated[1:] == ragged_decode(model, cache, first[:, None], 7)[0]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Across the batch: beam search and several sequences per prompt
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_selecting_rows_of_a_ragged_layer(tiny_model):
+    """``reorder_cache`` / ``batch_repeat_interleave`` / ``batch_select_indices`` move whole sequences: row ``i``
+    afterwards holds exactly the kept entries (per head) and appended tokens of the row it was taken from, and the
+    layer it was forked from is untouched."""
+    model = tiny_model("llama")
+    ids = token_ids(40, seed=41, batch=3)
+    cache, _ = record_prefill(model, ids).compress(RandomHeadwisePress(seed=5))
+    with torch.inference_mode(), A.ragged_attention(model):
+        model(input_ids=token_ids(3, seed=42, batch=3)[:, 1:], use_cache=True,
+              **A.ModelAdapter(model).model_call_kwargs(cache))  # two appended tokens per row
+    layer = cache.layers[0]
+
+    def rows_of(lay):
+        keys, values, valid = lay.padded()
+        return [(keys[b][valid[b]], values[b][valid[b]], lay.lengths[b].clone()) for b in range(keys.shape[0])]
+
+    before = rows_of(layer)
+    for op, arg, picked in [
+        ("reorder_cache", torch.tensor([2, 0, 0]), [2, 0, 0]),
+        ("batch_repeat_interleave", 2, [0, 0, 1, 1, 2, 2]),
+        ("batch_select_indices", torch.tensor([False, True, True]), [1, 2]),
+        ("batch_select_indices", torch.tensor([1]), [1]),
+    ]:
+        fork = A.fork_cache(cache).layers[0]
+        getattr(fork, op)(arg)
+        after = rows_of(fork)
+        assert len(after) == len(picked), op
+        for (k, v, n), b in zip(after, picked):
+            assert torch.equal(k, before[b][0]) and torch.equal(v, before[b][1]) and torch.equal(n, before[b][2]), op
+        assert fork.get_seq_length() == layer.get_seq_length()
+        assert rows_of(layer)[2][0].equal(before[2][0]), "the original layer changed"
+
+
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+@pytest.mark.parametrize("press_name", ["random_headwise", "adakv"])
+def test_beam_search_on_a_ragged_cache(model_name, press_name, tiny_model):
+    """Beam search under a head-wise press: generate() reorders the ragged cache at every step, and each returned
+    sequence's score equals its log-probability recomputed on the masked dense reference (the first token from the
+    uncompressed prefill, the others over the compressed context). The random head-wise press keeps different
+    entries in every row, so a reorder that moved the appended tokens but not the context would be caught."""
+    model = tiny_model(model_name)
+    ids = token_ids(60, seed=31)
+    press = RandomHeadwisePress(seed=3) if press_name == "random_headwise" else make_press("adakv", compression_ratio=0.6)
+    with torch.inference_mode(), press(model):
+        out = model.generate(input_ids=ids, num_beams=3, num_return_sequences=3, max_new_tokens=6, do_sample=False,
+                             length_penalty=0.0, return_dict_in_generate=True, output_scores=True)
+    # Every hypothesis descends from the first of the 3 expanded rows (beam search starts from beam 0 only).
+    recorded = record_prefill(model, ids.expand(3, -1))
+    keep = {layer.layer_idx: press.keep_mask(layer)[:1] for layer in recorded.layers}
+    with torch.inference_mode():
+        first = model(input_ids=ids).logits[:, -1].log_softmax(-1)
+    sequences = []
+    for seq, score in zip(out.sequences, out.sequences_scores):
+        gen = seq[ids.shape[1]:].tolist()
+        if EOS_ID in gen:
+            gen = gen[: gen.index(EOS_ID) + 1]
+        sequences.append(gen)
+        want = first[0, gen[0]]
+        if len(gen) > 1:
+            logp = masked_dense_logits(model, ids, keep, torch.tensor([gen[:-1]])).log_softmax(-1)
+            want = want + logp[0, torch.arange(len(gen) - 1), torch.tensor(gen[1:])].sum()
+        torch.testing.assert_close(score, want, rtol=0, atol=1e-4)
+    assert len({tuple(g) for g in sequences}) == 3
+
+
+def test_beam_search_continuing_a_ragged_context(tiny_model, tokenizer):
+    """Beams from a given head-wise compressed context: the cache is expanded to the beams as transformers wants a
+    given cache (``batch_repeat_interleave``), generate() reorders it, and the scores match the masked dense
+    reference of the question and answer tokens."""
+    model = tiny_model("llama")
+    pipe = Pipeline(model, tokenizer)
+    press = make_press("adakv", compression_ratio=0.6)
+    text = "The quick brown fox jumps over the lazy dog. The magic number is 42, remember it. " * 2
+    ctx = pipe.compress(text, press=press)
+    assert any(A.is_ragged_layer(ctx.cache, i) for i in range(len(ctx.cache.layers)))
+    ids, question = pipe.context_ids(text), pipe.question_ids("What is the magic number?")
+    cache = ctx.fork_cache()
+    cache.batch_repeat_interleave(2)  # generate() expands the prompt, not a given cache
+    with torch.inference_mode(), pipe.adapter.attention_for_cache(cache):
+        out = model.generate(input_ids=torch.cat([ids, question], 1), num_beams=2, num_return_sequences=2,
+                             max_new_tokens=5, do_sample=False, length_penalty=0.0, return_dict_in_generate=True,
+                             output_scores=True, **pipe.adapter.model_call_kwargs(cache))
+    recorded = record_prefill(model, ids)
+    keep = {layer.layer_idx: press.keep_mask(layer) for layer in recorded.layers}
+    n = ids.shape[1] + question.shape[1]
+    for seq, score in zip(out.sequences, out.sequences_scores):
+        gen = seq[n:].tolist()
+        if EOS_ID in gen:
+            gen = gen[: gen.index(EOS_ID) + 1]
+        fed = torch.cat([question, torch.tensor([gen[:-1]], dtype=question.dtype)], 1)
+        logp = masked_dense_logits(model, ids, keep, fed).log_softmax(-1)[0, question.shape[1] - 1:]
+        torch.testing.assert_close(score, logp[torch.arange(len(gen)), torch.tensor(gen)].sum(), rtol=0, atol=1e-4)
+    # The context is unchanged: the same answer as before the beams.
+    assert ctx.answer("What is the magic number?", max_new_tokens=5) == pipe.tokenizer.decode(
+        ctx.generate_ids("What is the magic number?", max_new_tokens=5), skip_special_tokens=True).strip()
+
+
 def test_ragged_cache_bytes_and_refusals(tiny_model):
     model = tiny_model("llama")
     ids = token_ids(64, seed=5)
@@ -191,8 +293,6 @@ def test_ragged_cache_bytes_and_refusals(tiny_model):
     ragged = [i for i in range(len(cache.layers)) if A.is_ragged_layer(cache, i)]
     assert ragged, "AdaKV at 0.75 left every layer with equal heads"
     layer = cache.layers[ragged[0]]
-    with pytest.raises(NotImplementedError, match="beam search"):
-        layer.reorder_cache(torch.tensor([0]))
     with pytest.raises(TypeError, match="head-wise"):
         A.layer_kv(cache, ragged[0])
     with pytest.raises(ValueError, match="only 0 were appended"):
