@@ -244,9 +244,12 @@ class RaggedLayer(DynamicLayer):
         """Only the sequences ``indices``."""
         self.select_rows(indices)
 
+    #: Every tensor the layer stores (read by :func:`layer_nbytes` and :func:`compact_cache`).
+    STORED = ("ctx_keys", "ctx_values", "lengths", "keys", "values")
+
     def nbytes(self) -> int:
-        tensors = (self.ctx_keys, self.ctx_values, self.lengths, self.keys, self.values)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes held, measured from the tensors' storage (a view into a larger buffer counts the whole buffer)."""
+        return sum(getattr(self, name).untyped_storage().nbytes() for name in self.STORED)
 
 
 def ragged_valid(keys: torch.Tensor) -> torch.Tensor | None:
@@ -352,10 +355,12 @@ def compact_cache(cache: Cache) -> None:
 
     transformers' sliding-window layers keep the last window of a prefill as a view of the whole prefill's keys and
     values: the full buffer stays alive until the layer's next update. A compressed context is never updated (its
-    questions run on forks), so without this its sliding layers would hold the whole context.
+    questions run on forks), so without this its sliding layers would hold the whole context. A press may also
+    return its kept entries as views (a slice of the layer's keys); those are copied the same way, the packed
+    context of ragged layers included.
     """
     for layer in cache.layers:
-        for name in ("keys", "values"):
+        for name in RaggedLayer.STORED if isinstance(layer, RaggedLayer) else ("keys", "values"):
             t = getattr(layer, name, None)
             if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > t.numel() * t.element_size():
                 setattr(layer, name, t.clone())

@@ -279,6 +279,52 @@ def test_beam_search_continuing_a_ragged_context(tiny_model, tokenizer):
         ctx.generate_ids("What is the magic number?", max_new_tokens=5), skip_special_tokens=True).strip()
 
 
+@dataclass
+class _ViewPress(Press):
+    """Keeps its entries as *views* of the layer's keys and values (a slice): dense (the last half of every head)
+    or ragged (packed segments that are a prefix of the flattened layer)."""
+
+    ragged: bool = False
+    capabilities: ClassVar[Capabilities] = Capabilities(headwise=True, uniform_layers=False)
+
+    def compress(self, layer: LayerInputs):
+        from kvsqueeze.presses.base import KV
+
+        bsz, heads, seq_len, d = layer.keys.shape
+        n = seq_len // 2
+        if not self.ragged:
+            return KV(layer.keys[..., -n:, :], layer.values[..., -n:, :])
+        lengths = torch.full((bsz, heads), n - 1)
+        lengths[:, 0] = n
+        total = int(lengths.sum())
+        return RaggedKV(layer.keys.reshape(-1, d)[:total], layer.values.reshape(-1, d)[:total], lengths)
+
+
+@pytest.mark.parametrize("ragged", [False, True], ids=["dense", "ragged"])
+def test_kept_views_are_counted_by_storage_and_copied_by_the_pipeline(ragged, tiny_model, tokenizer):
+    """Bytes are measured from storage: kept entries that are views into the whole layer's buffer count (and keep
+    alive) the whole buffer. The pipeline copies them down to their size, so a compressed context holds and reports
+    only what it kept."""
+    model = tiny_model("llama")
+    press = _ViewPress(ragged=ragged)
+    recorded = record_prefill(model, token_ids(41, seed=43))
+    cache, _ = recorded.compress(press)
+    assert all(A.is_ragged_layer(cache, i) == ragged for i in range(len(cache.layers)))
+    owned = sum(
+        sum(t.numel() * t.element_size() for t in (
+            (layer.ctx_keys, layer.ctx_values, layer.lengths, layer.keys, layer.values) if ragged
+            else (layer.keys, layer.values)))
+        for layer in cache.layers
+    )
+    assert A.cache_nbytes(cache) > owned, "views into the full layers must count their whole buffers"
+    A.compact_cache(cache)
+    assert A.cache_nbytes(cache) == owned
+    ctx = Pipeline(model, tokenizer).compress("The quick brown fox jumps over the lazy dog. " * 3, press=press)
+    held = sum(t.untyped_storage().nbytes() for layer in ctx.cache.layers for t in vars(layer).values()
+               if isinstance(t, torch.Tensor))
+    assert ctx.cache_bytes == held and ctx.cache_bytes < 0.55 * ctx.full_cache_bytes
+
+
 def test_ragged_cache_bytes_and_refusals(tiny_model):
     model = tiny_model("llama")
     ids = token_ids(64, seed=5)
