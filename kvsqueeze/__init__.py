@@ -7,6 +7,7 @@ Public API::
 
 from kvsqueeze.adapter import ModelAdapter, UnsupportedModelError
 from kvsqueeze.presses import Capabilities, LayerInputs, Press, ScorerPress, list_presses, make_press, register_press
+from kvsqueeze.presses.registry import UnknownNameError
 from kvsqueeze.pipeline import CompressedContext, Pipeline
 from kvsqueeze.models import load_model
 from kvsqueeze import hf_pipeline as _hf_pipeline  # noqa: F401  registers the "kv-compression" pipeline task
@@ -21,6 +22,7 @@ __all__ = [
     "Pipeline",
     "Press",
     "ScorerPress",
+    "UnknownNameError",
     "UnsupportedModelError",
     "list_presses",
     "load_model",
