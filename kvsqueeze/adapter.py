@@ -921,6 +921,26 @@ class ModelAdapter:
         return found
 
     @property
+    def vocab_size(self) -> int | None:
+        """Token ids the model has an embedding for: the input embedding's rows (``config.vocab_size`` when the
+        model does not expose them)."""
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        return getattr(embeddings, "num_embeddings", None) or getattr(self.config, "vocab_size", None)
+
+    def check_token_ids(self, ids: torch.Tensor, source: str, hint: str = "") -> None:
+        """Raise a ValueError naming ``source`` when ``ids`` hold a token id outside the model's vocabulary (the
+        embedding lookup would fail with a bare IndexError, or read another model's token)."""
+        vocab = self.vocab_size
+        if vocab is None or not ids.numel():
+            return
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(
+                f"{source} holds token id {low if low < 0 else high}, outside the model's vocabulary of {vocab} "
+                f"tokens [0, {vocab}){hint}"
+            )
+
+    @property
     def attn_implementation(self) -> str:
         return getattr(self.model.config, "_attn_implementation", None) or "eager"
 

@@ -534,9 +534,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         options = {"n_sequences": 20 if args.n_sequences is None else args.n_sequences,
                    "seq_len": args.seq_len or 2048, "n_samples": args.n_samples}
     model, tokenizer = load_with_options(args.model, model_options)
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    maximum = getattr(config, "max_position_embeddings", None)
-    if maximum is not None and options["seq_len"] > maximum:  # before any forward pass
+    from kvsqueeze.adapter import ModelAdapter
+
+    maximum = ModelAdapter(model).shape.max_position_embeddings
+    # calibrate() refuses it too; here the message can say the length was the command's default
+    if maximum is not None and options["seq_len"] > maximum:
         given = f"{options['seq_len']}" if args.seq_len else f"{options['seq_len']} (the default)"
         raise CLIError(
             f"--seq-len {given} exceeds the model's maximum of {maximum} positions (config.max_position_embeddings); "
@@ -695,8 +697,9 @@ def check_benchmark_lengths(benchmark, model, max_new_tokens: int | None = None)
         flag, lengths = "--length", [benchmark.length]
     else:
         return
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    maximum = getattr(config, "max_position_embeddings", None)
+    from kvsqueeze.adapter import ModelAdapter
+
+    maximum = ModelAdapter(model).shape.max_position_embeddings
     if maximum is None:
         return
     answer = max_new_tokens or 1

@@ -22,21 +22,10 @@ from transformers import AutoModelForCausalLM
 from transformers import Pipeline as _HFPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from kvsqueeze.pipeline import Pipeline, check_answer_option, check_press, check_questions
+from kvsqueeze.pipeline import ANSWER_OPTIONS, Pipeline, check_answer_option, check_press, check_questions
 from kvsqueeze.presses.base import Press
 
 TASK = "kv-compression"
-
-# Keyword arguments forwarded to CompressedContext.answer, with their expected types.
-_ANSWER_KWARGS = {
-    "max_new_tokens": int,
-    "answer_prefix": str,
-    "do_sample": bool,
-    "temperature": (int, float),
-    "top_p": (int, float),
-    "seed": int,
-}
-
 
 #: "Not given" (an explicit None means "no press").
 _UNSET = object()
@@ -114,19 +103,16 @@ class KVCompressionPipeline(_HFPipeline):
             check_press(press)
             forward["press"] = press
         for key, value in answer_kwargs.items():
-            expected = _ANSWER_KWARGS.get(key)
-            if expected is None:
+            if key not in ANSWER_OPTIONS:
                 raise TypeError(
                     f"unexpected argument {key!r} for the {TASK!r} pipeline; it takes question, press and "
-                    f"{', '.join(_ANSWER_KWARGS)}"
+                    f"{', '.join(ANSWER_OPTIONS)}"
                 )
             if value is None:
                 if key == "seed":  # unseeded sampling, replacing a seed given at build time
                     forward[key] = value
                 continue  # None for the others: not given (the build-time value or the default)
-            if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
-                raise TypeError(f"{key} has the wrong type: got {value!r}")
-            check_answer_option(key, value)  # its range too: refused when given, not after a prefill
+            check_answer_option(key, value)  # type and range: refused when given, not after a prefill
             forward[key] = value  # one forward parameter each, so call-time values override build-time ones
         return {}, forward, {}
 

@@ -22,6 +22,8 @@ from kvsqueeze.record import RecordedPrefill, record_prefill
 _SLOT = "\u2063KVSQUEEZE_QUESTION\u2063"
 #: Answer length when ``max_new_tokens`` is not given.
 DEFAULT_MAX_NEW_TOKENS = 32
+#: The options of :meth:`CompressedContext.answer` besides the question.
+ANSWER_OPTIONS = ("max_new_tokens", "answer_prefix", "do_sample", "temperature", "top_p", "seed")
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class Pipeline:
         ids = self.tokenizer(
             self.template.prefix + context, add_special_tokens=self.template.add_special_tokens, return_tensors="pt"
         ).input_ids
-        self._check_vocabulary(ids)
+        self._check_token_ids(ids)
         if self.max_length is not None and ids.shape[1] >= self.max_length:
             raise ValueError(
                 f"context has {ids.shape[1]} tokens, which leaves no room for a question within the model's maximum "
@@ -121,17 +123,13 @@ class Pipeline:
             raise TypeError(f"answer_prefix must be a string, got {answer_prefix!r}")
         text = self.template.sep + question + self.template.suffix + answer_prefix
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-        self._check_vocabulary(ids)
+        self._check_token_ids(ids)
         return ids.to(self.device)
 
-    def _check_vocabulary(self, ids: torch.Tensor) -> None:
-        """Refuse token ids the model has no embedding for (a tokenizer of another model)."""
-        vocab = getattr(self.adapter.config, "vocab_size", None)
-        if vocab is not None and ids.numel() and int(ids.max()) >= vocab:
-            raise ValueError(
-                f"the tokenizer produced token id {int(ids.max())}, but the model's vocabulary has {vocab} tokens "
-                f"(config.vocab_size): the tokenizer ({type(self.tokenizer).__name__}) does not belong to this model"
-            )
+    def _check_token_ids(self, ids: torch.Tensor) -> None:
+        self.adapter.check_token_ids(
+            ids, "the tokenized text", f": the tokenizer ({type(self.tokenizer).__name__}) does not belong to this model"
+        )
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -205,8 +203,9 @@ class Pipeline:
         """Raise, before any prefill, what answering ``questions`` about ``context`` with ``answer_kwargs`` (the
         options of :meth:`CompressedContext.answer`) would raise after it: a bad context, question or option, or a
         question that would not fit after the context. Costs one tokenization of each."""
-        for name, value in answer_kwargs.items():
-            check_answer_option(name, value)  # an unknown option is named, not a bare keyword-argument TypeError
+        for name in answer_kwargs:
+            if name not in ANSWER_OPTIONS:
+                check_answer_option(name, None)  # names the unknown option, instead of a bare keyword TypeError
         check_answer_options(**answer_kwargs)
         n_context = self.context_ids(context).shape[1]
         prefix = answer_kwargs.get("answer_prefix", "")
@@ -392,10 +391,7 @@ def check_answer_option(name: str, value: object) -> None:
         if value is not None:
             check_seed(value)
     else:
-        raise TypeError(
-            f"unexpected answer option {name!r}; answer() takes max_new_tokens, answer_prefix, do_sample, "
-            "temperature, top_p and seed"
-        )
+        raise TypeError(f"unexpected answer option {name!r}; answer() takes {', '.join(ANSWER_OPTIONS)}")
 
 
 def _next_token(

@@ -442,7 +442,8 @@ def test_pipeline_refuses_what_it_cannot_answer_with(tiny_model, tokenizer):
     small = build_model("llama", vocab_size=40)  # the test tokenizer has ids up to 127: printable ASCII
     pipe = Pipeline(small, tokenizer)
     with _ForwardCounter(small) as counter:
-        with pytest.raises(ValueError, match=r"token id \d+, but the model's vocabulary has 40 tokens"):
+        with pytest.raises(ValueError, match=r"tokenized text holds token id \d+, outside the model's vocabulary "
+                                             r"of 40 tokens.*does not belong"):
             pipe.compress("zzz")
         ctx_ok = pipe.context_ids("AB")  # ids below 40 pass
         assert int(ctx_ok.max()) < 40

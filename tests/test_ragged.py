@@ -258,6 +258,7 @@ def test_beam_search_continuing_a_ragged_context(tiny_model, tokenizer):
     ctx = pipe.compress(text, press=press)
     assert any(A.is_ragged_layer(ctx.cache, i) for i in range(len(ctx.cache.layers)))
     ids, question = pipe.context_ids(text), pipe.question_ids("What is the magic number?")
+    before = [{k: v.clone() for k, v in vars(layer).items() if isinstance(v, torch.Tensor)} for layer in ctx.cache.layers]
     cache = ctx.fork_cache()
     cache.batch_repeat_interleave(2)  # generate() expands the prompt, not a given cache
     with torch.inference_mode(), pipe.adapter.attention_for_cache(cache):
@@ -274,9 +275,10 @@ def test_beam_search_continuing_a_ragged_context(tiny_model, tokenizer):
         fed = torch.cat([question, torch.tensor([gen[:-1]], dtype=question.dtype)], 1)
         logp = masked_dense_logits(model, ids, keep, fed).log_softmax(-1)[0, question.shape[1] - 1:]
         torch.testing.assert_close(score, logp[torch.arange(len(gen)), torch.tensor(gen)].sum(), rtol=0, atol=1e-4)
-    # The context is unchanged: the same answer as before the beams.
-    assert ctx.answer("What is the magic number?", max_new_tokens=5) == pipe.tokenizer.decode(
-        ctx.generate_ids("What is the magic number?", max_new_tokens=5), skip_special_tokens=True).strip()
+    # Expanding and reordering the fork left the compressed context's tensors as they were.
+    for layer, saved in zip(ctx.cache.layers, before):
+        now = {k: v for k, v in vars(layer).items() if isinstance(v, torch.Tensor)}
+        assert now.keys() == saved.keys() and all(torch.equal(now[k], saved[k]) for k in saved)
 
 
 @dataclass

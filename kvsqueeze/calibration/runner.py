@@ -111,21 +111,12 @@ def check_output_path(output: Any) -> Path | None:
     return path
 
 
-def _model_limits(model: nn.Module) -> tuple[int | None, int | None]:
-    """``(max_position_embeddings, vocabulary size)`` of ``model``, each None when the model does not say."""
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    max_positions = getattr(text_config, "max_position_embeddings", None)
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    vocab_size = getattr(embeddings, "num_embeddings", None) or getattr(text_config, "vocab_size", None)
-    return max_positions, vocab_size
-
-
 def check_calibration_lengths(model: nn.Module, seq_len: int, batches: list[torch.Tensor] | None) -> None:
     """Refuse sequences longer than the model's ``max_position_embeddings`` (``seq_len`` when the sequences are cut
     from text or are passkey samples, otherwise each given batch's length) and token ids outside its vocabulary,
     before any forward pass."""
-    max_positions, vocab_size = _model_limits(model)
+    adapter = ModelAdapter(model)
+    max_positions = adapter.shape.max_position_embeddings
     if batches is None:
         if max_positions is not None and seq_len > max_positions:
             raise ValueError(
@@ -139,13 +130,7 @@ def check_calibration_lengths(model: nn.Module, seq_len: int, batches: list[torc
                 f"input_ids_batches[{i}] has {ids.shape[1]} tokens per sequence, more than the model's maximum of "
                 f"{max_positions} positions (config.max_position_embeddings)"
             )
-        if vocab_size is not None:
-            low, high = int(ids.min()), int(ids.max())
-            if low < 0 or high >= vocab_size:
-                raise ValueError(
-                    f"input_ids_batches[{i}] holds token id {low if low < 0 else high}, outside the model's "
-                    f"vocabulary of {vocab_size} tokens [0, {vocab_size})"
-                )
+        adapter.check_token_ids(ids, f"input_ids_batches[{i}]")
 
 
 def _check_input_ids(batches: Any) -> list[torch.Tensor]:
