@@ -380,11 +380,40 @@ def fork_cache(cache: Cache) -> Cache:
     """A new cache that shares the stored tensors of ``cache`` but not its bookkeeping.
 
     Appending to the fork (``torch.cat`` in the layers) creates new tensors, so the original is never modified:
-    this is how a compressed context answers many questions without copying its entries.
+    this is how a compressed context answers many questions without copying its entries. Compressing the fork
+    again (decoding-time compression) replaces its layers and its press state (:func:`press_state`), never the
+    original's.
     """
     forked = copy.copy(cache)
     forked.layers = [copy.copy(layer) for layer in cache.layers]
+    kept = None
+    for layer in forked.layers:
+        if isinstance(layer, CompressedLayer):
+            if kept is None:
+                kept = _KeptByLayer(layer.kept_by_layer)
+                kept.uneven = layer.kept_by_layer.uneven
+            layer.kept_by_layer = kept
+    if _PRESS_STATE in cache.__dict__:
+        setattr(forked, _PRESS_STATE, dict(getattr(cache, _PRESS_STATE)))
     return forked
+
+
+#: Attribute of a cache holding what a press keeps about it between forward passes (see :func:`press_state`).
+_PRESS_STATE = "_kvsqueeze_press_state"
+
+
+def press_state(cache: Cache) -> dict:
+    """Per-cache state that a press keeps between forward passes, ``{key: value}``, created empty on first use.
+
+    It lives on the cache, not on the press (presses hold no per-run state), so it follows the cache into later
+    ``generate`` calls and :func:`fork_cache` copies it. Values must be replaced, never modified in place: a fork
+    shares them with its original until it replaces them.
+    """
+    state = cache.__dict__.get(_PRESS_STATE)
+    if state is None:
+        state = {}
+        setattr(cache, _PRESS_STATE, state)
+    return state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1167,14 +1196,16 @@ class ModelAdapter:
             else:
                 delattr(self.model, _INTERNAL_PASS)
 
-    def register_generate_guard(self) -> list[Any]:
+    def register_generate_guard(self, recompresses: bool = False) -> list[Any]:
         """Refuse, while a press is open, the ``generate()`` modes that do not feed the model "the prompt, then one
         token per step" (the model's own forward hooks cannot tell them apart):
 
         * assisted and prompt-lookup decoding: the first forward holds the prompt *and* unverified draft tokens,
           which the press would compress as if they were context (and a rejected draft then cannot be cropped);
         * chunked prefill (``prefill_chunk_size``): only the first chunk would be compressed;
-        * a ``cache_implementation`` other than the dynamic cache (static buffers, offloading, quantization).
+        * a ``cache_implementation`` other than the dynamic cache (static buffers, offloading, quantization);
+        * with ``recompresses`` (a press that compresses again during decoding, keeping per-cache state about
+          each row), beam search: it reorders the cache's rows between steps, which that state does not follow.
 
         ``model.generate`` is shadowed by an instance attribute for the duration; the returned handle removes it.
         A model without ``generate`` (a bare decoder) needs no guard.
@@ -1208,6 +1239,12 @@ class ModelAdapter:
                 problems.append("a chunked prefill (prefill_chunk_size) would be compressed one chunk only")
             if setting("cache_implementation") not in _DYNAMIC_CACHE_IMPLEMENTATIONS:
                 problems.append(f"cache_implementation={setting('cache_implementation')!r} is not the dynamic cache")
+            beams = setting("num_beams")
+            if recompresses and isinstance(beams, int) and beams > 1:
+                problems.append(
+                    f"beam search (num_beams={beams}) reorders the cache's rows, which decoding-time compression "
+                    "does not follow"
+                )
             if problems:
                 raise ValueError(f"generate() under a press: {'; '.join(problems)}. Generate without them.")
             return original(*args, **kwargs)

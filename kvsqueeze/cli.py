@@ -36,7 +36,8 @@ _MB = 1e6
 #: The presses whose inner press has no default (:func:`wrapped_press_fields`), named in the ``--press`` help.
 WRAPPERS_WITHOUT_DEFAULT = ("key_rerotation", "per_layer", "composed")
 WRAPPER_HELP = (
-    "presses that wrap another press run with their default inner press (adakv, criticalkv, critical_adakv); "
+    "presses that wrap another press run with their default inner press (adakv, criticalkv, critical_adakv, "
+    "decoding: Expected Attention); "
     f"{', '.join(WRAPPERS_WITHOUT_DEFAULT)} have none and are built in Python (make_press)"
 )
 

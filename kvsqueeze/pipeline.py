@@ -333,7 +333,10 @@ class CompressedContext:
         eos = pipe.eos_token_ids
         kwargs = pipe.adapter.model_call_kwargs(cache)
         out: list[int] = []
-        with pipe.adapter.attention_for_cache(cache):
+        # A press that compresses during decoding (phases) answers under its own block, on the fork; the others
+        # only need attention that fits the compressed cache.
+        recompress = self.press is not None and "decoding" in self.press.capabilities.phases
+        with self.press(pipe.model) if recompress else pipe.adapter.attention_for_cache(cache):
             logits = pipe.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
             for _ in range(max_new_tokens):
                 token = _next_token(logits, do_sample, temperature, top_p, generator)

@@ -179,6 +179,13 @@ WRAPPERS: dict[str, list[Callable]] = {
                   first_stage_ratio=1.0),
     ],
     "per_layer": [_per_layer(("knorm", {})), _per_layer(("keydiff", {}))],
+    # At the prefill a decoding press is its wrapped scorer at its budget; an interval longer than the matrix's
+    # answers keeps the other invariants' counts. Compression during decoding: tests/test_decoding.py.
+    "decoding": [
+        _headwise("decoding", ("knorm", {}), compression_interval=64, hidden_states_buffer_size=16),
+        _headwise("decoding", ("expected_attention", {"n_future_positions": 16, "n_sink": 2}),
+                  compression_interval=64, hidden_states_buffer_size=8),
+    ],
     "key_rerotation": [
         _rerotated("knorm", {}),
         _rerotated("streaming_llm", {"n_sink": 4}),

@@ -327,7 +327,7 @@ def test_cli_help_names_the_wrappers_without_a_default_inner_press(capsys):
     without_default = {name for name in list_presses() if any(cli.wrapped_press_fields(name).values())}
     assert without_default == set(cli.WRAPPERS_WITHOUT_DEFAULT)
     with_default = {name for name in list_presses() if cli.wrapped_press_fields(name)} - without_default
-    assert with_default == {"adakv", "criticalkv", "critical_adakv"}
+    assert with_default == {"adakv", "criticalkv", "critical_adakv", "decoding"}
     assert all(name in cli.WRAPPER_HELP for name in without_default | with_default)
     for command in ("run", "demo", "eval"):
         with pytest.raises(SystemExit):

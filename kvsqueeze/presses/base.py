@@ -129,7 +129,12 @@ class LayerInputs:
         own. None otherwise.
     key_positions : Tensor or None
         Original positions ``(bsz, num_key_value_heads, n)`` of ``keys``/``values`` when they are what an earlier
-        press of a composition kept; None when they are the whole context (position ``i`` at index ``i``).
+        press of a composition (or an earlier compression during decoding) kept; None when they are the whole
+        context (position ``i`` at index ``i``).
+    first_position : int
+        Position of the first hidden state: 0 in a prefill, where the hidden states cover every token; during
+        decoding-time compression (:class:`~kvsqueeze.presses.decoding.DecodingPress`) the hidden states are a
+        buffer of the latest tokens only, which start at this position.
     """
 
     adapter: A.ModelAdapter
@@ -143,6 +148,7 @@ class LayerInputs:
     projected_queries: torch.Tensor | None = None
     budget: int | None = None
     key_positions: torch.Tensor | None = None
+    first_position: int = 0
 
     @property
     def seq_len(self) -> int:
@@ -151,8 +157,9 @@ class LayerInputs:
 
     @property
     def context_length(self) -> int:
-        """Tokens in the context (hidden states and queries always cover all of them)."""
-        return self.hidden_states.shape[1]
+        """Tokens seen so far (the logical length): the hidden states cover the last of them, from
+        ``first_position`` on (all of them in a prefill)."""
+        return self.first_position + self.hidden_states.shape[1]
 
     def positions(self) -> torch.Tensor:
         """Original positions of the keys, ``(bsz, num_key_value_heads, seq_len)`` (see ``key_positions``)."""
@@ -165,12 +172,16 @@ class LayerInputs:
         return self.adapter.shape.num_layers
 
     def queries(self, rope: bool = True, last: int | None = None, first: int = 0) -> torch.Tensor:
-        """Queries ``(bsz, num_heads, n, head_dim)`` of tokens ``first …`` (or of the last ``last`` tokens).
+        """Queries ``(bsz, num_heads, n, head_dim)`` of the tokens at positions ``first …`` (or of the last
+        ``last`` tokens) among those whose hidden states the layer has (see ``first_position``).
 
         Post-RoPE by default, pre-RoPE (QK-norm applied) with ``rope=False``. Reuses the projection captured
         during the forward pass when there is one.
         """
-        span = slice(-last, None) if last is not None else slice(first, None)
+        n_hidden = self.hidden_states.shape[1]
+        if last is not None and last > n_hidden:
+            raise ValueError(f"asked for the last {last} queries, but the layer has hidden states of {n_hidden} tokens")
+        span = slice(-last, None) if last is not None else slice(max(0, first - self.first_position), None)
         hidden = self.hidden_states[:, span]
         projected = None if self.projected_queries is None else self.projected_queries[:, span]
         pe = None
@@ -235,6 +246,7 @@ class CompressionReport:
     kept: dict[int, float] = field(default_factory=dict)  # layer -> entries kept per head (mean over heads)
     seen: dict[int, int] = field(default_factory=dict)  # layer -> entries before compression
     bytes_before: dict[int, int] = field(default_factory=dict)  # layer -> measured K+V bytes before compression
+    decoding_compressions: int = 0  # forward passes after the prefill that compressed the cache again
 
     @property
     def measured_ratio(self) -> float:
@@ -460,7 +472,7 @@ def active_press(adapter: A.ModelAdapter, press: Press) -> Iterator[None]:
     handles: list[Any] = []
     try:
         handles += adapter.register_prefill_guard()
-        handles += adapter.register_generate_guard()
+        handles += adapter.register_generate_guard(recompresses="decoding" in press.capabilities.phases)
         yield
     finally:  # also when installing a guard failed: nothing stays behind on the model
         for h in handles:

@@ -1,0 +1,264 @@
+"""DecodingPress: compression repeated while the model generates.
+
+The reference for every decoding step is the uncompressed model with a per-(layer, KV head) mask that hides the
+entries the compressed cache no longer stores: the compressed run must give the same logits. Which entries are
+kept at each compression is checked against the wrapped press's rule (KNorm, StreamingLLM), and the cache size
+against the budget and the interval.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvsqueeze import Pipeline, make_press
+from kvsqueeze import adapter as A
+from kvsqueeze.presses.decoding import decoding_state_nbytes, decoding_states
+
+from conftest import build_tokenizer
+
+MODELS = ("llama", "gemma3", "qwen3", "phi3")
+INNER = {
+    "knorm": {},
+    "expected_attention": {"n_future_positions": 16, "n_sink": 2},
+    "snapkv": {"window_size": 4, "kernel_size": 3},
+    "tova": {},
+    "streaming_llm": {"n_sink": 2},
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(single_thread):
+    yield
+
+
+def prompt(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def decode_under(press, model, ids: torch.Tensor, steps: int):
+    """Greedy decoding by hand under ``press``; per step: the logits, the stored positions per compressible layer
+    *before* the step's forward, and whether that forward compressed again."""
+    adapter = A.ModelAdapter(model)
+    cache = adapter.new_cache()
+    kwargs = adapter.model_call_kwargs(cache)
+    tokens, logits_seen, kept_before, recompressed = [], [], [], []
+    with torch.inference_mode(), press(model) as report:
+        logits = model(input_ids=ids, use_cache=True, **kwargs).logits[:, -1]
+        for _ in range(steps):
+            token = int(logits[0].argmax())
+            tokens.append(token)
+            kept_before.append({i: s.positions.clone() for i, s in decoding_states(cache).items()})
+            count = report.decoding_compressions
+            logits = model(input_ids=torch.tensor([[token]]), use_cache=True, **kwargs).logits[:, -1]
+            logits_seen.append(logits)
+            recompressed.append(report.decoding_compressions > count)
+    return tokens, logits_seen, kept_before, recompressed, cache, report
+
+
+def masked_dense_logits(model, ids: torch.Tensor, tokens: list[int], kept_before: list[dict]) -> list[torch.Tensor]:
+    """The same steps on the uncompressed model, each step's query seeing only what the compressed cache stored
+    (per KV head) plus itself."""
+    adapter = A.ModelAdapter(model)
+    group = adapter.shape.num_attention_heads // adapter.shape.num_key_value_heads
+    cache = adapter.new_cache()
+    kwargs = adapter.model_call_kwargs(cache)
+    current: dict[int, torch.Tensor] = {}
+
+    def pre_hook(module, args, kwargs_):
+        positions = current[module.layer_idx]  # (1, kv_heads, n_stored)
+        length = cache.layers[module.layer_idx].get_seq_length() + 1  # the new token is appended in the forward
+        visible = torch.zeros(1, positions.shape[1], 1, length, dtype=torch.bool)
+        visible.scatter_(-1, positions[:, :, None, :], True)
+        visible[..., -1] = True
+        kwargs_["attention_mask"] = visible.repeat_interleave(group, dim=1)
+        return args, kwargs_
+
+    out = []
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=True, **kwargs)
+        handles = [adapter.attention_modules[i].register_forward_pre_hook(pre_hook, with_kwargs=True)
+                   for i in adapter.compressible_layers]
+        try:
+            for token, kept in zip(tokens, kept_before):
+                current.clear()
+                current.update(kept)
+                out.append(model(input_ids=torch.tensor([[token]]), use_cache=True, **kwargs).logits[:, -1])
+        finally:
+            for h in handles:
+                h.remove()
+    return out
+
+
+@pytest.mark.parametrize("inner", list(INNER))
+@pytest.mark.parametrize("model_name", MODELS)
+def test_decoding_compression_matches_the_masked_dense_reference(model_name, inner, tiny_model):
+    model = tiny_model(model_name)
+    press = make_press("decoding", press=make_press(inner, **INNER[inner]), budget=20, compression_interval=6,
+                       hidden_states_buffer_size=8)
+    ids = prompt(40)
+    tokens, logits, kept_before, recompressed, cache, report = decode_under(press, model, ids, steps=26)
+    assert report.decoding_compressions == 4 == sum(recompressed)  # after 6, 12, 18 and 24 appended tokens
+    reference = masked_dense_logits(model, ids, tokens, kept_before)
+    for step, (ours, theirs) in enumerate(zip(logits, reference)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=f"step {step}: logits differ")
+    adapter = A.ModelAdapter(model)
+    for i in adapter.compressible_layers:
+        positions = decoding_states(cache)[i].positions
+        assert positions.shape[-1] == A.layer_physical_length(cache, i) == 20 + 26 - 24
+        assert bool((positions.diff(dim=-1) > 0).all()), "kept entries must stay in positional order"
+        assert cache.layers[i].get_seq_length() == 40 + 26, "the logical length counts every token seen"
+
+
+@pytest.mark.parametrize("mode", ["budget", "ratio"])
+def test_cache_size_follows_the_budget_and_the_interval(mode, tiny_model):
+    model = tiny_model("llama")
+    size = {"budget": 16} if mode == "budget" else {"compression_ratio": 0.5}
+    press = make_press("decoding", press=make_press("knorm"), compression_interval=5, **size)
+    ids = prompt(30)
+    _, _, kept_before, recompressed, cache, _ = decode_under(press, model, ids, steps=21)
+    stored = [k[0].shape[-1] for k in kept_before[1:]] + [A.layer_physical_length(cache, 0)]
+    appended = 0
+    expected_after_compression = 16 if mode == "budget" else 15  # floor(0.5 * 30) at the prefill
+    for step, (n, again) in enumerate(zip(stored, recompressed)):
+        appended += 1
+        length = 30 + step + 1
+        if again:
+            assert appended == 5, f"step {step}: compressed after {appended} appended tokens"
+            appended = 0
+            expected_after_compression = 16 if mode == "budget" else int(length * 0.5)
+        assert n == expected_after_compression + appended, f"step {step}: {n} stored"
+        assert n < expected_after_compression + 5
+    assert sum(recompressed) == 4
+
+
+def test_kept_entries_follow_the_wrapped_press(tiny_model):
+    """At each compression during decoding, KNorm keeps the stored entries with the smallest key norms and
+    StreamingLLM its sinks and the most recent entries, whatever was evicted before."""
+    model = tiny_model("qwen3")
+    adapter = A.ModelAdapter(model)
+    ids = prompt(36, seed=3)
+    for inner, kwargs in (("knorm", {}), ("streaming_llm", {"n_sink": 3})):
+        press = make_press("decoding", press=make_press(inner, **kwargs), budget=18, compression_interval=7)
+        before: list[dict[int, torch.Tensor]] = []  # per forward (the prefill first): keys before compression
+
+        def capture(module, args, kwargs_, output):  # runs before the press's own hook: the uncompressed layer
+            cache = adapter.cache_from_call(kwargs_)
+            before.append({i: cache.layers[i].keys.clone() for i in adapter.compressible_layers})
+
+        handle = adapter.decoder.register_forward_hook(capture, with_kwargs=True)
+        try:
+            tokens, _, kept_before, recompressed, cache, _ = decode_under(press, model, ids, steps=22)
+        finally:
+            handle.remove()
+        assert sum(recompressed) == 3
+        # Replay: the positions stored before each compressing step, and what was kept after it.
+        after = kept_before[1:] + [{i: s.positions for i, s in decoding_states(cache).items()}]
+        checked = 0
+        for step, again in enumerate(recompressed):
+            if not again:
+                continue
+            for i in adapter.compressible_layers:
+                stored_positions = torch.cat(
+                    [kept_before[step][i], torch.full((1, kept_before[step][i].shape[1], 1), 36 + step)], dim=-1
+                )
+                kept = after[step][i]
+                for h in range(kept.shape[1]):
+                    if inner == "knorm":
+                        norms = before[step + 1][i][0, h].norm(dim=-1)
+                        want = stored_positions[0, h][norms.topk(18, largest=False).indices].sort().values
+                    else:
+                        s = stored_positions[0, h]
+                        want = torch.cat([s[:3], s[-(18 - 3):]])
+                    assert kept[0, h].tolist() == want.tolist(), f"{inner} step {step} layer {i} head {h}"
+                    checked += 1
+        assert checked > 0
+
+
+def test_pipeline_answers_under_the_press_and_keeps_the_context(tiny_model):
+    tokenizer = build_tokenizer()
+    model = tiny_model("llama")
+    pipe = Pipeline(model, tokenizer)
+    press = make_press("decoding", press=make_press("expected_attention", n_future_positions=16, n_sink=2),
+                       compression_ratio=0.5, compression_interval=4, hidden_states_buffer_size=6)
+    context = "the quick brown fox jumps over the lazy dog. " * 3
+    ctx = pipe.compress(context, press=press)
+    keys = [layer.keys.clone() for layer in ctx.cache.layers]
+    state = dict(decoding_states(ctx.cache))
+    answers = [ctx.generate_ids(q, max_new_tokens=12) for q in ("what jumps?", "who is lazy?")]
+    assert [ctx.generate_ids(q, max_new_tokens=12) for q in ("what jumps?", "who is lazy?")] == answers
+    for layer, k in zip(ctx.cache.layers, keys):
+        assert torch.equal(layer.keys, k), "the context was changed by an answer"
+    assert decoding_states(ctx.cache) == state, "the context's decoding state was replaced by an answer"
+    assert decoding_state_nbytes(ctx.cache) > 0
+
+    # The answer is generate's under the same press, continuing a fork (which does compress again: interval 4).
+    q_ids = pipe.question_ids("what jumps?")
+    ctx_ids = pipe.context_ids(context)
+    fork = ctx.fork_cache()
+    with torch.inference_mode(), press(model) as report:
+        out = model.generate(input_ids=torch.cat([ctx_ids, q_ids], 1), max_new_tokens=12, do_sample=False,
+                             **{pipe.adapter.cache_kwarg: fork})
+    assert report.decoding_compressions >= 2
+    theirs = out[0, ctx_ids.shape[1] + q_ids.shape[1]:].tolist()
+    assert theirs[: len(answers[0])] == answers[0]
+    assert A.layer_physical_length(fork, 0) < ctx_ids.shape[1] + q_ids.shape[1] + 11
+
+
+def test_state_is_measured_and_does_not_hold_the_prefill(tiny_model):
+    model = tiny_model("llama")
+    adapter = A.ModelAdapter(model)
+    press = make_press("decoding", press=make_press("knorm"), budget=8, compression_interval=4,
+                       hidden_states_buffer_size=5)
+    cache = adapter.new_cache()
+    with torch.inference_mode(), press(model):
+        model(input_ids=prompt(60), use_cache=True, **adapter.model_call_kwargs(cache))
+    states = decoding_states(cache)
+    assert sorted(states) == adapter.compressible_layers
+    hidden = model.config.hidden_size
+    for s in states.values():
+        assert s.hidden_states.shape == (1, 5, hidden) and s.appended == 0
+        assert s.hidden_states.untyped_storage().nbytes() == 5 * hidden * 4, "a view would keep the whole prefill"
+        assert s.positions.shape == (1, 2, 8)
+    assert decoding_state_nbytes(cache) == sum(s.nbytes() for s in states.values())
+
+
+def test_what_a_decoding_press_refuses(tiny_model):
+    model = tiny_model("llama")
+    adapter = A.ModelAdapter(model)
+    with pytest.raises(ValueError, match="no ratio/budget of its own"):
+        make_press("decoding", press=make_press("knorm", compression_ratio=0.5), budget=8)
+    with pytest.raises(ValueError, match="attention weights"):
+        make_press("decoding", press=make_press("observed_attention"), budget=8)
+    with pytest.raises(ValueError, match="its own budget"):
+        make_press("decoding", press=make_press("pyramidkv"), budget=8)
+    with pytest.raises(TypeError, match="ScorerPress"):
+        make_press("decoding", press=make_press("adakv"), budget=8)
+    for name, bad in (("compression_interval", 0), ("hidden_states_buffer_size", 0), ("compression_interval", True)):
+        with pytest.raises((ValueError, TypeError), match=name):
+            make_press("decoding", budget=8, **{name: bad})
+
+    press = make_press("decoding", press=make_press("knorm"), budget=8, compression_interval=2)
+    ids = prompt(20)
+    with press(model), pytest.raises(ValueError, match="num_beams=2"):
+        model.generate(input_ids=ids, max_new_tokens=3, num_beams=2, do_sample=False)
+
+    # A cache another press compressed has no record of its entries' positions.
+    cache = adapter.new_cache()
+    with torch.inference_mode():
+        with make_press("knorm", compression_ratio=0.5)(model):
+            model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))
+        with press(model), pytest.raises(ValueError, match="compressed by another press"):
+            model(input_ids=prompt(1), use_cache=True, **adapter.model_call_kwargs(cache))
+
+    # A scoring window longer than the buffer of queries: refused when built, and by the scoring itself.
+    with pytest.raises(ValueError, match="window_size=6 .* hidden_states_buffer_size=4"):
+        make_press("decoding", press=make_press("snapkv", window_size=6), budget=8, hidden_states_buffer_size=4)
+    snap = make_press("decoding", press=make_press("snapkv", window_size=4), budget=8, compression_interval=2,
+                      hidden_states_buffer_size=4)
+    object.__setattr__(snap.press, "window_size", 6)  # a press whose window the check cannot see
+    cache = adapter.new_cache()
+    with torch.inference_mode(), snap(model), pytest.raises(ValueError, match="last 6 queries.* 4 tokens"):
+        model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))
+        for t in range(3):
+            model(input_ids=prompt(1, seed=t), use_cache=True, **adapter.model_call_kwargs(cache))
