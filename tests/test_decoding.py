@@ -110,6 +110,31 @@ def test_decoding_compression_matches_the_masked_dense_reference(model_name, inn
         assert cache.layers[i].get_seq_length() == 40 + 26, "the logical length counts every token seen"
 
 
+@pytest.mark.parametrize("inner", ["expected_attention", "snapkv", "tova"])
+@pytest.mark.parametrize("model_name", ["llama", "gemma3", "qwen3", "phi3"])
+def test_a_recompression_scores_like_a_prefill_of_the_same_tokens(model_name, inner, tiny_model):
+    """When nothing was evicted before and the buffer holds every token, compressing during decoding must keep
+    what the wrapped press keeps from a prefill of the same tokens: the buffer's queries (rotary embeddings
+    recomputed at their positions), the logical length (Expected Attention's future positions) and the window
+    all line up."""
+    from kvsqueeze.record import record_prefill
+
+    model = tiny_model(model_name)
+    kwargs = INNER[inner] if inner != "snapkv" else {"window_size": 4, "kernel_size": 3}
+    press = make_press("decoding", press=make_press(inner, **kwargs), budget=16, compression_interval=6,
+                       hidden_states_buffer_size=32)
+    ids = prompt(14, seed=5)  # within the budget: the prefill keeps everything
+    tokens, _, _, recompressed, cache, _ = decode_under(press, model, ids, steps=7)
+    assert recompressed == [False] * 5 + [True, False]
+    fed = torch.cat([ids, torch.tensor([tokens[:6]])], dim=1)  # the 20 tokens the recompression saw
+    recorded = record_prefill(model, fed)
+    reference = make_press(inner, **kwargs, budget=16)
+    for layer in recorded.layers:
+        want = reference.keep_indices(layer)
+        got = decoding_states(cache)[layer.layer_idx].positions[..., :16]
+        assert got.tolist() == want.tolist(), f"layer {layer.layer_idx}"
+
+
 @pytest.mark.parametrize("mode", ["budget", "ratio"])
 def test_cache_size_follows_the_budget_and_the_interval(mode, tiny_model):
     model = tiny_model("llama")
@@ -208,19 +233,53 @@ def test_pipeline_answers_under_the_press_and_keeps_the_context(tiny_model):
 def test_state_is_measured_and_does_not_hold_the_prefill(tiny_model):
     model = tiny_model("llama")
     adapter = A.ModelAdapter(model)
-    press = make_press("decoding", press=make_press("knorm"), budget=8, compression_interval=4,
-                       hidden_states_buffer_size=5)
-    cache = adapter.new_cache()
-    with torch.inference_mode(), press(model):
-        model(input_ids=prompt(60), use_cache=True, **adapter.model_call_kwargs(cache))
-    states = decoding_states(cache)
-    assert sorted(states) == adapter.compressible_layers
     hidden = model.config.hidden_size
-    for s in states.values():
-        assert s.hidden_states.shape == (1, 5, hidden) and s.appended == 0
-        assert s.hidden_states.untyped_storage().nbytes() == 5 * hidden * 4, "a view would keep the whole prefill"
-        assert s.positions.shape == (1, 2, 8)
-    assert decoding_state_nbytes(cache) == sum(s.nbytes() for s in states.values())
+    for inner, buffered in (("expected_attention", 5), ("knorm", 0)):  # KNorm reads no hidden states
+        press = make_press("decoding", press=make_press(inner), budget=8, compression_interval=4,
+                           hidden_states_buffer_size=5)
+        assert press.buffer_size == buffered
+        cache = adapter.new_cache()
+        with torch.inference_mode(), press(model):
+            model(input_ids=prompt(60), use_cache=True, **adapter.model_call_kwargs(cache))
+            states = decoding_states(cache)
+            assert sorted(states) == adapter.compressible_layers
+            for s in states.values():
+                assert s.hidden_states.shape == (1, buffered, hidden) and s.appended == 0 and s.length == 60
+                assert s.hidden_states.untyped_storage().nbytes() == buffered * hidden * 4, "a view keeps the prefill"
+                assert s.positions.shape == (1, 2, 8)
+            assert decoding_state_nbytes(cache) == sum(s.nbytes() for s in states.values())
+            for t in range(3):  # appended tokens: the buffer slides, positions follow without a compression
+                model(input_ids=prompt(1, seed=t), use_cache=True, **adapter.model_call_kwargs(cache))
+            for s in decoding_states(cache).values():
+                assert s.appended == 3 and s.length == 63 and s.hidden_states.shape[1] == buffered
+                assert s.positions[0, 0, -3:].tolist() == [60, 61, 62]
+
+
+def test_what_a_decoding_press_reads_matches_its_capabilities(tiny_model, calibration_artifact):
+    """A scorer whose capabilities say it reads no hidden states keeps the same entries when they are replaced by
+    noise (what lets a decoding press keep no buffer for it); the others do read them."""
+    from kvsqueeze.presses import ScorerPress, list_presses, press_class
+    from kvsqueeze.record import record_prefill
+
+    model = tiny_model("llama")
+    recorded = record_prefill(model, prompt(48))
+    layer = recorded.layers[1]
+    noisy = layer.replace(hidden_states=torch.randn_like(layer.hidden_states), projected_queries=None)
+    checked = {True: [], False: []}
+    for name in list_presses():
+        cls = press_class(name)
+        caps = getattr(cls, "capabilities", None)
+        if not issubclass(cls, ScorerPress) or not hasattr(caps, "reads_hidden_states") or caps.needs_attention_weights:
+            continue
+        if not caps.uniform_layers:
+            continue  # per-layer budgets: scored the same way as the uniform ones they extend
+        extra = {"artifact": str(calibration_artifact("llama", caps.calibration))} if caps.calibration else {}
+        press = cls(**extra)
+        same = torch.equal(press.score(layer), press.score(noisy))
+        assert same == (not caps.reads_hidden_states), f"{name}: reads_hidden_states={caps.reads_hidden_states}"
+        checked[caps.reads_hidden_states].append(name)
+    assert {"knorm", "keydiff", "streaming_llm", "random", "lagkv", "qfilters"} <= set(checked[False])
+    assert {"expected_attention", "snapkv", "tova"} <= set(checked[True])
 
 
 def test_what_a_decoding_press_refuses(tiny_model):

@@ -54,6 +54,11 @@ class Capabilities:
         Kept keys are moved to new RoPE positions (the cache's logical length stays the context length).
     uniform_layers : bool
         Every compressed layer keeps the same number of entries.
+    reads_hidden_states : bool
+        The scores read the layer's hidden states (its queries, recomputed or captured). Presses that score from
+        keys, values, positions or an artifact alone say False, so what compresses during decoding
+        (:class:`~kvsqueeze.presses.decoding.DecodingPress`) keeps no buffer of hidden states for them. True by
+        default: a press that does not say is assumed to read them.
     """
 
     needs_attention_weights: bool = False
@@ -64,6 +69,7 @@ class Capabilities:
     extra_passes: bool = False
     changes_positions: bool = False
     uniform_layers: bool = True
+    reads_hidden_states: bool = True
 
     @property
     def shares_recording(self) -> bool:
@@ -82,6 +88,7 @@ class Capabilities:
             extra_passes=self.extra_passes or other.extra_passes,
             changes_positions=self.changes_positions or other.changes_positions,
             uniform_layers=self.uniform_layers and other.uniform_layers,
+            reads_hidden_states=self.reads_hidden_states or other.reads_hidden_states,
         )
 
 

@@ -40,24 +40,32 @@ class DecodingState:
 
     Attributes
     ----------
-    positions : Tensor
-        Original positions ``(bsz, num_key_value_heads, n_stored)`` of the layer's stored entries.
-    hidden_states : Tensor
-        Attention inputs of the latest tokens, ``(bsz, ≤ hidden_states_buffer_size, hidden_size)``.
-    cos, sin : Tensor
-        Their rotary embeddings, ``(bsz, ≤ hidden_states_buffer_size, rotary_dim)``.
+    kept_positions : Tensor
+        Original positions ``(bsz, num_key_value_heads, n_kept)`` of the entries kept at the last compression;
+        the ``appended`` tokens since then follow them, at the positions just before ``length``.
+    length : int
+        Tokens the layer has seen (its logical length).
     appended : int
         Tokens appended since the layer was last compressed.
+    hidden_states : Tensor
+        Attention inputs of the latest tokens, ``(bsz, n, hidden_size)`` with ``n ≤ hidden_states_buffer_size``
+        (no tokens when the wrapped press does not read hidden states).
     """
 
-    positions: torch.Tensor
+    kept_positions: torch.Tensor
+    length: int
+    appended: int
     hidden_states: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    appended: int = 0
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Original positions ``(bsz, num_key_value_heads, n_stored)`` of every stored entry, in stored order."""
+        bsz, heads = self.kept_positions.shape[:2]
+        new = torch.arange(self.length - self.appended, self.length, device=self.kept_positions.device)
+        return torch.cat([self.kept_positions, new.expand(bsz, heads, self.appended)], dim=-1)
 
     def nbytes(self) -> int:
-        return sum(t.untyped_storage().nbytes() for t in (self.positions, self.hidden_states, self.cos, self.sin))
+        return sum(t.untyped_storage().nbytes() for t in (self.kept_positions, self.hidden_states))
 
 
 def decoding_states(cache) -> dict[int, DecodingState]:
@@ -81,15 +89,19 @@ class DecodingPress(ScorerPress):
     of the prefill, like the wrapped press would, and then, every ``compression_interval`` tokens appended to a
     layer, scores the whole layer again (context entries kept so far and new tokens alike) and keeps its
     budget. Queries for the scores come from a buffer of the attention inputs of the latest
-    ``hidden_states_buffer_size`` tokens: the Expected Attention paper (arXiv 2510.00636, §3.1) keeps "a small
-    buffer of hidden states of 128 tokens" during decoding and compresses every 512 generated tokens, the
-    defaults here. kvpress's DecodingPress uses a 256-token buffer and a fixed ``target_size``.
+    ``hidden_states_buffer_size`` tokens, with rotary embeddings recomputed at their positions (no buffer when
+    the wrapped press's capabilities say it does not read hidden states: KNorm, KeyDiff, StreamingLLM, LagKV,
+    Random, Q-Filters). The Expected Attention paper (arXiv 2510.00636, §3.1) keeps "a small buffer of hidden
+    states of 128 tokens" during decoding and compresses every 512 generated tokens: the defaults here.
+    kvpress's DecodingPress uses a 256-token buffer and a fixed ``target_size``, and hands the wrapped press the
+    current token's rotary embeddings, so window scorers (SnapKV) rotate every buffered query to one position;
+    here each buffered query is rotated at its own position (tested against a prefill of the same tokens).
 
     Budget after each compression: with ``budget`` b, b entries per head; with ``compression_ratio`` r,
     ``⌊(1 − r)·L⌋`` of the L tokens seen so far (so the cache keeps the same fraction of a growing sequence).
     Between compressions a layer holds at most ``compression_interval − 1`` entries more. Kept entries keep
     their original RoPE positions and order; new tokens get the positions they would have had without
-    compression. The positions of the stored entries and the buffer are kept on the cache
+    compression. The positions of the kept entries and the buffer are kept on the cache
     (:func:`decoding_states`, measured by :func:`decoding_state_nbytes`), not on the press, and follow it into
     later ``generate`` calls and forks; the pipeline answers each question under the press, on a fork, so the
     compressed context never changes.
@@ -171,36 +183,33 @@ class DecodingPress(ScorerPress):
             kept = gather_kv(layer.keys, layer.values, indices)
             positions = positions.gather(-1, indices)
         n_kept = store_kept(cache, layer.layer_idx, kept, layer.context_length)
-        keep = slice(-self.hidden_states_buffer_size, None)
-        cos, sin = layer.position_embeddings
-        # Copies: a slice of the prefill's hidden states would keep all of them alive.
+        # A copy: a slice of the prefill's hidden states would keep all of them alive.
+        buffer = layer.hidden_states[:, layer.hidden_states.shape[1] - self.buffer_size:].clone()
         A.press_state(cache)[(_STATE, layer.layer_idx)] = DecodingState(
-            positions=positions.contiguous(),
-            hidden_states=layer.hidden_states[:, keep].clone(),
-            cos=cos[:, keep].clone(),
-            sin=sin[:, keep].clone(),
+            kept_positions=positions.contiguous(), length=layer.context_length, appended=0, hidden_states=buffer
         )
         if report is not None:
             report.seconds += time.perf_counter() - start
             if not layer.first_position:  # the prefill: what the report's per-layer counts describe
                 report.add(layer.layer_idx, n_kept, layer.seq_len, bytes_before)
 
-    def _append(self, cache, idx: int, hidden: torch.Tensor, position_embeddings: tuple) -> None:
-        """Record the tokens a forward pass appended to layer ``idx`` (their positions and hidden states)."""
+    @property
+    def buffer_size(self) -> int:
+        """Hidden states kept per layer: ``hidden_states_buffer_size``, or none when the wrapped press does not
+        read them (its capabilities say so)."""
+        return self.hidden_states_buffer_size if self.press.capabilities.reads_hidden_states else 0
+
+    def _append(self, cache, idx: int, hidden: torch.Tensor) -> None:
+        """Record the tokens a forward pass appended to layer ``idx``."""
         key = (_STATE, idx)
         state = A.press_state(cache)[key]
-        bsz, heads = state.positions.shape[:2]
         n_new = hidden.shape[1]
-        end = A.layer_logical_length(cache, idx)
-        new = torch.arange(end - n_new, end, device=state.positions.device).expand(bsz, heads, n_new)
-        keep = slice(-self.hidden_states_buffer_size, None)
-        cos, sin = position_embeddings
-        A.press_state(cache)[key] = DecodingState(
-            positions=torch.cat([state.positions, new], dim=-1),
-            hidden_states=torch.cat([state.hidden_states, hidden], dim=1)[:, keep],
-            cos=torch.cat([state.cos, cos.to(state.cos.dtype)], dim=1)[:, keep],
-            sin=torch.cat([state.sin, sin.to(state.sin.dtype)], dim=1)[:, keep],
-            appended=state.appended + n_new,
+        buffer = state.hidden_states
+        if self.buffer_size:
+            buffer = torch.cat([buffer, hidden], dim=1)
+            buffer = buffer[:, buffer.shape[1] - self.buffer_size:] if buffer.shape[1] > self.buffer_size else buffer
+        A.press_state(cache)[key] = dataclasses.replace(
+            state, length=state.length + n_new, appended=state.appended + n_new, hidden_states=buffer
         )
 
     def _recompress(self, adapter: A.ModelAdapter, cache, report: CompressionReport) -> None:
@@ -211,17 +220,22 @@ class DecodingPress(ScorerPress):
         for idx in due:
             state = states[idx]
             keys, values = A.layer_kv(cache, idx)
-            length = A.layer_logical_length(cache, idx)
+            hidden = state.hidden_states
+            first = state.length - hidden.shape[1]
+            # The buffer's rotary embeddings, from the model's own rotary module at the buffer's positions.
+            positions = torch.arange(max(first, 0), max(first, 0) + max(hidden.shape[1], 1), device=hidden.device)
+            cos, sin = adapter.rope(idx, positions[None], hidden)
+            n = hidden.shape[1]
             layer = LayerInputs(
                 adapter=adapter,
                 module=adapter.attention_modules[idx],
                 layer_idx=idx,
-                hidden_states=state.hidden_states,
+                hidden_states=hidden,
                 keys=keys,
                 values=values,
-                position_embeddings=(state.cos, state.sin),
+                position_embeddings=(cos[:, :n].expand(hidden.shape[0], -1, -1), sin[:, :n].expand(hidden.shape[0], -1, -1)),
                 key_positions=state.positions,
-                first_position=length - state.hidden_states.shape[1],
+                first_position=first,
             )
             self.apply(layer, cache, report)
         if due:
@@ -243,7 +257,7 @@ class DecodingPress(ScorerPress):
                     "no record of its entries' positions; decoding-time compression continues only caches it "
                     "compressed itself (compress the prompt with this press)"
                 )
-            self._append(cache, idx, adapter.hidden_states_from_call(args, kwargs), kwargs["position_embeddings"])
+            self._append(cache, idx, adapter.hidden_states_from_call(args, kwargs))
 
         return hook
 

@@ -45,7 +45,7 @@ class ExpectedAttentionStatsPress(ScorerPress):
     use_vnorm: bool = True
     epsilon: float = 0.0
 
-    capabilities: ClassVar[Capabilities] = Capabilities(calibration=METHOD)
+    capabilities: ClassVar[Capabilities] = Capabilities(calibration=METHOD, reads_hidden_states=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()

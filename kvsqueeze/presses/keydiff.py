@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch.nn import functional as F
 
-from kvsqueeze.presses.base import LayerInputs, ScorerPress
+from kvsqueeze.presses.base import Capabilities, LayerInputs, ScorerPress
 from kvsqueeze.presses.registry import register_press
 
 
@@ -27,6 +28,8 @@ class KeyDiffPress(ScorerPress):
 
     Fields: ``compression_ratio`` (0.0), ``budget`` (None).
     """
+
+    capabilities: ClassVar[Capabilities] = Capabilities(reads_hidden_states=False)
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
         keys = F.normalize(layer.keys.float(), dim=-1)  # (bsz, num_kv_heads, seq_len, head_dim), unit norm

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from kvsqueeze.presses.base import LayerInputs, ScorerPress
+from kvsqueeze.presses.base import Capabilities, LayerInputs, ScorerPress
 from kvsqueeze.presses.registry import register_press
 
 
@@ -23,6 +24,8 @@ class KnormPress(ScorerPress):
 
     Fields: ``compression_ratio`` (0.0), ``budget`` (None).
     """
+
+    capabilities: ClassVar[Capabilities] = Capabilities(reads_hidden_states=False)
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
         return -layer.keys.float().norm(dim=-1)

@@ -32,7 +32,7 @@ class ObservedAttentionPress(ScorerPress):
     Fields: ``compression_ratio`` (0.0), ``budget`` (None).
     """
 
-    capabilities: ClassVar[Capabilities] = Capabilities(needs_attention_weights=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(needs_attention_weights=True, reads_hidden_states=False)
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
         if layer.attentions is None:

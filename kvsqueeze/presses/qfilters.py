@@ -42,7 +42,7 @@ class QFiltersPress(ScorerPress):
 
     artifact: str | None = None
 
-    capabilities: ClassVar[Capabilities] = Capabilities(calibration=METHOD)
+    capabilities: ClassVar[Capabilities] = Capabilities(calibration=METHOD, reads_hidden_states=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()

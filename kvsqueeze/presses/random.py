@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from kvsqueeze.presses.base import LayerInputs, ScorerPress, check_seed
+from kvsqueeze.presses.base import Capabilities, LayerInputs, ScorerPress, check_seed
 from kvsqueeze.presses.registry import register_press
 
 
@@ -21,6 +22,8 @@ class RandomPress(ScorerPress):
 
     Fields: ``compression_ratio`` (0.0), ``budget`` (None), ``seed`` (0).
     """
+
+    capabilities: ClassVar[Capabilities] = Capabilities(reads_hidden_states=False)
 
     seed: int = 0
 

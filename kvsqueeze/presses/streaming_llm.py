@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from kvsqueeze.presses.base import LayerInputs, ScorerPress, check_int
+from kvsqueeze.presses.base import Capabilities, LayerInputs, ScorerPress, check_int
 from kvsqueeze.presses.registry import register_press
 
 
@@ -22,6 +23,8 @@ class StreamingLLMPress(ScorerPress):
 
     Fields: ``compression_ratio`` (0.0), ``budget`` (None), ``n_sink`` (4).
     """
+
+    capabilities: ClassVar[Capabilities] = Capabilities(reads_hidden_states=False)
 
     n_sink: int = 4
 
