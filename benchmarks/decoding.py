@@ -1,8 +1,8 @@
 """Decoding-time compression on the default model: cache bytes, speed and next-token agreement over a long output.
 
-The uncompressed model first writes ``--new-tokens`` greedy tokens after a prompt of ``--prompt-tokens`` tokens of
-the shipped essays. Each press then decodes the *same* tokens (teacher forcing), so every run sees the same
-sequence: per step it records the measured cache bytes (keys and values, and the decoding state a ``decoding``
+The uncompressed model writes ``--new-tokens`` greedy tokens after a prompt of ``--prompt-tokens`` tokens of the
+shipped essays, and every press decodes the *same* tokens (teacher forcing) in lockstep with it, so every run
+sees the same sequence and the same machine conditions: per step it records the measured cache bytes (keys and values, and the decoding state a ``decoding``
 press keeps) and whether its greedy next token equals the uncompressed model's. Prompt-only presses (compressed
 once, at the prefill) are shown for comparison. Prints a table, writes a plot of bytes per step
 (``--plot``), then one JSON line.
@@ -46,26 +46,33 @@ def presses(budget: int, interval: int, prompt_tokens: int) -> dict[str, object]
 
 
 @torch.inference_mode()
-def run(model, press, prompt: torch.Tensor, forced: list[int] | None, n_new: int, label: str) -> dict:
-    """Decode ``n_new`` tokens (greedy, or ``forced`` ones) under ``press``; bytes, time and tokens per step."""
+def run_side_by_side(model, configs: dict[str, object], prompt: torch.Tensor, n_new: int) -> dict[str, dict]:
+    """Decode ``n_new`` tokens under every press *in lockstep*: at each step the uncompressed model picks the
+    greedy token, then every press is fed that token. Only the forward calls are timed (each inside its press
+    block), so a slow spell of the machine slows every press alike."""
     adapter = A.ModelAdapter(model)
-    cache = adapter.new_cache()
-    kwargs = adapter.model_call_kwargs(cache)
-    block = press(model) if press is not None else adapter.attention_for_cache(cache)
-    tokens, agree, nbytes, state_bytes = [], [], [], []
-    with block:
-        logits = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
-        start = time.perf_counter()
-        for step in tqdm(range(n_new), desc=label, leave=False):
-            mine = int(logits[0].argmax())
-            token = mine if forced is None else forced[step]
-            tokens.append(mine)
-            agree.append(forced is None or mine == forced[step])
-            logits = model(input_ids=torch.tensor([[token]]), use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
-            nbytes.append(A.cache_nbytes(cache))
-            state_bytes.append(decoding_state_nbytes(cache))
-        seconds = time.perf_counter() - start
-    return {"tokens": tokens, "agree": agree, "bytes": nbytes, "state_bytes": state_bytes, "seconds": seconds}
+    runs = {}
+    for label, press in configs.items():
+        cache = adapter.new_cache()
+        kwargs = adapter.model_call_kwargs(cache)
+        with press(model) if press is not None else adapter.attention_for_cache(cache):
+            logits = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
+        runs[label] = {"press": press, "cache": cache, "kwargs": kwargs, "logits": logits, "seconds": 0.0,
+                       "agree": [], "bytes": [], "state_bytes": []}
+    reference = next(iter(runs.values()))
+    for _ in tqdm(range(n_new), desc="decoding"):
+        token = int(reference["logits"][0].argmax())
+        step = torch.tensor([[token]])
+        for r in runs.values():
+            r["agree"].append(int(r["logits"][0].argmax()) == token)
+            press, cache = r["press"], r["cache"]
+            with press(model) if press is not None else adapter.attention_for_cache(cache):
+                start = time.perf_counter()
+                r["logits"] = model(input_ids=step, use_cache=True, logits_to_keep=1, **r["kwargs"]).logits[:, -1]
+                r["seconds"] += time.perf_counter() - start
+            r["bytes"].append(A.cache_nbytes(cache))
+            r["state_bytes"].append(decoding_state_nbytes(cache))
+    return runs
 
 
 def main() -> None:
@@ -84,16 +91,13 @@ def main() -> None:
     text = haystack(tokenizer, args.prompt_tokens)
     prompt = tokenizer(text, return_tensors="pt").input_ids[:, : args.prompt_tokens]
 
-    results = {}
-    reference = run(model, None, prompt, None, args.new_tokens, "none")
-    results["none"] = reference
-    for label, press in presses(args.budget, args.interval, prompt.shape[1]).items():
-        if press is not None:
-            results[label] = run(model, press, prompt, reference["tokens"], args.new_tokens, label)
-
+    configs = {"none": None, **{k: v for k, v in presses(args.budget, args.interval, prompt.shape[1]).items()
+                                 if v is not None}}
+    results = run_side_by_side(model, configs, prompt, args.new_tokens)
+    reference = results["none"]
     base_s = reference["seconds"]
     print(f"model smollm2-135m, prompt {prompt.shape[1]} tokens of the essays, {args.new_tokens} new tokens "
-          f"(greedy, uncompressed; the others are fed the same tokens), budget {args.budget} per head, interval "
+          f"(greedy, uncompressed; every press fed the same tokens in lockstep, forward calls timed), budget {args.budget} per head, interval "
           f"{args.interval}, {args.threads} threads\n")
     header = (f"{'press':<44} {'KV MB end':>9} {'KV MB max':>9} {'state MB':>8} {'agree %':>7} "
               f"{'agree 1st 256 %':>15} {'ms/token':>8} {'time vs none':>12}")
