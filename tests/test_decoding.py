@@ -254,6 +254,19 @@ def test_state_is_measured_and_does_not_hold_the_prefill(tiny_model):
                 assert s.appended == 3 and s.length == 63 and s.hidden_states.shape[1] == buffered
                 assert s.positions[0, 0, -3:].tolist() == [60, 61, 62]
 
+    # A buffer longer than what was seen holds every token, before and after a compression during decoding.
+    press = make_press("decoding", press=make_press("expected_attention"), budget=8, compression_interval=3,
+                       hidden_states_buffer_size=40)
+    cache = adapter.new_cache()
+    with torch.inference_mode(), press(model) as report:
+        model(input_ids=prompt(30), use_cache=True, **adapter.model_call_kwargs(cache))
+        assert {s.hidden_states.shape[1] for s in decoding_states(cache).values()} == {30}
+        for t in range(3):
+            model(input_ids=prompt(1, seed=t), use_cache=True, **adapter.model_call_kwargs(cache))
+    assert report.decoding_compressions == 1
+    assert {s.hidden_states.shape[1] for s in decoding_states(cache).values()} == {33}
+    assert set(report.seen.values()) == {30}, "the report's per-layer counts describe the prefill"
+
 
 def test_what_a_decoding_press_reads_matches_its_capabilities(tiny_model, calibration_artifact):
     """A scorer whose capabilities say it reads no hidden states keeps the same entries when they are replaced by

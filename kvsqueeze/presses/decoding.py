@@ -184,14 +184,13 @@ class DecodingPress(ScorerPress):
             positions = positions.gather(-1, indices)
         n_kept = store_kept(cache, layer.layer_idx, kept, layer.context_length)
         # A copy: a slice of the prefill's hidden states would keep all of them alive.
-        buffer = layer.hidden_states[:, layer.hidden_states.shape[1] - self.buffer_size:].clone()
+        buffer = layer.hidden_states[:, max(0, layer.hidden_states.shape[1] - self.buffer_size):].clone()
         A.press_state(cache)[(_STATE, layer.layer_idx)] = DecodingState(
             kept_positions=positions.contiguous(), length=layer.context_length, appended=0, hidden_states=buffer
         )
-        if report is not None:
+        if report is not None:  # the prefill (decoding-time compressions are counted by _recompress)
             report.seconds += time.perf_counter() - start
-            if not layer.first_position:  # the prefill: what the report's per-layer counts describe
-                report.add(layer.layer_idx, n_kept, layer.seq_len, bytes_before)
+            report.add(layer.layer_idx, n_kept, layer.seq_len, bytes_before)
 
     @property
     def buffer_size(self) -> int:
@@ -207,7 +206,7 @@ class DecodingPress(ScorerPress):
         buffer = state.hidden_states
         if self.buffer_size:
             buffer = torch.cat([buffer, hidden], dim=1)
-            buffer = buffer[:, buffer.shape[1] - self.buffer_size:] if buffer.shape[1] > self.buffer_size else buffer
+            buffer = buffer[:, max(0, buffer.shape[1] - self.buffer_size):]
         A.press_state(cache)[key] = dataclasses.replace(
             state, length=state.length + n_new, appended=state.appended + n_new, hidden_states=buffer
         )
@@ -217,6 +216,7 @@ class DecodingPress(ScorerPress):
         compression (all of them at once, after the forward pass, so every layer stores the same count)."""
         states = decoding_states(cache)
         due = [idx for idx, state in states.items() if state.appended >= self.compression_interval]
+        start = time.perf_counter()
         for idx in due:
             state = states[idx]
             keys, values = A.layer_kv(cache, idx)
@@ -233,12 +233,13 @@ class DecodingPress(ScorerPress):
                 hidden_states=hidden,
                 keys=keys,
                 values=values,
-                position_embeddings=(cos[:, :n].expand(hidden.shape[0], -1, -1), sin[:, :n].expand(hidden.shape[0], -1, -1)),
+                position_embeddings=(cos[:, :n].expand(len(hidden), -1, -1), sin[:, :n].expand(len(hidden), -1, -1)),
                 key_positions=state.positions,
                 first_position=first,
             )
-            self.apply(layer, cache, report)
+            self.apply(layer, cache)
         if due:
+            report.seconds += time.perf_counter() - start
             report.decoding_compressions += 1
 
     def _hook(self, adapter: A.ModelAdapter, report: CompressionReport, queries: dict[int, torch.Tensor]):
