@@ -2,12 +2,14 @@
 
 The context is prefilled once (logits for its last position only) with the press's hooks active, so each
 full-attention layer is compressed as soon as its keys and values exist. Every question is then appended to a
-fork of the compressed cache — never compressed, never modifying the context — and decoded greedily (or sampled
-on request) until EOS or ``max_new_tokens``.
+fork of the compressed cache — never modifying the context — and decoded greedily (or sampled on request) until
+EOS or ``max_new_tokens``. The question is not compressed, except by a press that compresses during decoding
+(``decoding``), which compresses the fork again every ``compression_interval`` tokens, question included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -333,10 +335,12 @@ class CompressedContext:
         eos = pipe.eos_token_ids
         kwargs = pipe.adapter.model_call_kwargs(cache)
         out: list[int] = []
-        # A press that compresses during decoding (phases) answers under its own block, on the fork; the others
-        # only need attention that fits the compressed cache.
+        # A press that compresses during decoding (phases) keeps compressing the fork, and only the fork: no press
+        # block is opened on the model, so other callers (threads) are left alone.
         recompress = self.press is not None and "decoding" in self.press.capabilities.phases
-        with self.press(pipe.model) if recompress else pipe.adapter.attention_for_cache(cache):
+        with pipe.adapter.attention_for_cache(cache), (
+            self.press.continuing(pipe.model, cache) if recompress else contextlib.nullcontext()
+        ):
             logits = pipe.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
             for _ in range(max_new_tokens):
                 token = _next_token(logits, do_sample, temperature, top_p, generator)

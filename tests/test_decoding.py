@@ -334,3 +334,122 @@ def test_what_a_decoding_press_refuses(tiny_model):
         model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))
         for t in range(3):
             model(input_ids=prompt(1, seed=t), use_cache=True, **adapter.model_call_kwargs(cache))
+
+
+def test_tokens_added_or_cropped_outside_the_press_keep_positions_right(tiny_model):
+    """The state is read off the cache: tokens appended outside the press block, and a crop, leave the positions,
+    the logical length and the logits equal to the masked dense reference."""
+    model = tiny_model("llama")
+    adapter = A.ModelAdapter(model)
+    press = make_press("decoding", press=make_press("expected_attention", n_future_positions=16, n_sink=2),
+                       budget=12, compression_interval=4, hidden_states_buffer_size=6)
+    ids = prompt(20, seed=9)
+    cache = adapter.new_cache()
+    kwargs = adapter.model_call_kwargs(cache)
+    tokens, logits_seen, kept_before = [], [], []
+    with torch.inference_mode():
+        with press(model):
+            logits = model(input_ids=ids, use_cache=True, **kwargs).logits[:, -1]
+        # 3 steps under the press, 3 outside it, a crop of the last 2, then 9 under it again.
+        schedule = ["in"] * 3 + ["out"] * 3 + ["crop"] + ["in"] * 9
+        for what in schedule:
+            if what == "crop":
+                cache.crop(-2)
+                tokens, logits_seen, kept_before = tokens[:-2], logits_seen[:-2], kept_before[:-2]
+                logits = logits_seen[-1]
+                continue
+            token = int(logits[0].argmax())
+            tokens.append(token)
+            kept_before.append({i: s.positions.clone() for i, s in decoding_states(cache).items()})
+            block = press(model) if what == "in" else adapter.attention_for_cache(cache)
+            with block:
+                logits = model(input_ids=torch.tensor([[token]]), use_cache=True, **kwargs).logits[:, -1]
+            logits_seen.append(logits)
+    n_seen = 20 + len(tokens)
+    for i, s in decoding_states(cache).items():
+        assert s.length == cache.layers[i].get_seq_length() == n_seen
+        assert s.positions.shape[-1] == A.layer_physical_length(cache, i)
+        tail = s.positions[0, 0, s.positions.shape[-1] - s.appended:]
+        assert tail.tolist() == list(range(n_seen - s.appended, n_seen))
+    reference = masked_dense_logits(model, ids, tokens, kept_before)
+    for step, (ours, theirs) in enumerate(zip(logits_seen, reference)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=f"step {step}: logits differ")
+
+
+def test_the_buffer_holds_only_its_own_rows(tiny_model):
+    """After a long turn the buffer is a fresh tensor of its own size, not a view of everything appended."""
+    model = tiny_model("llama")
+    adapter = A.ModelAdapter(model)
+    press = make_press("decoding", press=make_press("expected_attention"), budget=8, compression_interval=500,
+                       hidden_states_buffer_size=8)
+    cache = adapter.new_cache()
+    with torch.inference_mode(), press(model):
+        model(input_ids=prompt(20), use_cache=True, **adapter.model_call_kwargs(cache))
+        for n in (1, 150, 3):
+            model(input_ids=prompt(n, seed=n), use_cache=True, **adapter.model_call_kwargs(cache))
+            for s in decoding_states(cache).values():
+                assert s.hidden_states.shape[1] == 8
+                assert s.hidden_states.untyped_storage().nbytes() == 8 * model.config.hidden_size * 4
+
+
+def test_recompressions_that_remove_nothing_are_not_made(tiny_model):
+    model = tiny_model("llama")
+    press = make_press("decoding", press=make_press("knorm"), budget=100, compression_interval=2)
+    _, _, _, recompressed, cache, report = decode_under(press, model, prompt(20), steps=8)
+    assert report.decoding_compressions == 0 and not any(recompressed)
+    cache.crop(-3)  # the tokens appended are still the cache's own, so they can be cropped
+    assert A.layer_physical_length(cache, 0) == 20 + 8 - 3
+
+
+def test_answering_under_a_decoding_press_leaves_other_callers_alone(tiny_model):
+    """The pipeline keeps compressing only its fork (``continuing``): other calls on the model meanwhile — another
+    cache, another press block — are neither compressed nor refused."""
+    model = tiny_model("llama")
+    adapter = A.ModelAdapter(model)
+    press = make_press("decoding", press=make_press("knorm"), budget=10, compression_interval=2)
+    with torch.inference_mode():
+        mine = adapter.new_cache()
+        with press(model):
+            model(input_ids=prompt(24), use_cache=True, **adapter.model_call_kwargs(mine))
+        other = adapter.new_cache()
+        with press.continuing(model, mine) as report:
+            for t in range(4):
+                model(input_ids=prompt(1, seed=t), use_cache=True, **adapter.model_call_kwargs(mine))
+            model(input_ids=prompt(30, seed=1), use_cache=True, **adapter.model_call_kwargs(other))
+            with make_press("knorm", compression_ratio=0.5)(model):  # no press block is open on the model
+                model(input_ids=prompt(16, seed=2), use_cache=True, **adapter.model_call_kwargs(adapter.new_cache()))
+        assert report.decoding_compressions == 2
+        assert not any(A.is_compressed_layer(other, i) for i in range(len(other.layers)))
+        assert A.layer_physical_length(other, 0) == 30
+        assert A.layer_physical_length(mine, 0) == 10
+
+
+def test_a_decoding_press_must_be_the_outermost_press():
+    decoding = make_press("decoding", press=make_press("knorm"), budget=8)
+    for build in (
+        lambda: make_press("composed", presses=[decoding]),
+        lambda: make_press("criticalkv", press=decoding, compression_ratio=0.5),
+        lambda: make_press("adakv", press=decoding, compression_ratio=0.5),
+        lambda: make_press("per_layer", press=make_press("decoding", press=make_press("knorm")),
+                           compression_ratios=[0.5]),
+        lambda: make_press("key_rerotation", press=decoding),
+        lambda: make_press("decoding", press=make_press("decoding", press=make_press("knorm")), budget=8),
+    ):
+        with pytest.raises(ValueError, match="outermost"):
+            build()
+    # A window too long for the buffer is found inside a wrapper too.
+    with pytest.raises(ValueError, match="window_size=16"):
+        make_press("decoding", press=make_press("criticalkv", press=make_press("snapkv", window_size=16)),
+                   budget=8, hidden_states_buffer_size=4)
+
+
+def test_a_cache_whose_rows_changed_is_refused(tiny_model):
+    model = tiny_model("llama")
+    adapter = A.ModelAdapter(model)
+    press = make_press("decoding", press=make_press("knorm"), budget=10, compression_interval=2)
+    cache = adapter.new_cache()
+    with torch.inference_mode(), press(model):
+        model(input_ids=prompt(24), use_cache=True, **adapter.model_call_kwargs(cache))
+        cache.batch_repeat_interleave(2)
+        with pytest.raises(ValueError, match="now holds 2 rows where decoding-time compression recorded 1"):
+            model(input_ids=prompt(1).repeat(2, 1), use_cache=True, **adapter.model_call_kwargs(cache))

@@ -577,6 +577,18 @@ class ScorerPress(Press):
 
 
 def check_wrapped_scorer(press: object) -> None:
-    """Wrappers that re-select from scores need a :class:`ScorerPress` inside; anything else fails here."""
+    """Wrappers that re-select from scores need a :class:`ScorerPress` inside; anything else fails here, and so
+    does a press that compresses during decoding (see :func:`check_not_decoding`)."""
     if not isinstance(press, ScorerPress):
         raise TypeError(f"press must be a ScorerPress to wrap, got {type(press).__name__}")
+    check_not_decoding(press)
+
+
+def check_not_decoding(press: Press, where: str = "press") -> None:
+    """A press that compresses during decoding only does so from its own hooks, so inside another press it would
+    silently compress the prefill only: refused, naming it."""
+    if "decoding" in press.capabilities.phases:
+        raise ValueError(
+            f"{where} ({type(press).__name__}) compresses during decoding, which it can only do as the outermost "
+            "press; wrap the other press inside it instead (make_press('decoding', press=...))"
+        )

@@ -10,6 +10,7 @@ from kvsqueeze.presses.base import (
     Capabilities,
     LayerInputs,
     Press,
+    check_not_decoding,
     derived_capabilities,
     gather_kv,
     has_own_budget,
@@ -49,6 +50,7 @@ class ComposedPress(Press):
         for i, p in enumerate(self.presses):
             if not isinstance(p, Press):
                 raise TypeError(f"presses[{i}] must be a Press, got {type(p).__name__}")
+            check_not_decoding(p, f"presses[{i}]")
             caps = p.capabilities
             if caps.headwise or caps.extra_passes or type(p).keep_indices is Press.keep_indices:
                 raise ValueError(

@@ -35,8 +35,20 @@ _STATE = "decoding"
 
 
 @dataclass(frozen=True)
+class _Record:
+    """What the press stores about one layer of one cache (replaced, never modified in place): the original
+    positions of the entries kept at the last compression, and the buffer of the latest hidden states, which
+    ends at position ``buffer_end``. Everything else is read off the cache, so tokens appended or cropped outside
+    the press's hooks cannot put the two out of step."""
+
+    kept_positions: torch.Tensor  # (bsz, num_key_value_heads, n_kept)
+    hidden_states: torch.Tensor  # (bsz, n ≤ buffer size, hidden_size)
+    buffer_end: int
+
+
+@dataclass(frozen=True)
 class DecodingState:
-    """What the press keeps about one layer of one cache between forward passes (replaced, never modified).
+    """One layer's decoding-time compression state, as :func:`decoding_states` reads it from a cache.
 
     Attributes
     ----------
@@ -46,7 +58,7 @@ class DecodingState:
     length : int
         Tokens the layer has seen (its logical length).
     appended : int
-        Tokens appended since the layer was last compressed.
+        Tokens stored after the entries kept at the last compression.
     hidden_states : Tensor
         Attention inputs of the latest tokens, ``(bsz, n, hidden_size)`` with ``n ≤ hidden_states_buffer_size``
         (no tokens when the wrapped press does not read hidden states).
@@ -68,15 +80,34 @@ class DecodingState:
         return sum(t.untyped_storage().nbytes() for t in (self.kept_positions, self.hidden_states))
 
 
+def _records(cache) -> dict[int, _Record]:
+    return {key[1]: value for key, value in A.press_state(cache).items() if key[0] == _STATE}
+
+
+def _state(cache, idx: int, record: _Record) -> DecodingState:
+    """The record of layer ``idx`` with what the cache says now; refuses a cache whose rows changed."""
+    keys, _ = A.layer_kv(cache, idx)
+    if keys.shape[0] != record.kept_positions.shape[0]:
+        raise ValueError(
+            f"the cache now holds {keys.shape[0]} rows where decoding-time compression recorded "
+            f"{record.kept_positions.shape[0]} (beam search, batch_repeat_interleave or batch_select_indices); "
+            "its per-row positions do not follow such a change: expand the batch before the prefill"
+        )
+    n_kept = record.kept_positions.shape[-1]
+    return DecodingState(record.kept_positions, A.layer_logical_length(cache, idx), keys.shape[-2] - n_kept,
+                         record.hidden_states)
+
+
 def decoding_states(cache) -> dict[int, DecodingState]:
     """``{layer_idx: DecodingState}`` that a :class:`DecodingPress` keeps on ``cache`` (empty when none did)."""
-    return {key[1]: value for key, value in A.press_state(cache).items() if key[0] == _STATE}
+    return {idx: _state(cache, idx, record) for idx, record in _records(cache).items()}
 
 
 def decoding_state_nbytes(cache) -> int:
     """Measured bytes of the state a :class:`DecodingPress` keeps on ``cache`` (positions and the hidden-state
     buffer); it is not part of :func:`kvsqueeze.adapter.cache_nbytes`, which counts keys and values only."""
-    return sum(state.nbytes() for state in decoding_states(cache).values())
+    return sum(t.untyped_storage().nbytes() for r in _records(cache).values()
+               for t in (r.kept_positions, r.hidden_states))
 
 
 @register_press("decoding")
@@ -141,13 +172,16 @@ class DecodingPress(ScorerPress):
             )
         check_int(self.compression_interval, "compression_interval", minimum=1)
         check_int(self.hidden_states_buffer_size, "hidden_states_buffer_size", minimum=1)
-        window = getattr(self.press, "window_size", None)  # the last queries a press scores with (SnapKV)
-        if isinstance(window, int) and window > self.hidden_states_buffer_size:
-            raise ValueError(
-                f"{type(self.press).__name__} scores with the last window_size={window} queries, more than the "
-                f"hidden_states_buffer_size={self.hidden_states_buffer_size} tokens kept for decoding; raise the "
-                "buffer or lower the window"
-            )
+        inner = self.press
+        while inner is not None:  # the wrapped press, and any press it wraps in turn (CriticalKV(SnapKV))
+            window = getattr(inner, "window_size", None)  # the last queries a press scores with (SnapKV)
+            if isinstance(window, int) and window > self.hidden_states_buffer_size:
+                raise ValueError(
+                    f"{type(inner).__name__} scores with the last window_size={window} queries, more than the "
+                    f"hidden_states_buffer_size={self.hidden_states_buffer_size} tokens kept for decoding; raise "
+                    "the buffer or lower the window"
+                )
+            inner = getattr(inner, "press", None)
 
     @derived_capabilities
     def capabilities(self) -> Capabilities:  # type: ignore[override]
@@ -161,9 +195,12 @@ class DecodingPress(ScorerPress):
     def own_layer_budget(self, layer: LayerInputs) -> int:
         """``budget``, or ``⌊(1 − r)·L⌋`` of the ``L`` tokens seen so far (the logical length), at most what the
         layer stores."""
+        return self._target(layer.seq_len, layer.context_length)
+
+    def _target(self, stored: int, length: int) -> int:
         if self.budget is not None:
-            return min(self.budget, layer.seq_len)
-        return min(layer.seq_len, kept_for_ratio(layer.context_length, self.compression_ratio))
+            return min(self.budget, stored)
+        return min(stored, kept_for_ratio(length, self.compression_ratio))
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
         return self.press.score(layer.replace(budget=self.layer_budget(layer)))
@@ -185,9 +222,7 @@ class DecodingPress(ScorerPress):
         n_kept = store_kept(cache, layer.layer_idx, kept, layer.context_length)
         # A copy: a slice of the prefill's hidden states would keep all of them alive.
         buffer = layer.hidden_states[:, max(0, layer.hidden_states.shape[1] - self.buffer_size):].clone()
-        A.press_state(cache)[(_STATE, layer.layer_idx)] = DecodingState(
-            kept_positions=positions.contiguous(), length=layer.context_length, appended=0, hidden_states=buffer
-        )
+        A.press_state(cache)[(_STATE, layer.layer_idx)] = _Record(positions.contiguous(), buffer, layer.context_length)
         if report is not None:  # the prefill (decoding-time compressions are counted by _recompress)
             report.seconds += time.perf_counter() - start
             report.add(layer.layer_idx, n_kept, layer.seq_len, bytes_before)
@@ -199,31 +234,47 @@ class DecodingPress(ScorerPress):
         return self.hidden_states_buffer_size if self.press.capabilities.reads_hidden_states else 0
 
     def _append(self, cache, idx: int, hidden: torch.Tensor) -> None:
-        """Record the tokens a forward pass appended to layer ``idx``."""
+        """Record the tokens a forward pass just appended to layer ``idx`` (after its attention ran)."""
         key = (_STATE, idx)
-        state = A.press_state(cache)[key]
-        n_new = hidden.shape[1]
-        buffer = state.hidden_states
-        if self.buffer_size:
-            buffer = torch.cat([buffer, hidden], dim=1)
-            buffer = buffer[:, max(0, buffer.shape[1] - self.buffer_size):]
-        A.press_state(cache)[key] = dataclasses.replace(
-            state, length=state.length + n_new, appended=state.appended + n_new, hidden_states=buffer
-        )
+        record = A.press_state(cache).get(key)
+        if record is None:
+            raise ValueError(
+                f"{type(self).__name__}: layer {idx} of this cache was compressed by another press, which kept "
+                "no record of its entries' positions; decoding-time compression continues only caches it "
+                "compressed itself (compress the prompt with this press)"
+            )
+        _state(cache, idx, record)  # the rows still match
+        size, n_new = self.buffer_size, hidden.shape[1]
+        end = A.layer_logical_length(cache, idx)
+        old = record.hidden_states
+        if record.buffer_end > end - n_new:  # tokens were cropped since: drop their rows
+            old = old[:, : max(0, old.shape[1] - (record.buffer_end - (end - n_new)))]
+        elif record.buffer_end < end - n_new:  # tokens were appended outside the press: their rows are unknown
+            old = old[:, :0]
+        # Only what the buffer keeps is copied: a fresh tensor of the buffer's size, no view of a longer one.
+        keep_old = min(old.shape[1], max(0, size - n_new))
+        buffer = torch.cat([old[:, old.shape[1] - keep_old:], hidden[:, max(0, n_new - size):]], dim=1)
+        A.press_state(cache)[key] = _Record(record.kept_positions, buffer, end)
 
     def _recompress(self, adapter: A.ModelAdapter, cache, report: CompressionReport) -> None:
-        """Compress every layer of ``cache`` that has had ``compression_interval`` tokens appended since its last
-        compression (all of them at once, after the forward pass, so every layer stores the same count)."""
-        states = decoding_states(cache)
-        due = [idx for idx, state in states.items() if state.appended >= self.compression_interval]
+        """Compress every layer of ``cache`` that stores ``compression_interval`` tokens or more after the entries
+        it kept at its last compression, when its budget removes any (all of them at once, after the forward
+        pass, so every layer stores the same count)."""
+        due = []
+        for idx, record in _records(cache).items():
+            state = _state(cache, idx, record)
+            stored = record.kept_positions.shape[-1] + state.appended
+            if state.appended >= self.compression_interval and self._target(stored, state.length) < stored:
+                due.append((idx, record, state))
+        if not due:
+            return
         start = time.perf_counter()
-        for idx in due:
-            state = states[idx]
+        for idx, record, state in due:
             keys, values = A.layer_kv(cache, idx)
-            hidden = state.hidden_states
+            hidden = record.hidden_states if record.buffer_end == state.length else record.hidden_states[:, :0]
             first = state.length - hidden.shape[1]
             # The buffer's rotary embeddings, from the model's own rotary module at the buffer's positions.
-            positions = torch.arange(max(first, 0), max(first, 0) + max(hidden.shape[1], 1), device=hidden.device)
+            positions = torch.arange(first, first + max(hidden.shape[1], 1), device=hidden.device)
             cos, sin = adapter.rope(idx, positions[None], hidden)
             n = hidden.shape[1]
             layer = LayerInputs(
@@ -238,9 +289,8 @@ class DecodingPress(ScorerPress):
                 first_position=first,
             )
             self.apply(layer, cache)
-        if due:
-            report.seconds += time.perf_counter() - start
-            report.decoding_compressions += 1
+        report.seconds += time.perf_counter() - start
+        report.decoding_compressions += 1
 
     def _hook(self, adapter: A.ModelAdapter, report: CompressionReport, queries: dict[int, torch.Tensor]):
         prefill_hook = super()._hook(adapter, report, queries)
@@ -252,12 +302,6 @@ class DecodingPress(ScorerPress):
                 prefill_hook(module, args, kwargs, output)  # compresses a prefill, refuses a call without cache
                 return
             queries.pop(idx, None)
-            if (_STATE, idx) not in A.press_state(cache):
-                raise ValueError(
-                    f"{type(self).__name__}: layer {idx} of this cache was compressed by another press, which kept "
-                    "no record of its entries' positions; decoding-time compression continues only caches it "
-                    "compressed itself (compress the prompt with this press)"
-                )
             self._append(cache, idx, adapter.hidden_states_from_call(args, kwargs))
 
         return hook
@@ -278,3 +322,29 @@ class DecodingPress(ScorerPress):
                 yield report
             finally:
                 handle.remove()
+
+    @contextmanager
+    def continuing(self, model: nn.Module, cache) -> Iterator[CompressionReport]:
+        """Keep compressing ``cache`` — a cache this press compressed — while it is decoded in the block, without
+        opening a press block on the model: only forward calls on ``cache`` itself are touched, so other callers
+        of the model (other threads, other caches) are not compressed, checked or refused. The pipeline answers
+        through this, on a fork of the compressed context."""
+        adapter = A.ModelAdapter(model)
+        self.validate(adapter)
+        report = CompressionReport()
+
+        def on_attention(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+            if adapter.cache_from_call(kwargs) is cache:
+                self._append(cache, module.layer_idx, adapter.hidden_states_from_call(args, kwargs))
+
+        def after_forward(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+            if adapter.cache_from_call(kwargs) is cache:
+                self._recompress(adapter, cache, report)
+
+        handles = adapter.register_attention_hooks(on_attention)
+        handles.append(adapter.decoder.register_forward_hook(after_forward, with_kwargs=True))
+        try:
+            yield report
+        finally:
+            for h in handles:
+                h.remove()
