@@ -126,6 +126,19 @@ def _crop_appended(layer: DynamicLayer, tokens_to_remove: int, appended: int) ->
     if n:
         layer.keys, layer.values = layer.keys[..., :-n, :], layer.values[..., :-n, :]
         layer.cumulative_length -= n
+        low = getattr(layer, "low_water", None)
+        layer.low_water = layer.cumulative_length if low is None else min(low, layer.cumulative_length)
+
+
+def take_low_water(cache: Cache, layer_idx: int) -> int | None:
+    """The lowest logical length layer ``layer_idx`` was cropped to since the last call (None when it was not
+    cropped), and forget it: tokens at or after it may have been replaced since. Read by presses that keep
+    per-token state (decoding-time compression)."""
+    layer = cache.layers[layer_idx]
+    low = getattr(layer, "low_water", None)
+    if low is not None:
+        layer.low_water = None
+    return low
 
 
 class RaggedLayer(DynamicLayer):

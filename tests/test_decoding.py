@@ -8,6 +8,8 @@ against the budget and the interval.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -315,13 +317,19 @@ def test_what_a_decoding_press_refuses(tiny_model):
     with press(model), pytest.raises(ValueError, match="num_beams=2"):
         model.generate(input_ids=ids, max_new_tokens=3, num_beams=2, do_sample=False)
 
-    # A cache another press compressed has no record of its entries' positions.
+    # A cache another press compressed has no record of its entries' positions: continued like under any press
+    # (new tokens kept), with a warning; continuing() refuses it.
     cache = adapter.new_cache()
     with torch.inference_mode():
         with make_press("knorm", compression_ratio=0.5)(model):
             model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))
-        with press(model), pytest.raises(ValueError, match="compressed by another press"):
-            model(input_ids=prompt(1), use_cache=True, **adapter.model_call_kwargs(cache))
+        with press(model) as report, pytest.warns(UserWarning, match="did not compress"):
+            for t in range(3):
+                model(input_ids=prompt(1, seed=t), use_cache=True, **adapter.model_call_kwargs(cache))
+        assert report.decoding_compressions == 0 and A.layer_physical_length(cache, 0) == 10 + 3
+        with pytest.raises(ValueError, match="needs a cache this press compressed"):
+            with press.continuing(model, cache):
+                pass
 
     # A scoring window longer than the buffer of queries: refused when built, and by the scoring itself.
     with pytest.raises(ValueError, match="window_size=6 .* hidden_states_buffer_size=4"):
@@ -422,6 +430,20 @@ def test_answering_under_a_decoding_press_leaves_other_callers_alone(tiny_model)
         assert not any(A.is_compressed_layer(other, i) for i in range(len(other.layers)))
         assert A.layer_physical_length(other, 0) == 30
         assert A.layer_physical_length(mine, 0) == 10
+        # A block of another decoding press, open meanwhile (another thread's), leaves the driven cache to its
+        # driver: it is kept at the driver's budget (10), not the block's (6), and the block does not warn.
+        other_press = make_press("decoding", press=make_press("knorm"), budget=6, compression_interval=2)
+        with press.continuing(model, mine) as report, other_press(model) as other_report, warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for t in range(4):
+                model(input_ids=prompt(1, seed=t), use_cache=True, **adapter.model_call_kwargs(mine))
+        assert report.decoding_compressions == 2 and other_report.decoding_compressions == 0
+        assert A.layer_physical_length(mine, 0) == 10
+        # Without a driver, that block leaves a cache it did not compress alone too (with a warning).
+        with other_press(model) as other_report, pytest.warns(UserWarning, match="did not compress"):
+            for t in range(4):
+                model(input_ids=prompt(1, seed=t), use_cache=True, **adapter.model_call_kwargs(mine))
+        assert other_report.decoding_compressions == 0 and A.layer_physical_length(mine, 0) == 14
 
 
 def test_a_decoding_press_must_be_the_outermost_press():
@@ -453,3 +475,46 @@ def test_a_cache_whose_rows_changed_is_refused(tiny_model):
         cache.batch_repeat_interleave(2)
         with pytest.raises(ValueError, match="now holds 2 rows where decoding-time compression recorded 1"):
             model(input_ids=prompt(1).repeat(2, 1), use_cache=True, **adapter.model_call_kwargs(cache))
+    # Refused before any layer stored the token: the cache is not left with layers of different lengths.
+    assert {layer.get_seq_length() for layer in cache.layers} == {24}
+
+
+def test_the_buffer_never_holds_a_replaced_token(tiny_model):
+    """Tokens cropped and appended again outside the press are not the ones the buffer saw: after such a turn the
+    buffer restarts, and a compression waits until it is full again (a window scorer never reads fewer queries
+    than its window)."""
+    model = tiny_model("llama")
+    adapter = A.ModelAdapter(model)
+    press = make_press("decoding", press=make_press("snapkv", window_size=4, kernel_size=1), budget=10,
+                       compression_interval=2, hidden_states_buffer_size=6)
+    cache = adapter.new_cache()
+    kwargs = adapter.model_call_kwargs(cache)
+    seen: dict[int, torch.Tensor] = {}  # position -> the layer-0 attention input of the token stored there
+
+    def capture(module, args, kw, output):
+        hidden = adapter.hidden_states_from_call(args, kw)
+        first = cache.layers[0].get_seq_length() - hidden.shape[1]
+        for j in range(hidden.shape[1]):
+            seen[first + j] = hidden[0, j].clone()
+
+    handle = adapter.attention_modules[0].register_forward_hook(capture, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            with press(model):
+                model(input_ids=prompt(12), use_cache=True, **kwargs)
+                model(input_ids=prompt(1, seed=1), use_cache=True, **kwargs)
+            cache.crop(-1)
+            with adapter.attention_for_cache(cache):  # a different token at the cropped position, outside the press
+                model(input_ids=prompt(1, seed=2), use_cache=True, **kwargs)
+            with press(model) as report:
+                for t in range(8):
+                    model(input_ids=prompt(1, seed=10 + t), use_cache=True, **kwargs)
+                    state = decoding_states(cache)[0]
+                    rows = state.hidden_states[0]
+                    first = state.length - rows.shape[0]
+                    for j in range(rows.shape[0]):
+                        assert torch.equal(rows[j], seen[first + j]), f"step {t}: buffer row for position {first + j}"
+    finally:
+        handle.remove()
+    # The buffer restarted after the outside token, so the first compression waited for 6 rows.
+    assert report.decoding_compressions >= 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from kvsqueeze.presses.registry import register_press
 
 #: Key prefix of this press's per-layer entries in :func:`kvsqueeze.adapter.press_state`.
 _STATE = "decoding"
+#: Key marking a cache that :meth:`DecodingPress.continuing` keeps compressed (press blocks leave it alone).
+_DRIVEN = ("decoding-driven",)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class _Record:
     kept_positions: torch.Tensor  # (bsz, num_key_value_heads, n_kept)
     hidden_states: torch.Tensor  # (bsz, n ≤ buffer size, hidden_size)
     buffer_end: int
+    owner: object  # the press that compressed the layer: another decoding press leaves it alone
 
 
 @dataclass(frozen=True)
@@ -139,8 +143,13 @@ class DecodingPress(ScorerPress):
 
     The wrapped press scores from keys, values and the buffered queries: presses that need the prefill's
     attention weights (ObservedAttention) or give each layer its own budget (PyramidKV) are refused, and a
-    window longer than the buffer (SnapKV's ``window_size``) is refused when the press is built. Beam search is
-    refused (it reorders the cache's rows, which the per-row state does not follow).
+    window longer than the buffer (SnapKV's ``window_size``) is refused when the press is built. Beam search, and
+    a cache whose rows changed, are refused (the per-row state does not follow a reordering). After tokens the
+    press did not see (appended outside its block, or cropped and replaced) the buffer restarts, and the next
+    compression waits until it is full again. A cache another press compressed (or a decoding press with other
+    settings) passes through the block uncompressed during decoding, with a warning; a cache kept compressed by
+    :meth:`continuing` is left to it. This press must be the outermost one: inside a wrapper or a composition
+    its decoding phase would be dropped, so that is refused.
 
     Fields: ``press`` (ScorerPress, default Expected Attention; its own ratio must be 0), ``compression_ratio``
     or ``budget`` (on this press), ``compression_interval`` (512), ``hidden_states_buffer_size`` (128).
@@ -222,7 +231,9 @@ class DecodingPress(ScorerPress):
         n_kept = store_kept(cache, layer.layer_idx, kept, layer.context_length)
         # A copy: a slice of the prefill's hidden states would keep all of them alive.
         buffer = layer.hidden_states[:, max(0, layer.hidden_states.shape[1] - self.buffer_size):].clone()
-        A.press_state(cache)[(_STATE, layer.layer_idx)] = _Record(positions.contiguous(), buffer, layer.context_length)
+        A.press_state(cache)[(_STATE, layer.layer_idx)] = _Record(
+            positions.contiguous(), buffer, layer.context_length, self
+        )
         if report is not None:  # the prefill (decoding-time compressions are counted by _recompress)
             report.seconds += time.perf_counter() - start
             report.add(layer.layer_idx, n_kept, layer.seq_len, bytes_before)
@@ -233,45 +244,58 @@ class DecodingPress(ScorerPress):
         read them (its capabilities say so)."""
         return self.hidden_states_buffer_size if self.press.capabilities.reads_hidden_states else 0
 
+    def _owns(self, cache) -> bool:
+        """Whether this press compressed ``cache`` (a press equal to it, e.g. the same one in a later block)."""
+        records = _records(cache)
+        return bool(records) and all(r.owner is self or r.owner == self for r in records.values())
+
+    def _check_rows(self, cache) -> None:
+        """Refuse, before any layer writes, a cache whose rows changed since this press recorded them."""
+        for idx, record in _records(cache).items():
+            _state(cache, idx, record)
+
     def _append(self, cache, idx: int, hidden: torch.Tensor) -> None:
-        """Record the tokens a forward pass just appended to layer ``idx`` (after its attention ran)."""
+        """Record the tokens a forward pass just appended to layer ``idx`` (after its attention ran): the buffer
+        keeps the hidden states of the latest tokens, contiguous up to the layer's logical length."""
         key = (_STATE, idx)
-        record = A.press_state(cache).get(key)
-        if record is None:
-            raise ValueError(
-                f"{type(self).__name__}: layer {idx} of this cache was compressed by another press, which kept "
-                "no record of its entries' positions; decoding-time compression continues only caches it "
-                "compressed itself (compress the prompt with this press)"
-            )
-        _state(cache, idx, record)  # the rows still match
+        record = A.press_state(cache)[key]
         size, n_new = self.buffer_size, hidden.shape[1]
         end = A.layer_logical_length(cache, idx)
+        start = end - n_new  # position of the first new token
+        valid_end = record.buffer_end  # rows before this position still hold the tokens stored there
+        low = A.take_low_water(cache, idx)  # a crop since: tokens from there on may have been replaced
+        if low is not None:
+            valid_end = min(valid_end, low)
         old = record.hidden_states
-        if record.buffer_end > end - n_new:  # tokens were cropped since: drop their rows
-            old = old[:, : max(0, old.shape[1] - (record.buffer_end - (end - n_new)))]
-        elif record.buffer_end < end - n_new:  # tokens were appended outside the press: their rows are unknown
+        old = old[:, : max(0, old.shape[1] - (record.buffer_end - min(valid_end, start)))]
+        if valid_end < start:  # tokens this press did not see (appended outside it): the buffer restarts
             old = old[:, :0]
         # Only what the buffer keeps is copied: a fresh tensor of the buffer's size, no view of a longer one.
         keep_old = min(old.shape[1], max(0, size - n_new))
         buffer = torch.cat([old[:, old.shape[1] - keep_old:], hidden[:, max(0, n_new - size):]], dim=1)
-        A.press_state(cache)[key] = _Record(record.kept_positions, buffer, end)
+        A.press_state(cache)[key] = dataclasses.replace(record, hidden_states=buffer, buffer_end=end)
 
     def _recompress(self, adapter: A.ModelAdapter, cache, report: CompressionReport) -> None:
         """Compress every layer of ``cache`` that stores ``compression_interval`` tokens or more after the entries
-        it kept at its last compression, when its budget removes any (all of them at once, after the forward
-        pass, so every layer stores the same count)."""
+        it kept at its last compression, when its budget removes any and its buffer is full (after tokens it did
+        not see, the buffer restarts: the compression waits until it holds ``hidden_states_buffer_size`` tokens
+        again, so a scorer never reads fewer queries than it asked for). All due layers are compressed at once,
+        after the forward pass, so every layer stores the same count."""
         due = []
         for idx, record in _records(cache).items():
             state = _state(cache, idx, record)
             stored = record.kept_positions.shape[-1] + state.appended
-            if state.appended >= self.compression_interval and self._target(stored, state.length) < stored:
+            full = record.buffer_end == state.length and record.hidden_states.shape[1] >= min(
+                self.buffer_size, state.length
+            )
+            if state.appended >= self.compression_interval and full and self._target(stored, state.length) < stored:
                 due.append((idx, record, state))
         if not due:
             return
         start = time.perf_counter()
         for idx, record, state in due:
             keys, values = A.layer_kv(cache, idx)
-            hidden = record.hidden_states if record.buffer_end == state.length else record.hidden_states[:, :0]
+            hidden = record.hidden_states
             first = state.length - hidden.shape[1]
             # The buffer's rotary embeddings, from the model's own rotary module at the buffer's positions.
             positions = torch.arange(first, first + max(hidden.shape[1], 1), device=hidden.device)
@@ -294,6 +318,7 @@ class DecodingPress(ScorerPress):
 
     def _hook(self, adapter: A.ModelAdapter, report: CompressionReport, queries: dict[int, torch.Tensor]):
         prefill_hook = super()._hook(adapter, report, queries)
+        warned: list[bool] = []
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
             idx = module.layer_idx
@@ -302,49 +327,85 @@ class DecodingPress(ScorerPress):
                 prefill_hook(module, args, kwargs, output)  # compresses a prefill, refuses a call without cache
                 return
             queries.pop(idx, None)
+            if _DRIVEN in A.press_state(cache):
+                return  # kept compressed by its own driver (continuing), e.g. a pipeline answer in another thread
+            if not self._owns(cache):
+                if not warned:
+                    warned.append(True)
+                    warnings.warn(
+                        f"{type(self).__name__}: a cache it did not compress (another press, or a decoding press "
+                        "with other settings) went through the block; it is continued without compression during "
+                        "decoding (new tokens are kept, as under any press)",
+                        stacklevel=2,
+                    )
+                return
             self._append(cache, idx, adapter.hidden_states_from_call(args, kwargs))
 
         return hook
+
+    def _decoder_hooks(self, adapter: A.ModelAdapter, report: CompressionReport, applies) -> list:
+        """A pre-hook refusing changed rows before any layer writes, and a hook compressing after the forward
+        pass, on the calls whose cache ``applies(cache)`` accepts."""
+
+        def before_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            cache = adapter.cache_from_call(kwargs)
+            if cache is not None and applies(cache):
+                self._check_rows(cache)
+
+        def after_forward(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+            cache = adapter.cache_from_call(kwargs)
+            cache = cache if cache is not None else adapter.cache_from_output(output)
+            if cache is not None and applies(cache):
+                self._recompress(adapter, cache, report)
+
+        return [
+            adapter.decoder.register_forward_pre_hook(before_forward, with_kwargs=True),
+            adapter.decoder.register_forward_hook(after_forward, with_kwargs=True),
+        ]
 
     @contextmanager
     def __call__(self, model: nn.Module) -> Iterator[CompressionReport]:
         with super().__call__(model) as report:
             adapter = A.ModelAdapter(model)
-
-            def after_forward(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-                cache = adapter.cache_from_call(kwargs)
-                cache = cache if cache is not None else adapter.cache_from_output(output)
-                if cache is not None:
-                    self._recompress(adapter, cache, report)
-
-            handle = adapter.decoder.register_forward_hook(after_forward, with_kwargs=True)
+            handles = self._decoder_hooks(
+                adapter, report, lambda cache: _DRIVEN not in A.press_state(cache) and self._owns(cache)
+            )
             try:
                 yield report
             finally:
-                handle.remove()
+                for h in handles:
+                    h.remove()
 
     @contextmanager
     def continuing(self, model: nn.Module, cache) -> Iterator[CompressionReport]:
         """Keep compressing ``cache`` — a cache this press compressed — while it is decoded in the block, without
         opening a press block on the model: only forward calls on ``cache`` itself are touched, so other callers
-        of the model (other threads, other caches) are not compressed, checked or refused. The pipeline answers
-        through this, on a fork of the compressed context."""
+        of the model (other threads, other caches) are not compressed, checked or refused, and an open block of
+        this press leaves ``cache`` to this driver. The pipeline answers through this, on a fork of the compressed
+        context. Feed it one sequence of tokens (greedy or sampled steps); ``generate()`` modes a press block
+        refuses (beam search, assisted or prompt-lookup decoding) are not supported here either."""
         adapter = A.ModelAdapter(model)
         self.validate(adapter)
+        if not self._owns(cache) or set(_records(cache)) != set(adapter.compressible_layers):
+            raise ValueError(
+                f"{type(self).__name__}.continuing needs a cache this press compressed (its prompt prefilled under "
+                "`with press(model)`, or Pipeline.compress/from_recorded with this press); this one was not"
+            )
+        state = A.press_state(cache)
+        if _DRIVEN in state:
+            raise ValueError("this cache is already being kept compressed by another continuing() block")
         report = CompressionReport()
 
         def on_attention(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
             if adapter.cache_from_call(kwargs) is cache:
                 self._append(cache, module.layer_idx, adapter.hidden_states_from_call(args, kwargs))
 
-        def after_forward(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-            if adapter.cache_from_call(kwargs) is cache:
-                self._recompress(adapter, cache, report)
-
         handles = adapter.register_attention_hooks(on_attention)
-        handles.append(adapter.decoder.register_forward_hook(after_forward, with_kwargs=True))
+        handles += self._decoder_hooks(adapter, report, lambda c: c is cache)
+        state[_DRIVEN] = True
         try:
             yield report
         finally:
+            state.pop(_DRIVEN, None)
             for h in handles:
                 h.remove()
