@@ -329,7 +329,8 @@ class DecodingPress(ScorerPress):
             queries.pop(idx, None)
             if _DRIVEN in A.press_state(cache):
                 return  # kept compressed by its own driver (continuing), e.g. a pipeline answer in another thread
-            if not self._owns(cache):
+            record = A.press_state(cache).get((_STATE, idx))
+            if record is None or not (record.owner is self or record.owner == self):
                 if not warned:
                     warned.append(True)
                     warnings.warn(
