@@ -321,7 +321,8 @@ class Press:
 
     Hooks are registered on every full-attention module on entry and always removed on exit, also when the
     block raises. A layer is compressed once, at the end of the forward pass that fills it from empty (the
-    prefill); later tokens are appended uncompressed.
+    prefill); later tokens are appended uncompressed, except under a press whose ``phases`` include
+    ``"decoding"`` (:class:`~kvsqueeze.presses.decoding.DecodingPress`), which compresses again as they come.
 
     Parameters
     ----------
