@@ -91,9 +91,7 @@ def main() -> None:
     text = haystack(tokenizer, args.prompt_tokens)
     prompt = tokenizer(text, return_tensors="pt").input_ids[:, : args.prompt_tokens]
 
-    configs = {"none": None, **{k: v for k, v in presses(args.budget, args.interval, prompt.shape[1]).items()
-                                 if v is not None}}
-    results = run_side_by_side(model, configs, prompt, args.new_tokens)
+    results = run_side_by_side(model, presses(args.budget, args.interval, prompt.shape[1]), prompt, args.new_tokens)
     reference = results["none"]
     base_s = reference["seconds"]
     print(f"model smollm2-135m, prompt {prompt.shape[1]} tokens of the essays, {args.new_tokens} new tokens "

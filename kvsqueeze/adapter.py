@@ -62,6 +62,9 @@ class CompressedLayer(DynamicLayer):
     transformers' sliding-window layer (``cumulative_length``).
     """
 
+    #: Lowest logical length the layer was cropped to since :func:`take_low_water` last read it (None: no crop).
+    low_water: int | None = None
+
     def __init__(
         self, keys: torch.Tensor, values: torch.Tensor, logical_length: int, kept: dict[int, int] | None = None
     ):
@@ -126,7 +129,7 @@ def _crop_appended(layer: DynamicLayer, tokens_to_remove: int, appended: int) ->
     if n:
         layer.keys, layer.values = layer.keys[..., :-n, :], layer.values[..., :-n, :]
         layer.cumulative_length -= n
-        low = getattr(layer, "low_water", None)
+        low = layer.low_water
         layer.low_water = layer.cumulative_length if low is None else min(low, layer.cumulative_length)
 
 
@@ -135,7 +138,7 @@ def take_low_water(cache: Cache, layer_idx: int) -> int | None:
     cropped), and forget it: tokens at or after it may have been replaced since. Read by presses that keep
     per-token state (decoding-time compression)."""
     layer = cache.layers[layer_idx]
-    low = getattr(layer, "low_water", None)
+    low = layer.low_water
     if low is not None:
         layer.low_water = None
     return low
@@ -159,6 +162,8 @@ class RaggedLayer(DynamicLayer):
     the padding would be attended to, so :func:`ragged_attention` must be active whenever this layer is used.
     Logical positions are kept as in :class:`CompressedLayer`: ``cumulative_length`` counts every token seen.
     """
+
+    low_water: int | None = None  # as CompressedLayer.low_water
 
     def __init__(
         self, ctx_keys: torch.Tensor, ctx_values: torch.Tensor, lengths: torch.Tensor, logical_length: int
@@ -236,9 +241,13 @@ class RaggedLayer(DynamicLayer):
         rows = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.to(torch.int64)
         per_sequence = self.lengths.sum(dim=1)
         starts = per_sequence.cumsum(0) - per_sequence
-        spans = list(zip(starts[rows].tolist(), per_sequence[rows].tolist()))
-        self.ctx_keys = torch.cat([self.ctx_keys[s : s + n] for s, n in spans])
-        self.ctx_values = torch.cat([self.ctx_values[s : s + n] for s, n in spans])
+        # One gather index for all chosen sequences' packed spans: row r contributes starts[r] ... + per_sequence[r].
+        counts = per_sequence[rows]
+        offsets = starts[rows] - (counts.cumsum(0) - counts)
+        index = torch.repeat_interleave(offsets, counts) + torch.arange(int(counts.sum()), device=counts.device)
+        index = index.to(self.ctx_keys.device)
+        self.ctx_keys = self.ctx_keys.index_select(0, index)
+        self.ctx_values = self.ctx_values.index_select(0, index)
         self.lengths = self.lengths.index_select(0, rows)
         on_device = rows.to(self.keys.device)
         self.keys = self.keys.index_select(0, on_device)
@@ -949,7 +958,7 @@ class ModelAdapter:
             "line --model-option sliding_window=None)"
         )
 
-    @property
+    @functools.cached_property
     def decoder(self) -> nn.Module:
         """The module that runs the decoder layers (``model.model`` of a causal LM, or the model itself when it
         is the bare decoder): every forward that fills the cache passes through it, also a call on the inner

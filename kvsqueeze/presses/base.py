@@ -435,6 +435,11 @@ class Press:
 
         return hook
 
+    def _block_hooks(self, adapter: A.ModelAdapter, report: CompressionReport) -> list[Any]:
+        """Hooks a press needs in its block besides the per-layer one (none by default); their handles are removed
+        with the others when the block closes."""
+        return []
+
     @contextmanager
     def __call__(self, model: nn.Module) -> Iterator[CompressionReport]:
         adapter = A.ModelAdapter(model)
@@ -444,6 +449,7 @@ class Press:
             queries: dict[int, torch.Tensor] = {}
             handles = adapter.register_query_capture(queries)
             handles += adapter.register_attention_hooks(self._hook(adapter, report, queries))
+            handles += self._block_hooks(adapter, report)
             try:
                 with adapter.compressed_attention(not self.capabilities.uniform_layers, self.capabilities.headwise):
                     yield report
@@ -583,6 +589,23 @@ def check_wrapped_scorer(press: object) -> None:
     if not isinstance(press, ScorerPress):
         raise TypeError(f"press must be a ScorerPress to wrap, got {type(press).__name__}")
     check_not_decoding(press)
+
+
+def check_budgetless_inner(press: Press, wrapper: str, budget_from: str) -> None:
+    """A wrapper that sets its inner press's budget (per-layer ratios, decoding-time budgets) needs an inner press
+    with no ratio/budget of its own and one budget for all layers; otherwise that budget would be silently unused.
+    ``budget_from`` names where the wrapper's budget is set, for the messages."""
+    if has_own_budget(press):
+        raise ValueError(
+            f"the wrapped {type(press).__name__} must have no ratio/budget of its own (got "
+            f"{press.compression_ratio!r}/{press.budget!r}); set {budget_from} on the {wrapper}"
+        )
+    if not press.capabilities.uniform_layers:
+        raise ValueError(
+            f"the wrapped {type(press).__name__} gives each layer its own budget, which {budget_from} of the "
+            f"{wrapper} would replace (its allocation would be silently unused); wrap a press with one budget for "
+            "all layers"
+        )
 
 
 def check_not_decoding(press: Press, where: str = "press") -> None:

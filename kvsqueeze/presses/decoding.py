@@ -19,11 +19,11 @@ from kvsqueeze.presses.base import (
     CompressionReport,
     LayerInputs,
     ScorerPress,
+    check_budgetless_inner,
     check_int,
     check_wrapped_scorer,
     derived_capabilities,
     gather_kv,
-    has_own_budget,
     kept_for_ratio,
     kv_nbytes,
     store_kept,
@@ -110,8 +110,7 @@ def decoding_states(cache) -> dict[int, DecodingState]:
 def decoding_state_nbytes(cache) -> int:
     """Measured bytes of the state a :class:`DecodingPress` keeps on ``cache`` (positions and the hidden-state
     buffer); it is not part of :func:`kvsqueeze.adapter.cache_nbytes`, which counts keys and values only."""
-    return sum(t.untyped_storage().nbytes() for r in _records(cache).values()
-               for t in (r.kept_positions, r.hidden_states))
+    return sum(state.nbytes() for state in decoding_states(cache).values())
 
 
 @register_press("decoding")
@@ -162,22 +161,11 @@ class DecodingPress(ScorerPress):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_wrapped_scorer(self.press)
-        if has_own_budget(self.press):
-            raise ValueError(
-                f"the wrapped {type(self.press).__name__} must have no ratio/budget of its own (got "
-                f"{self.press.compression_ratio!r}/{self.press.budget!r}); set compression_ratio or budget on the "
-                "DecodingPress"
-            )
-        caps = self.press.capabilities
-        if caps.needs_attention_weights:
+        check_budgetless_inner(self.press, "DecodingPress", "compression_ratio or budget")
+        if self.press.capabilities.needs_attention_weights:
             raise ValueError(
                 f"{type(self.press).__name__} scores from the prefill's attention weights, which decoding steps do "
                 "not produce; wrap a press that scores from keys, values or queries"
-            )
-        if not caps.uniform_layers:
-            raise ValueError(
-                f"the wrapped {type(self.press).__name__} gives each layer its own budget, which the decoding "
-                "budget would replace; wrap a press with one budget for all layers"
             )
         check_int(self.compression_interval, "compression_interval", minimum=1)
         check_int(self.hidden_states_buffer_size, "hidden_states_buffer_size", minimum=1)
@@ -244,15 +232,20 @@ class DecodingPress(ScorerPress):
         read them (its capabilities say so)."""
         return self.hidden_states_buffer_size if self.press.capabilities.reads_hidden_states else 0
 
+    def _made(self, record: _Record | None) -> bool:
+        """Whether this press (or one equal to it, e.g. the same one in a later block) wrote ``record``."""
+        return record is not None and (record.owner is self or record.owner == self)
+
     def _owns(self, cache) -> bool:
-        """Whether this press compressed ``cache`` (a press equal to it, e.g. the same one in a later block)."""
+        """Whether this press compressed ``cache``."""
         records = _records(cache)
-        return bool(records) and all(r.owner is self or r.owner == self for r in records.values())
+        return bool(records) and all(self._made(r) for r in records.values())
 
     def _check_rows(self, cache) -> None:
-        """Refuse, before any layer writes, a cache whose rows changed since this press recorded them."""
-        for idx, record in _records(cache).items():
-            _state(cache, idx, record)
+        """Refuse, before any layer writes, a cache whose rows changed since this press recorded them (every
+        layer holds the same rows: one is checked)."""
+        idx, record = next(iter(_records(cache).items()))
+        _state(cache, idx, record)
 
     def _append(self, cache, idx: int, hidden: torch.Tensor) -> None:
         """Record the tokens a forward pass just appended to layer ``idx`` (after its attention ran): the buffer
@@ -329,8 +322,7 @@ class DecodingPress(ScorerPress):
             queries.pop(idx, None)
             if _DRIVEN in A.press_state(cache):
                 return  # kept compressed by its own driver (continuing), e.g. a pipeline answer in another thread
-            record = A.press_state(cache).get((_STATE, idx))
-            if record is None or not (record.owner is self or record.owner == self):
+            if not self._made(A.press_state(cache).get((_STATE, idx))):
                 if not warned:
                     warned.append(True)
                     warnings.warn(
@@ -364,18 +356,10 @@ class DecodingPress(ScorerPress):
             adapter.decoder.register_forward_hook(after_forward, with_kwargs=True),
         ]
 
-    @contextmanager
-    def __call__(self, model: nn.Module) -> Iterator[CompressionReport]:
-        with super().__call__(model) as report:
-            adapter = A.ModelAdapter(model)
-            handles = self._decoder_hooks(
-                adapter, report, lambda cache: _DRIVEN not in A.press_state(cache) and self._owns(cache)
-            )
-            try:
-                yield report
-            finally:
-                for h in handles:
-                    h.remove()
+    def _block_hooks(self, adapter: A.ModelAdapter, report: CompressionReport) -> list:
+        return self._decoder_hooks(
+            adapter, report, lambda cache: _DRIVEN not in A.press_state(cache) and self._owns(cache)
+        )
 
     @contextmanager
     def continuing(self, model: nn.Module, cache) -> Iterator[CompressionReport]:

@@ -12,6 +12,7 @@ from kvsqueeze.presses.base import (
     LayerInputs,
     ScorerPress,
     _check_ratio,
+    check_budgetless_inner,
     check_wrapped_scorer,
     derived_capabilities,
     has_own_budget,
@@ -46,17 +47,7 @@ class PerLayerCompressionPress(ScorerPress):
                 "PerLayerCompressionPress takes one ratio per layer in compression_ratios; "
                 f"got compression_ratio={self.compression_ratio!r}, budget={self.budget!r}"
             )
-        if has_own_budget(self.press):
-            raise ValueError(
-                f"the wrapped {type(self.press).__name__} must have no ratio/budget of its own "
-                f"(got {self.press.compression_ratio!r}/{self.press.budget!r}); set compression_ratios"
-            )
-        if not self.press.capabilities.uniform_layers:
-            raise ValueError(
-                f"the wrapped {type(self.press).__name__} gives each layer its own budget, which compression_ratios "
-                "would replace (its allocation would be silently unused); wrap a press with one budget for all "
-                "layers"
-            )
+        check_budgetless_inner(self.press, "PerLayerCompressionPress", "compression_ratios")
         if not isinstance(self.compression_ratios, (list, tuple)) or not self.compression_ratios:
             raise ValueError(f"compression_ratios must be a non-empty list of ratios, got {self.compression_ratios!r}")
         for i, r in enumerate(self.compression_ratios):
