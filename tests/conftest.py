@@ -301,3 +301,17 @@ def smollm_duo_artifact(smollm, tmp_path_factory) -> Path:
     model, tokenizer = smollm
     path = tmp_path_factory.mktemp("duo") / "duo_attention.safetensors"
     return calibrate(model, tokenizer, "duo_attention", seq_len=512, steps=3, progress=False, output=path)
+
+
+class ForwardCounter:
+    """Counts the forward passes of ``model``'s decoder layers while the ``with`` block runs."""
+
+    def __init__(self, model):
+        self.layer, self.calls = model.model.layers[0], 0
+
+    def __enter__(self):
+        self.handle = self.layer.register_forward_pre_hook(lambda *a: setattr(self, "calls", self.calls + 1))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()

@@ -113,7 +113,7 @@ def test_decoding_compression_matches_the_masked_dense_reference(model_name, inn
 
 
 @pytest.mark.parametrize("inner", ["expected_attention", "snapkv", "tova"])
-@pytest.mark.parametrize("model_name", ["llama", "gemma3", "qwen3", "phi3"])
+@pytest.mark.parametrize("model_name", MODELS)
 def test_a_recompression_scores_like_a_prefill_of_the_same_tokens(model_name, inner, tiny_model):
     """When nothing was evicted before and the buffer holds every token, compressing during decoding must keep
     what the wrapped press keeps from a prefill of the same tokens: the buffer's queries (rotary embeddings
@@ -122,7 +122,7 @@ def test_a_recompression_scores_like_a_prefill_of_the_same_tokens(model_name, in
     from kvsqueeze.record import record_prefill
 
     model = tiny_model(model_name)
-    kwargs = INNER[inner] if inner != "snapkv" else {"window_size": 4, "kernel_size": 3}
+    kwargs = INNER[inner]
     press = make_press("decoding", press=make_press(inner, **kwargs), budget=16, compression_interval=6,
                        hidden_states_buffer_size=32)
     ids = prompt(14, seed=5)  # within the budget: the prefill keeps everything
@@ -308,8 +308,12 @@ def test_what_a_decoding_press_refuses(tiny_model):
         make_press("decoding", press=make_press("pyramidkv"), budget=8)
     with pytest.raises(TypeError, match="ScorerPress"):
         make_press("decoding", press=make_press("adakv"), budget=8)
-    for name, bad in (("compression_interval", 0), ("hidden_states_buffer_size", 0), ("compression_interval", True)):
-        with pytest.raises((ValueError, TypeError), match=name):
+    for name, bad, error, message in (
+        ("compression_interval", 0, ValueError, "compression_interval must be an int >= 1, got 0"),
+        ("hidden_states_buffer_size", 0, ValueError, "hidden_states_buffer_size must be an int >= 1, got 0"),
+        ("compression_interval", True, TypeError, "compression_interval must be an int, got True"),
+    ):
+        with pytest.raises(error, match=message):
             make_press("decoding", budget=8, **{name: bad})
 
     press = make_press("decoding", press=make_press("knorm"), budget=8, compression_interval=2)
@@ -338,10 +342,11 @@ def test_what_a_decoding_press_refuses(tiny_model):
                       hidden_states_buffer_size=4)
     object.__setattr__(snap.press, "window_size", 6)  # a press whose window the check cannot see
     cache = adapter.new_cache()
-    with torch.inference_mode(), snap(model), pytest.raises(ValueError, match="last 6 queries.* 4 tokens"):
-        model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))
-        for t in range(3):
-            model(input_ids=prompt(1, seed=t), use_cache=True, **adapter.model_call_kwargs(cache))
+    with torch.inference_mode(), snap(model):
+        model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))  # the prefill has 20 queries
+        with pytest.raises(ValueError, match="last 6 queries.* 4 tokens"):
+            for t in range(3):
+                model(input_ids=prompt(1, seed=t), use_cache=True, **adapter.model_call_kwargs(cache))
 
 
 def test_tokens_added_or_cropped_outside_the_press_keep_positions_right(tiny_model):
@@ -507,6 +512,7 @@ def test_the_buffer_never_holds_a_replaced_token(tiny_model):
             with adapter.attention_for_cache(cache):  # a different token at the cropped position, outside the press
                 model(input_ids=prompt(1, seed=2), use_cache=True, **kwargs)
             with press(model) as report:
+                buffered, compressions = [], []
                 for t in range(8):
                     model(input_ids=prompt(1, seed=10 + t), use_cache=True, **kwargs)
                     state = decoding_states(cache)[0]
@@ -514,7 +520,11 @@ def test_the_buffer_never_holds_a_replaced_token(tiny_model):
                     first = state.length - rows.shape[0]
                     for j in range(rows.shape[0]):
                         assert torch.equal(rows[j], seen[first + j]), f"step {t}: buffer row for position {first + j}"
+                    buffered.append(rows.shape[0])
+                    compressions.append(report.decoding_compressions)
     finally:
         handle.remove()
-    # The buffer restarted after the outside token, so the first compression waited for 6 rows.
-    assert report.decoding_compressions >= 1
+    # The buffer restarted after the outside token (1 row, then one more per step); the interval (2) was reached
+    # long before, but the first compression waited until the buffer held its 6 rows, then one every 2 tokens.
+    assert buffered == [1, 2, 3, 4, 5, 6, 6, 6]
+    assert compressions == [0, 0, 0, 0, 0, 1, 1, 2]

@@ -16,7 +16,7 @@ from kvsqueeze import adapter as A
 from kvsqueeze.presses import ScorerPress
 from kvsqueeze.record import record_prefill
 
-from conftest import DUO_WINDOW, EOS_ID, MAX_POSITIONS, MODEL_NAMES, hook_counts, token_ids
+from conftest import DUO_WINDOW, EOS_ID, MAX_POSITIONS, MODEL_NAMES, ForwardCounter, hook_counts, token_ids
 from press_matrix import CASES, FIRST_CASES, PRESS_KWARGS, PressCase
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -377,20 +377,6 @@ def test_unknown_press_suggests_close_names():
         make_press("knorm", windw_size=3)
 
 
-class _ForwardCounter:
-    """Counts the forward passes of ``model``'s decoder layers while the ``with`` block runs."""
-
-    def __init__(self, model):
-        self.layer, self.calls = model.model.layers[0], 0
-
-    def __enter__(self):
-        self.handle = self.layer.register_forward_pre_hook(lambda *a: setattr(self, "calls", self.calls + 1))
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
 def test_answer_options_and_question_lengths_are_checked_before_the_prefill(tiny_model, tokenizer):
     """``pipe(context, questions, ...)`` and the transformers "kv-compression" task refuse bad answer options, a
     question too long for the context and a bad context in a list before any prefill, not after compressing the
@@ -409,7 +395,7 @@ def test_answer_options_and_question_lengths_are_checked_before_the_prefill(tiny
         (dict(answer_prefix=None), TypeError, r"answer_prefix must be a string, got None"),
         (dict(do_sample=True, seed=2**64), ValueError, r"seed must be an int in \[-2\*\*63, 2\*\*64\).*18446744073709551616"),
     ]
-    with _ForwardCounter(model) as counter:
+    with ForwardCounter(model) as counter:
         for kwargs, error, match in bad_calls:
             with pytest.raises(error, match=match):
                 pipe(CONTEXT, QUESTIONS[0], press=press, **kwargs)
@@ -441,7 +427,7 @@ def test_pipeline_refuses_what_it_cannot_answer_with(tiny_model, tokenizer):
 
     small = build_model("llama", vocab_size=40)  # the test tokenizer has ids up to 127: printable ASCII
     pipe = Pipeline(small, tokenizer)
-    with _ForwardCounter(small) as counter:
+    with ForwardCounter(small) as counter:
         with pytest.raises(ValueError, match=r"tokenized text holds token id \d+, outside the model's vocabulary "
                                              r"of 40 tokens.*does not belong"):
             pipe.compress("zzz")

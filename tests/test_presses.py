@@ -27,7 +27,7 @@ from kvsqueeze.presses import ScorerPress, keep_top
 from kvsqueeze.presses.base import Capabilities, LayerInputs, Press
 from kvsqueeze.record import record_prefill
 
-from conftest import MODEL_NAMES, hook_counts, prefill, token_ids
+from conftest import MODEL_NAMES, ForwardCounter, hook_counts, prefill, token_ids
 from press_matrix import CASES, FIRST_CASES, PRESS_KWARGS, PROTECTED, RATIOS, ROW_DEPENDENT, WRAPPERS, PressCase
 
 SEQ_LEN = 48
@@ -571,15 +571,11 @@ def test_padded_batch_is_refused_before_compression(case, setup):
     ids = token_ids(16, seed=11, batch=3)
     mask = torch.ones_like(ids)
     mask[2, :5] = 0  # left padding on the last row
-    calls = []
-    handle = model.model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
-    try:
+    with ForwardCounter(model) as counter:
         with pytest.raises(ValueError, match=r"padded batch.*row\(s\) \[2\] of 3"):
             with torch.inference_mode(), press(model):
                 model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
-        assert calls == [], "a layer ran before the padded batch was refused"
-    finally:
-        handle.remove()
+        assert counter.calls == 0, "a layer ran before the padded batch was refused"
     with torch.inference_mode(), press(model) as report:
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
     assert report.seen and all(n == 16 for n in report.seen.values())
@@ -596,17 +592,13 @@ def test_bare_forward_is_compressed_and_no_cache_is_refused(case, setup):
         out = model(input_ids=ids)
     assert report.kept, "nothing was compressed"
     assert_layers_equal(A.ModelAdapter.cache_from_output(out), expected, what="bare forward: ")
-    calls = []
-    handle = model.model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
-    try:
+    with ForwardCounter(model) as counter:
         for call in (lambda: model(input_ids=ids, use_cache=False),
                      lambda: model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, use_cache=False)):
             with pytest.raises(ValueError, match="without a KV cache"):
                 with torch.inference_mode(), press(model):
                     call()
-    finally:
-        handle.remove()
-    assert calls == [], "a layer ran before the call without a cache was refused"
+    assert counter.calls == 0, "a layer ran before the call without a cache was refused"
 
 
 @pytest.mark.parametrize("case", first_case_params)
@@ -625,15 +617,11 @@ def test_inner_model_calls_are_compressed_and_guarded(case, setup):
     ids = token_ids(16, seed=14, batch=2)
     mask = torch.ones_like(ids)
     mask[1, :6] = 0
-    calls = []
-    handle = model.model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
-    try:
+    with ForwardCounter(model) as counter:
         with pytest.raises(ValueError, match=r"padded batch.*row\(s\) \[1\] of 2"):
             with torch.inference_mode(), press(model):
                 model.model(input_ids=ids, attention_mask=mask, use_cache=True)
-    finally:
-        handle.remove()
-    assert calls == [], "a layer ran before the padded batch was refused"
+    assert counter.calls == 0, "a layer ran before the padded batch was refused"
 
 
 @pytest.mark.parametrize("case", first_case_params)
@@ -646,9 +634,7 @@ def test_a_cache_no_press_compressed_is_refused(case, setup):
     adapter = A.ModelAdapter(model)
     ids = token_ids(24, seed=15)
     prefix, _, _ = prefill(model, ids[:, :10])
-    calls = []
-    handle = model.model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
-    try:
+    with ForwardCounter(model) as counter:
         for call in (
             lambda: model(input_ids=ids[:, 10:], use_cache=True, **adapter.model_call_kwargs(A.fork_cache(prefix))),
             lambda: model(input_ids=ids[:, 10:11], use_cache=True, **adapter.model_call_kwargs(A.fork_cache(prefix))),
@@ -658,9 +644,7 @@ def test_a_cache_no_press_compressed_is_refused(case, setup):
             with pytest.raises(ValueError, match="already holds 10 tokens that no press compressed"):
                 with torch.inference_mode(), press(model):
                     call()
-    finally:
-        handle.remove()
-    assert calls == [], "a layer ran before the uncompressed cache was refused"
+    assert counter.calls == 0, "a layer ran before the uncompressed cache was refused"
     compressed, _, _ = prefill(model, ids[:, :16], press)
     follow_up = ids[:, 16:]
     ragged = A.has_ragged_layers(compressed)
