@@ -346,6 +346,15 @@ def _check_model_dir(name: str) -> None:
     )
 
 
+def _source(name_or_path: str | None) -> tuple[str, str]:
+    """``(name, source)``: the resolved model name, and where transformers reads it from (an embedded model's
+    converted copy, converted first if needed; otherwise the name itself, a local directory checked to hold a
+    saved model)."""
+    name = resolve_name(name_or_path)
+    _check_model_dir(name)
+    return name, str(converted_dir(name)) if name in EMBEDDED else name
+
+
 def load_model(
     name_or_path: str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -388,9 +397,7 @@ def load_model(
     if not isinstance(attn_implementation, str) or not attn_implementation:
         raise ValueError(f"attn_implementation must be a name such as 'sdpa' or 'eager', got {attn_implementation!r}")
     device = check_device(device)
-    name = resolve_name(name_or_path)
-    _check_model_dir(name)
-    source = str(converted_dir(name)) if name in EMBEDDED else name
+    name, source = _source(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(source)
     extra = {}
     if config_overrides:
@@ -442,7 +449,4 @@ def load_tokenizer(name_or_path: str | None = None):
     """
     from transformers import AutoTokenizer
 
-    name = resolve_name(name_or_path)
-    _check_model_dir(name)
-    source = str(converted_dir(name)) if name in EMBEDDED else name
-    return AutoTokenizer.from_pretrained(source)
+    return AutoTokenizer.from_pretrained(_source(name_or_path)[1])
