@@ -4,7 +4,9 @@
   ratios, AdaKV, CriticalKV): scores that depend on the budget (StreamingLLM's window, CriticalKV's two stages)
   read the wrapper's budget.
 * A composition passes later presses the original positions of the kept entries: window attention masks the
-  future by position, Expected Attention averages RoPE over the positions after the context.
+  future by position, Expected Attention averages RoPE over the positions after the context, and what a press
+  protects by position (sinks, SnapKV's window, TOVA's last token) is found by position, not by index; given
+  the identity positions, every press selects exactly what it selects from the context itself.
 * Combinations that cannot work are refused when the press is built, naming the press.
 * The kept count is the exact floor of ``n · (1 − r)``.
 """
@@ -253,6 +255,129 @@ def test_composition_chains_selections_with_original_positions(tiny_model):
             want = i1.gather(-1, second.keep_indices(step))
         assert torch.equal(got, want), f"layer {layer.layer_idx}"
         assert (got.diff(dim=-1) > 0).all()  # positional order
+
+
+#: Kwargs that make a press's position rules visible on 48 tokens (and SimLayerKV compress every layer).
+SMALL = {
+    "snapkv": {"window_size": 4, "kernel_size": 3},
+    "pyramidkv": {"window_size": 4, "kernel_size": 3},
+    "expected_attention": {"n_future_positions": 16},
+    "simlayerkv": {"lazy_threshold": 0.0},
+    "lagkv": {"lag_size": 8},
+}
+
+
+def _composable() -> list[str]:
+    """Every registered press that stands on its own and that a composition accepts at a ratio (no artifact,
+    no eager weights)."""
+    names = []
+    for name in list_presses():
+        try:
+            press = kvsqueeze.make_press(name, compression_ratio=0.5, **SMALL.get(name, {}))
+        except (TypeError, ValueError):
+            continue  # wrappers need a press to wrap
+        caps = press.capabilities
+        if type(press).keep_indices is kvsqueeze.Press.keep_indices or caps.headwise:
+            continue  # no same-count-per-head selection
+        if caps.calibration or caps.needs_attention_weights or caps.extra_passes or caps.changes_positions:
+            continue
+        if "decoding" in caps.phases:
+            continue  # must be the outermost press
+        names.append(name)
+    return names
+
+
+COMPOSABLE = _composable()
+
+
+def _subset(layer, keep: torch.Tensor):
+    """``layer`` as a later press of a composition sees it when the earlier ones kept ``keep`` (kv_heads, n)."""
+    keep = keep.expand(layer.keys.shape[0], -1, -1)
+    gather = keep.unsqueeze(-1).expand(-1, -1, -1, layer.keys.shape[-1])
+    return layer.replace(keys=layer.keys.gather(2, gather), values=layer.values.gather(2, gather), key_positions=keep)
+
+
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+@pytest.mark.parametrize("name", COMPOSABLE)
+def test_identity_positions_select_what_the_context_order_selects(name, model_name, tiny_model):
+    """Handed every entry with its own positions (``key_positions = 0…n-1``), a press takes its by-position path
+    and must select exactly what it selects from the context in order."""
+    assert {"snapkv", "tova", "expected_attention", "streaming_llm", "simlayerkv"} <= set(COMPOSABLE), COMPOSABLE
+    recorded = record_prefill(tiny_model(model_name), token_ids(SEQ_LEN, seed=26))
+    press = kvsqueeze.make_press(name, compression_ratio=0.5, **SMALL.get(name, {}))
+    for layer in recorded.layers:
+        identity = torch.arange(SEQ_LEN).expand(*layer.keys.shape[:2], -1)
+        with torch.inference_mode():
+            want = press.keep_indices(layer)
+            got = press.keep_indices(layer.replace(key_positions=identity))
+        assert want is not None and got is not None, f"layer {layer.layer_idx} kept everything"
+        assert torch.equal(got, want), f"layer {layer.layer_idx}: {got.tolist()} vs {want.tolist()}"
+
+
+def _first_stage(kv_heads: int) -> torch.Tensor:
+    """What an earlier press kept, ``(kv_heads, 36)`` ascending, different per head: two of the four first
+    positions, every other one of the last eight (head 0 loses the last position, head 1 keeps it), and six
+    positions removed from the middle."""
+    rows = []
+    for h in range(kv_heads):
+        dropped = {h % 4, (h + 2) % 4}
+        dropped |= {p for p in range(SEQ_LEN - 8, SEQ_LEN) if (p + h) % 2 == 1}
+        dropped |= {10 + 5 * i + h % 3 for i in range(6)}
+        rows.append(torch.tensor([p for p in range(SEQ_LEN) if p not in dropped]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+def test_a_later_press_protects_by_position(model_name, tiny_model):
+    """After an earlier press removed some sinks, some of the last tokens and some of the middle, a later press
+    raises exactly the kept entries its rule names by position (it used to raise the first or last stored
+    entries, whatever their position): SnapKV's and PyramidKV's window (the last 4 positions), TOVA's last
+    position, Expected Attention's sinks (positions < 4, also left out of its softmax). Attention-derived scores
+    are at most 1 (use_vnorm=False for Expected Attention), raised ones above 1."""
+    recorded = record_prefill(tiny_model(model_name), token_ids(SEQ_LEN, seed=27))
+    make = kvsqueeze.make_press
+    rules = {
+        "snapkv": (make("snapkv", compression_ratio=0.5, window_size=4, kernel_size=3), lambda p: p >= SEQ_LEN - 4),
+        "pyramidkv": (make("pyramidkv", compression_ratio=0.5, window_size=4, kernel_size=3), lambda p: p >= SEQ_LEN - 4),
+        "tova": (make("tova", compression_ratio=0.5), lambda p: p == SEQ_LEN - 1),
+        "expected_attention": (
+            make("expected_attention", compression_ratio=0.5, n_future_positions=16, use_vnorm=False, n_sink=4),
+            lambda p: p < 4,
+        ),
+    }
+    for layer in recorded.layers:
+        keep = _first_stage(layer.keys.shape[1])
+        step = _subset(layer, keep)
+        for name, (press, rule) in rules.items():
+            with torch.inference_mode():
+                scores = press.score(step)[0]  # (kv_heads, 36)
+            for h in range(keep.shape[0]):
+                protected = rule(keep[h])
+                raised = scores[h] > 1
+                assert torch.equal(raised, protected), (
+                    f"{name}, layer {layer.layer_idx}, head {h}: raised positions {keep[h][raised].tolist()}, "
+                    f"expected {keep[h][protected].tolist()}"
+                )
+                if name == "expected_attention":  # a distribution over the non-sinks, averaged over the group
+                    total = scores[h][~protected].sum()
+                    torch.testing.assert_close(total, torch.tensor(1.0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["streaming_llm", "simlayerkv"])
+def test_a_later_press_keeps_the_sinks_it_finds_and_the_most_recent(name, tiny_model):
+    """StreamingLLM (and SimLayerKV's lazy layers) after an earlier press: the kept entries at positions < 4 and
+    the most recent kept entries, filling the budget (it used to keep the first four stored entries)."""
+    recorded = record_prefill(tiny_model("llama"), token_ids(SEQ_LEN, seed=28))
+    fields = {"n_sink": 4} if name == "streaming_llm" else {"n_initial": 4, "lazy_threshold": 0.0}
+    press = kvsqueeze.make_press(name, budget=12, **fields)
+    for layer in recorded.layers:
+        keep = _first_stage(layer.keys.shape[1])
+        with torch.inference_mode():
+            got = keep.gather(-1, press.keep_indices(_subset(layer, keep))[0])  # kept positions
+        for h in range(keep.shape[0]):
+            sinks = keep[h][keep[h] < 4]
+            want = torch.cat([sinks, keep[h][-(12 - len(sinks)):]])
+            assert got[h].tolist() == want.tolist(), f"layer {layer.layer_idx}, head {h}"
 
 
 @pytest.mark.parametrize(

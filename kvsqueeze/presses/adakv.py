@@ -92,8 +92,11 @@ class AdaKVPress(WrappedBudget, Press):
     ``heads × n_kept`` across all its heads, after guaranteeing each head its own top ``alpha_safeguard ·
     n_kept``. Heads end up with different numbers of entries and the cache stores exactly those (a ragged
     layer, see :class:`kvsqueeze.adapter.RaggedLayer`): the memory saving is real, unlike masking
-    implementations that keep the evicted entries in memory. The default wrapped press is Expected Attention,
-    which is how its paper evaluates it (arXiv 2510.00636, §2.2).
+    implementations that keep the evicted entries in memory. The default wrapped press is Expected Attention with
+    its own defaults: its paper evaluates AdaKV(Expected Attention) (arXiv 2510.00636, §2.2), with epsilon = 0 on
+    needle-in-a-haystack (the default, and the setting of this library's needle and RULER benchmarks) and 0.02
+    on its other benchmarks (``press=make_press("expected_attention", epsilon=0.02)``; kvpress's registry entry
+    ``expected_attention`` uses 0.01).
 
     Fields: ``press`` (a ScorerPress, default ExpectedAttentionPress()), ``alpha_safeguard`` (0.2, the official
     code's value for GQA models), ``compression_ratio``/``budget`` (set here or on the wrapped press).

@@ -26,11 +26,15 @@ class ComposedPress(Press):
     The kept fraction is the product of the inner presses' kept fractions (``1 - Π(1 - r_i)`` removed, up to
     integer rounding at each step). Every inner press sees the layer's full hidden states and position
     embeddings but only the keys/values its predecessors kept, with their original positions
-    (``LayerInputs.key_positions``: window attention masks the future by position, Expected Attention averages
-    RoPE over the positions after the context); attention weights are handed to the first press only (they would
-    be stale for the others), so a press that needs attention weights must come first. Inner presses must select
-    the same number of entries in every head (:meth:`Press.keep_indices`): head-wise presses, presses that need
-    extra model passes and presses that move keys are refused.
+    (``LayerInputs.key_positions``). What depends on position is found by position, not by index: window
+    attention masks the future by position, Expected Attention averages RoPE over the positions after the
+    context and its sinks are the kept tokens at positions ``< n_sink`` (likewise StreamingLLM's and SimLayerKV's
+    sinks), SnapKV's and PyramidKV's observation window and TOVA's last token are the last positions of the
+    context, whichever of them a head still holds. LagKV alone partitions the entries it is given in their
+    order. Attention weights are handed to the first press only (they would be stale for the others), so a press
+    that needs attention weights must come first. Inner presses must select the same number of entries in every
+    head (:meth:`Press.keep_indices`): head-wise presses, presses that need extra model passes and presses that
+    move keys are refused.
 
     Fields: ``presses`` (list of presses, required, applied in order). ``compression_ratio``/``budget`` of the
     composition itself must stay unset: each inner press carries its own.

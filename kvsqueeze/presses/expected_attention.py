@@ -77,7 +77,12 @@ def rotate_moments(
 
 
 def expected_attention(
-    keys: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor | None, scaling: float, n_sink: int = 0
+    keys: torch.Tensor,
+    mean: torch.Tensor,
+    cov: torch.Tensor | None,
+    scaling: float,
+    n_sink: int = 0,
+    sink_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Expected attention of a Gaussian query on each key, averaged over the query heads of each GQA group.
 
@@ -96,12 +101,16 @@ def expected_attention(
         The attention module's logit scaling (``1/√head_dim``, or Gemma's ``query_pre_attn_scalar**-0.5``).
     n_sink : int
         The first ``n_sink`` keys take no part in the softmax (their result is 0).
+    sink_mask : Tensor or None
+        ``(bsz, num_key_value_heads, n)`` bool, True for the keys that take no part in the softmax, for keys that
+        are not the context in order (a composition, decoding); used instead of ``n_sink``. Every head needs at
+        least one key outside it.
 
     Returns
     -------
     Tensor
-        ``(bsz, num_key_value_heads, n)`` float32, each query head's distribution over keys ``n_sink…`` summing
-        to one before the group mean.
+        ``(bsz, num_key_value_heads, n)`` float32, each query head's distribution over the keys that are not
+        sinks, summing to one before the group mean.
     """
     bsz, num_kv, n, head_dim = keys.shape
     group = mean.shape[1] // num_kv
@@ -118,7 +127,9 @@ def expected_attention(
         k_sigma = torch.baddbmm(mu, k, sigma, beta=scaling, alpha=scaling**2 / 2)  # (.., n, group·d)
         logits = torch.bmm(k_sigma.view(-1, group, head_dim), k.reshape(-1, head_dim, 1))
         logits = logits.view(-1, n, group).transpose(1, 2)  # (.., group, n)
-    if n_sink:
+    if sink_mask is not None:
+        logits = logits.masked_fill(sink_mask.reshape(bsz * num_kv, 1, n).to(logits.device), float("-inf"))
+    elif n_sink:
         logits[..., :n_sink] = float("-inf")
     return logits.softmax(dim=-1).mean(dim=1).view(bsz, num_kv, n)
 
@@ -136,9 +147,10 @@ def expected_attention_scores(
 
     The moments are rotated by the RoPE average over the ``n_future_positions`` positions after the context
     (``[context_length, context_length + n_future_positions)``, also when an earlier press of a composition has
-    already removed keys), the expected attention is computed over the keys after the first ``n_sink``,
-    multiplied by ``(a + epsilon)·‖v‖`` when ``use_vnorm``, and the sinks get the maximum score + 1 so they are
-    always kept.
+    already removed keys), the expected attention is computed over the keys that are not sinks, multiplied by
+    ``(a + epsilon)·‖v‖`` when ``use_vnorm``, and the sinks get the maximum score + 1 so they are always kept.
+    The sinks are the keys at positions ``< n_sink`` (:meth:`LayerInputs.positions`): after an earlier press of
+    a composition, or in decoding, they are not the first ``n_sink`` stored entries of every head.
     """
     adapter, n_context, device = layer.adapter, layer.context_length, layer.keys.device
     head_dim = mean.shape[-1]
@@ -151,11 +163,16 @@ def expected_attention_scores(
     key = ("expected_attention.rope", adapter.layer_types[layer.layer_idx], n_context, n_future_positions, str(device))
     mean, cov = rotate_moments(adapter.memoized(key, rope_matrix), mean, cov)
     scaling = layer.adapter.scaling(layer.module)
-    scores = expected_attention(layer.keys, mean, cov, scaling, n_sink)
+    # Keys in context order (a prefill): the sinks are the first n_sink entries, sliced without a mask.
+    sinks = None if layer.key_positions is None or not n_sink else layer.key_positions.to(device) < n_sink
+    scores = expected_attention(layer.keys, mean, cov, scaling, n_sink, sink_mask=sinks)
     if use_vnorm:
         value_norms = torch.linalg.vector_norm(layer.values.float(), dim=-1)
         scores = (scores + epsilon) * value_norms if epsilon else scores * value_norms
-    if n_sink:
+    if sinks is not None:
+        top = scores.masked_fill(sinks, float("-inf")).amax(dim=-1, keepdim=True)
+        scores = torch.where(sinks, top + 1, scores)
+    elif n_sink:
         scores[..., :n_sink] = scores[..., n_sink:].amax(dim=-1, keepdim=True) + 1  # on device: no host sync
     return scores
 
@@ -186,7 +203,8 @@ class ExpectedAttentionPress(ScorerPress):
     heads of each GQA group. ``μ`` and ``Σ`` (divided by N) are the moments of the pre-RoPE queries (QK-norm
     applied) of the context tokens after the first ``n_sink``; ``μ̄ = R̄μ`` and ``Σ̄ = R̄ΣR̄ᵀ`` with ``R̄`` the RoPE
     matrix averaged over the next ``n_future_positions`` positions; ``s`` is the module's scaling (``1/√d`` in the
-    paper; Gemma uses ``query_pre_attn_scalar``). The ``n_sink`` first tokens are always kept.
+    paper; Gemma uses ``query_pre_attn_scalar``). The tokens at the ``n_sink`` first positions (attention sinks) are
+    always kept; in a composition they are found by position, whatever an earlier press removed.
 
     Where this differs from the paper: the paper uses ``‖W_o v_i‖`` in its formula but ``‖v_i‖`` in its
     experiments (as here); it uses epsilon = 0.02 in all experiments except needle-in-a-haystack (epsilon = 0,

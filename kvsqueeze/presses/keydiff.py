@@ -24,7 +24,8 @@ class KeyDiffPress(ScorerPress):
     head. Needs no attention weights.
 
     The paper evicts block by block while the prompt is prefilled under a fixed budget; this press scores the
-    whole prefill at once (as kvpress's ``KeyDiffPress``; a block-wise wrapper reproduces the paper's setting).
+    whole prefill at once (as kvpress's ``KeyDiffPress``; kvpress reproduces the paper's setting with a block-wise
+    wrapper, which kvsqueeze does not have).
 
     Fields: ``compression_ratio`` (0.0), ``budget`` (None).
     """

@@ -41,6 +41,10 @@ class LagKVPress(ScorerPress):
     Short inputs (fewer than ``n_sink + 2 * lag_size`` tokens, so no partition has a reference): nothing can be
     scored, so the press keeps the sinks and the most recent tokens (StreamingLLM behaviour, as in kvpress).
 
+    In a composition after another press, LagKV works on the entries it is given, in their order: its sinks are
+    the first ``n_sink`` kept entries and its partitions are runs of ``lag_size`` kept entries (the partitions
+    follow the stream of kept entries, which may skip positions).
+
     Fields: ``compression_ratio`` (0.0), ``budget`` (None), ``n_sink`` (4), ``lag_size`` (128, >= 2),
     ``cross_scoring`` (False; True keeps the softmax scores, comparable across partitions and heads).
     """

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
-from kvsqueeze.presses.base import Capabilities, LayerInputs, Press, check_int, derived_capabilities
+from kvsqueeze.presses.base import Capabilities, LayerInputs, Press, check_int, derived_capabilities, keep_top
 from kvsqueeze.presses.utils import window_attention
 from kvsqueeze.presses.registry import register_press
 
@@ -23,7 +23,8 @@ class SimLayerKVPress(Press):
     ``compression_ratio``/``budget``); other layers keep everything. The paper fixes the recent window (1024
     tokens on 4k–32k contexts); here it is the press budget, so lazy layers are compressed at the requested ratio
     and the measured overall ratio is lower (only lazy layers shrink). The paper's thresholds are per model
-    family (Llama-3 0.9, Llama-2 0.65, Mistral 0.8, Qwen 0.85); 0.9 is the default.
+    family (Llama-3 0.9, Llama-2 0.65, Mistral 0.8, Qwen 0.85); 0.9 is the default (kvpress defaults to 1.0,
+    which no layer reaches, so its press compresses nothing unless given a threshold).
 
     Fields: ``compression_ratio``/``budget`` (size of lazy layers), ``lazy_threshold`` (0.9), ``n_last`` (1),
     ``n_initial`` (4).
@@ -54,12 +55,26 @@ class SimLayerKVPress(Press):
         keep = (positions < n_sink) | (positions >= seq_len - (n_kept - n_sink))
         return positions[keep]
 
+    def lazy_entries(self, layer: LayerInputs, n_kept: int) -> torch.Tensor:
+        """Indices ``(bsz, num_kv_heads, n_kept)``, ascending, of the entries a lazy layer keeps.
+
+        When the keys are what an earlier press of a composition kept, the sinks are found by position (the kept
+        entries at positions ``< n_initial``) and the most recent kept entries fill the rest of the budget."""
+        if layer.key_positions is None:
+            keep = self.kept_positions(layer.seq_len, n_kept).to(layer.keys.device)
+            return keep.expand(*layer.keys.shape[:2], keep.numel())
+        positions = layer.key_positions.to(layer.keys.device).float()
+        n_sink = min(self.n_initial, n_kept)
+        return keep_top((positions < n_sink).float() * 2 + positions / layer.context_length, n_kept)
+
     def lazy_mass(self, layer: LayerInputs, n_kept: int) -> torch.Tensor:
-        """Attention mass ``(bsz,)`` the last queries put on the positions a lazy layer would keep."""
+        """Attention mass ``(bsz,)`` the last queries put on the entries a lazy layer would keep."""
         n_last = min(self.n_last, layer.seq_len)
         attn = window_attention(layer, n_last)  # (bsz, heads, n_last, seq_len)
-        keep = self.kept_positions(layer.seq_len, n_kept).to(attn.device)
-        return attn[..., keep].sum(-1).mean(dim=(1, 2))
+        keep = self.lazy_entries(layer, n_kept).to(attn.device)  # (bsz, num_kv_heads, n_kept)
+        group = attn.shape[1] // keep.shape[1]
+        keep = keep.repeat_interleave(group, dim=1)[:, :, None].expand(-1, -1, n_last, -1)
+        return attn.gather(-1, keep).sum(-1).mean(dim=(1, 2))
 
     def keep_indices(self, layer: LayerInputs) -> torch.Tensor | None:
         n_kept = self.layer_budget(layer)
@@ -69,5 +84,4 @@ class SimLayerKVPress(Press):
         if not bool(lazy.all()):
             # A layer stores one count for the whole batch: compress only when every sequence finds it lazy.
             return None
-        keep = self.kept_positions(layer.seq_len, n_kept).to(layer.keys.device)
-        return keep.expand(*layer.keys.shape[:2], keep.numel())
+        return self.lazy_entries(layer, n_kept)

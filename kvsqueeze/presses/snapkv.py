@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from kvsqueeze.presses.base import LayerInputs, ScorerPress, check_int
 from kvsqueeze.presses.registry import register_press
-from kvsqueeze.presses.utils import group_mean, last_queries_attention, pool_scores, protect_last
+from kvsqueeze.presses.utils import group_mean, last_queries_attention, pool_scores, protect_last, protect_recent
 
 
 @register_press("snapkv")
@@ -26,7 +26,14 @@ class SnapKVPress(ScorerPress):
     the eager weights when the model ran eager attention, otherwise it is recomputed for the window only.
 
     The paper sums the window's attention; the mean used here ranks identically. Without query-aware
-    compression the window is the end of the context, not the question, which weakens the method.
+    compression the window is the end of the context, not the question, which weakens the method. The defaults
+    are kvpress's (window 64, kernel 5, average pooling); the paper's released configurations use a window of 32,
+    kernel 7 and max pooling (``make_press("snapkv", window_size=32, kernel_size=7, pooling="max")``).
+
+    After an earlier press of a composition (and in decoding-time compression) the window is the last ``w``
+    *positions* of the context (:meth:`LayerInputs.positions`), not the last ``w`` stored entries: a head keeps
+    the window entries it still holds and scores all the others; the pooling then runs over the kept entries in
+    positional order, whose neighbours may be several positions apart.
 
     Short inputs: the window shrinks to ``min(window_size, seq_len - 1)`` so at least one entry is scored; a
     one-entry layer gets a zero score.
@@ -53,12 +60,30 @@ class SnapKVPress(ScorerPress):
         return max(0, min(self.window_size, seq_len - 1))
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
-        seq_len = layer.seq_len
+        seq_len, num_kv_heads = layer.seq_len, layer.keys.shape[1]
+        if layer.key_positions is not None:  # not the context in order: the window is found by position
+            return self._score_by_position(layer)
         w = self.window(seq_len)
         if w == 0:
             return layer.keys.new_zeros(layer.keys.shape[:-1], dtype=torch.float32)
         attn = last_queries_attention(layer, w)[..., : seq_len - w]  # (bsz, num_heads, w, seq_len - w)
         scores = attn.mean(dim=-2)  # (bsz, num_heads, seq_len - w)
         scores = pool_scores(scores, self.kernel_size, self.pooling)
-        scores = group_mean(scores, layer.keys.shape[1])  # (bsz, num_kv_heads, seq_len - w)
+        scores = group_mean(scores, num_kv_heads)  # (bsz, num_kv_heads, seq_len - w)
         return protect_last(F.pad(scores, (0, w)), w)
+
+    def _score_by_position(self, layer: LayerInputs) -> torch.Tensor:
+        """The same score when the keys are what an earlier press kept, or a decoding-time cache: the window is
+        the last ``w`` positions of the context, whichever of them a head still holds, and the entries before it
+        are scored. They sit in positional order before the window, so zeroing the window's columns before the
+        pooling pads them exactly as the slice above does."""
+        num_kv_heads = layer.keys.shape[1]
+        w = self.window(layer.context_length)
+        if w == 0:
+            return layer.keys.new_zeros(layer.keys.shape[:-1], dtype=torch.float32)
+        attn = last_queries_attention(layer, w)  # (bsz, num_heads, w, seq_len)
+        in_window = layer.key_positions.to(attn.device) >= layer.context_length - w  # (bsz, num_kv_heads, seq_len)
+        group = attn.shape[1] // num_kv_heads
+        scores = attn.mean(dim=-2).masked_fill(in_window.repeat_interleave(group, dim=1), 0.0)
+        scores = pool_scores(scores, self.kernel_size, self.pooling)
+        return protect_recent(group_mean(scores, num_kv_heads), layer, w)

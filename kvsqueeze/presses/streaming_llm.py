@@ -18,8 +18,11 @@ class StreamingLLMPress(ScorerPress):
 
     Paper: "Efficient Streaming Language Models with Attention Sinks", https://arxiv.org/abs/2309.17453
 
-    Score: 1 for the ``n_sink`` first and the last ``n_kept - n_sink`` tokens, 0 in between. The paper also
-    re-assigns positions inside the cache ("pos-shift"); wrap this press in ``KeyRerotationPress`` for that.
+    Score: the ``n_sink`` first positions above everything, the others rising with position, so the press keeps
+    the sinks and the most recent ``n_kept - n_sink`` tokens. After an earlier press of a composition, the sinks
+    are the tokens at positions ``< n_sink`` that it kept (fewer if it removed some), and the recent entries fill
+    the rest of the budget. The paper also re-assigns positions inside the cache ("pos-shift"); wrap this press
+    in ``KeyRerotationPress`` for that.
 
     Fields: ``compression_ratio`` (0.0), ``budget`` (None), ``n_sink`` (4).
     """
@@ -33,11 +36,9 @@ class StreamingLLMPress(ScorerPress):
         check_int(self.n_sink, "n_sink", minimum=0)
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
-        seq_len = layer.seq_len
-        n_kept = self.layer_budget(layer)
-        n_sink = min(self.n_sink, n_kept)
-        positions = torch.arange(seq_len, device=layer.keys.device)
-        keep = (positions < n_sink) | (positions >= seq_len - (n_kept - n_sink))
-        # Rising with position inside each kept block, so ties never depend on topk's internal order.
-        scores = keep.float() * 2 + positions.float() / seq_len
-        return scores.expand(*layer.keys.shape[:2], seq_len)
+        n_sink = min(self.n_sink, self.layer_budget(layer))
+        # Sinks above everything, the rest rising with position: top-k keeps the sinks and the most recent
+        # entries, and ties never depend on topk's internal order. By position, so after an earlier press of a
+        # composition the sinks are the first positions a head still holds, not its first stored entries.
+        positions = layer.positions().to(layer.keys.device).float()  # (bsz, num_kv_heads, seq_len)
+        return (positions < n_sink).float() * 2 + positions / layer.context_length

@@ -8,7 +8,7 @@ import torch
 
 from kvsqueeze.presses.base import LayerInputs, ScorerPress
 from kvsqueeze.presses.registry import register_press
-from kvsqueeze.presses.utils import last_queries_attention, protect_last
+from kvsqueeze.presses.utils import last_queries_attention, protect_last, protect_recent
 
 
 @register_press("tova")
@@ -22,8 +22,9 @@ class TOVAPress(ScorerPress):
     repeated for every KV head, so all heads of a layer keep the same tokens. Uses the eager attention row when
     the model ran eager attention, otherwise recomputes that single row.
 
-    Deviation from the paper: the last token is always kept (its score is raised above the others); in TOVA it
-    competes like any other token. Like kvpress, the paper's step-by-step eviction during decoding is replaced by
+    Deviation from the paper: the last token is always kept (its score is raised above the others; in a
+    composition, the token at the last position, if an earlier press kept it); in TOVA it competes like any
+    other token. Like kvpress, the paper's step-by-step eviction during decoding is replaced by
     one top-k at the end of the prefill.
 
     Fields: ``compression_ratio`` (0.0), ``budget`` (None).
@@ -32,5 +33,7 @@ class TOVAPress(ScorerPress):
     def score(self, layer: LayerInputs) -> torch.Tensor:
         attn = last_queries_attention(layer, 1)  # (bsz, num_heads, 1, seq_len)
         scores = attn[:, :, 0].mean(dim=1, keepdim=True)  # (bsz, 1, seq_len): one score shared by all heads
-        scores = protect_last(scores, 1)
-        return scores.expand(-1, layer.keys.shape[1], -1)
+        if layer.key_positions is None:
+            return protect_last(scores, 1).expand(-1, layer.keys.shape[1], -1)
+        # after an earlier press of a composition the heads may hold different entries: protect by position
+        return protect_recent(scores.expand(-1, layer.keys.shape[1], -1), layer, 1)

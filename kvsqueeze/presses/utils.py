@@ -111,3 +111,20 @@ def protect_last(scores: torch.Tensor, n: int) -> torch.Tensor:
     ramp = torch.arange(1, n + 1, device=scores.device, dtype=scores.dtype) / n  # (n,) in (0, 1]
     protected = top + 1.0 + ramp
     return torch.cat([scores[..., :-n], protected], dim=-1)
+
+
+def protect_recent(scores: torch.Tensor, layer: LayerInputs, n: int) -> torch.Tensor:
+    """Scores ``(bsz, num_kv_heads, seq_len)`` with the entries at the last ``n`` positions of the context
+    (position ``>= context_length - n``) raised above every other one, rising with position.
+
+    By position, not by index (:meth:`LayerInputs.positions`): after an earlier press of a composition the last
+    ``n`` stored entries of a head are not the last ``n`` tokens, and a head may hold fewer of them. Keys that are
+    the context in order take :func:`protect_last`'s path (no mask).
+    """
+    if layer.key_positions is None or n <= 0:
+        return protect_last(scores, n)
+    positions = layer.key_positions.to(scores.device)
+    start = layer.context_length - n
+    top = scores.amax(dim=-1, keepdim=True)
+    ramp = (positions - start + 1).to(scores.dtype) / n  # in (0, 1] for the protected entries
+    return torch.where(positions >= start, top + 1.0 + ramp, scores)
