@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +117,8 @@ def cache_root() -> Path:
     root = os.environ.get("KVSQUEEZE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kvsqueeze"
     )
-    return Path(root)
+    # "~/x" expanded, and a relative path made absolute: the cache must not depend on the working directory
+    return Path(os.path.expanduser(root)).resolve()
 
 
 def resolve_name(name: str | None) -> str:
@@ -232,6 +234,53 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest
 
 
+#: Written last into a finished conversion: the files it lists and their sizes.
+_MARKER = "kvsqueeze.json"
+#: A temporary conversion folder untouched for this long belongs to a process that was killed.
+_ABANDONED_SECONDS = 6 * 3600
+
+
+def _conversion_problem(target: Path) -> str | None:
+    """None when ``target`` holds a finished conversion; otherwise what is wrong (``"missing"`` when absent)."""
+    if not target.exists():
+        return "missing"
+    marker = target / _MARKER
+    if not marker.is_file():
+        return f"no {_MARKER}: the conversion did not finish"
+    try:
+        files = json.loads(marker.read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"unreadable {_MARKER}: {exc}"
+    for file, size in files.items():  # conversions before the sizes were recorded list none
+        path = target / file
+        if not path.is_file():
+            return f"{file} is missing"
+        if path.stat().st_size != size:
+            return f"{file} has {path.stat().st_size} bytes, the conversion wrote {size}"
+    return None
+
+
+def _set_aside(target: Path) -> None:
+    """Move a damaged conversion out of the way (one rename, so no reader sees it half removed), then delete it."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}-damaged-", dir=target.parent))
+    try:
+        os.replace(target, aside / target.name)
+    except FileNotFoundError:
+        pass  # another process set it aside first
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _remove_abandoned_conversions(folder: Path, name: str) -> None:
+    """Delete temporary conversion folders of ``name`` that a killed process left behind (hundreds of MB each)."""
+    now = time.time()
+    for tmp in folder.glob(f".{name}-*"):
+        try:
+            if tmp.is_dir() and now - tmp.stat().st_mtime > _ABANDONED_SECONDS:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+
+
 def converted_dir(name: str) -> Path:
     """Directory holding the safetensors conversion of an embedded model (converting it on first use).
 
@@ -242,11 +291,16 @@ def converted_dir(name: str) -> Path:
     gguf = entry.locate()
     digest = file_sha256(gguf)
     target = cache_root() / "models" / f"{name}-{digest[:16]}"
-    if (target / "kvsqueeze.json").is_file():
+    problem = _conversion_problem(target)
+    if problem is None:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_conversions(target.parent, name)
+    if problem != "missing":
+        print(f"kvsqueeze: {target} is damaged ({problem}); converting again", file=sys.stderr)
+        _set_aside(target)
     print(
         f"kvsqueeze: converting {gguf.name} to safetensors under {target} (first use only, 1-2 minutes)",
         file=sys.stderr,
@@ -261,15 +315,22 @@ def converted_dir(name: str) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "kvsqueeze.json").write_text(json.dumps({"name": name, "gguf": str(gguf), "gguf_sha256": digest}))
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; the cache may be shared
+        files = {}
+        for path in tmp.iterdir():  # the cache may be shared: transformers writes the weights 0600
+            os.chmod(path, 0o644)
+            files[path.name] = path.stat().st_size
+        marker = {"name": name, "gguf": str(gguf), "gguf_sha256": digest, "files": files}
+        (tmp / _MARKER).write_text(json.dumps(marker))
+        os.chmod(tmp / _MARKER, 0o644)
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
         try:
             os.replace(tmp, target)
         except OSError:
-            # Another process renamed its finished conversion into place first: keep that one.
-            if not (target / "kvsqueeze.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+            if _conversion_problem(target) is not None:  # left over from an older, damaged state: replace it
+                _set_aside(target)
+                os.replace(tmp, target)
+            else:  # another process renamed its finished conversion into place first: keep that one
+                shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -406,7 +467,12 @@ def load_model(
         for key, value in config_overrides.items():
             if not hasattr(text_config, key):
                 raise ValueError(f"{name} has no config attribute {key!r} to override (with {value!r})")
-            setattr(text_config, key, value)
+            try:
+                setattr(text_config, key, value)
+            except Exception as exc:  # transformers validates typed config fields with its own error classes
+                raise ValueError(
+                    f"config override {key}={value!r} refused by {type(text_config).__name__}: {exc}"
+                ) from exc
         extra["config"] = config
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -269,3 +269,129 @@ def test_assembled_gemma_gguf_is_checked_against_the_package_sha256(tmp_path, mo
     monkeypatch.setattr(hashlib, "file_digest", lambda f, d: reads.append(f.name) or file_digest(f, d))
     monkeypatch.setattr(M, "_SHA256_MEMO", {})  # a later process
     assert M._gemma3_gguf() == target and len(assembled) == 1 and reads == []
+
+
+# -- the conversion cache repairs itself; shared files are readable --------------------------------------------------
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: (d / "kvsqueeze.json").unlink(),  # a folder put in place without its marker
+        lambda d: (d / "weights.bin").write_bytes(b"A" * 10),  # truncated weights
+        lambda d: (d / "weights.bin").unlink(),  # deleted weights
+    ],
+    ids=["no-marker", "truncated", "deleted"],
+)
+def test_a_damaged_conversion_is_converted_again(damage, fake_gguf, capsys):
+    """A conversion folder that is not what the conversion wrote is replaced by a fresh conversion, with a line
+    saying why (it used to convert again and then fail to rename over the folder on every call, or load the
+    damaged weights)."""
+    gguf, _ = fake_gguf
+    gguf.write_bytes(b"A" * 1000)
+    first = M.converted_dir("smollm2-135m")
+    damage(first)
+    assert M.converted_dir("smollm2-135m") == first
+    assert (first / "weights.bin").read_bytes() == b"A" * 1000 and (first / "kvsqueeze.json").is_file()
+    assert len(_FakeConversion.calls) == 2
+    assert "is damaged" in capsys.readouterr().err
+    assert M.converted_dir("smollm2-135m") == first and len(_FakeConversion.calls) == 2  # repaired for good
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # nothing set aside is left behind
+
+
+def test_conversion_files_are_readable_by_others_and_abandoned_temporaries_removed(fake_gguf):
+    """The cache may be shared: the converted files are 0644 (the weights used to stay 0600). A temporary folder
+    that a killed conversion left is removed once it is old; a recent one (a conversion in progress) is not."""
+    import os
+    import time
+
+    gguf, _ = fake_gguf
+    gguf.write_bytes(b"A" * 1000)
+    models = M.cache_root() / "models"
+    models.mkdir(parents=True)
+    old, recent = models / ".smollm2-135m-killed", models / ".smollm2-135m-running"
+    for folder in (old, recent):
+        folder.mkdir()
+        (folder / "weights.bin").write_bytes(b"x")
+    past = time.time() - M._ABANDONED_SECONDS - 60
+    os.utime(old, (past, past))
+    target = M.converted_dir("smollm2-135m")
+    assert not old.exists() and recent.exists()
+    for path in target.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_cache_root_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("KVSQUEEZE_CACHE", "~/kvc")
+    assert M.cache_root() == tmp_path / "kvc"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KVSQUEEZE_CACHE", "rel/cache")
+    assert M.cache_root() == tmp_path / "rel" / "cache"
+
+
+# -- artifacts: one folder per local model, tensors checked, messages that fix the problem ------------------------
+def test_a_local_model_finds_its_artifact_however_its_path_is_spelled(tmp_path, monkeypatch):
+    """``calibrate --model models/tiny`` then ``run --model /abs/models/tiny`` used to look in another folder."""
+    from kvsqueeze.calibration import default_artifact_path
+    import kvsqueeze
+
+    folder = tmp_path / "models" / "tiny"
+    build_model("llama").save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    monkeypatch.setenv("KVSQUEEZE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    paths = {default_artifact_path(kvsqueeze.load_model(spelling)[0], "qfilters")
+             for spelling in ("models/tiny", "./models/tiny", str(folder), "models/../models/tiny/")}
+    assert len(paths) == 1, paths
+
+
+@pytest.mark.parametrize(
+    "method, tensors, message",
+    [
+        ("qfilters", {"filters": torch.zeros(1, 2, 16)}, "holds a tensor of shape (1, 2, 16) as 'filters'"),
+        ("qfilters", {"other": torch.zeros(3)}, "has no tensor 'filters'"),
+        ("expected_attention_stats", "mean only", "has no tensor 'covariance'"),
+        ("duo_attention", {"gates": torch.zeros(2, 3)}, "as 'gates'"),
+    ],
+)
+def test_artifact_tensors_are_checked_before_the_prefill(method, tensors, message, tiny_model, tmp_path):
+    """A file with the model's identity but missing or misshapen tensors is refused when the press is validated,
+    naming the tensor and the shape it needs (it used to fail inside the prefill with an IndexError or KeyError)."""
+    from kvsqueeze import adapter as A
+    from kvsqueeze.calibration import save_artifact
+    import kvsqueeze
+
+    from kvsqueeze.calibration.artifacts import expected_tensors
+
+    model = tiny_model("llama")
+    if tensors == "mean only":  # the right mean, no covariance
+        tensors = {"mean": torch.zeros(expected_tensors(model, method)["mean"])}
+    path = save_artifact(tmp_path / f"{method}.safetensors", tensors, model, method, {"n_sink": 16, "n_recent": 64})
+    press = kvsqueeze.make_press(method, compression_ratio=0.5, artifact=str(path))
+    with pytest.raises(ValueError, match="shape") as info:
+        press.validate(A.ModelAdapter(model))
+    assert message in str(info.value) and "--output" in str(info.value)
+
+
+def test_a_foreign_artifact_at_a_given_path_names_that_path_to_recalibrate(tiny_model, calibration_artifact):
+    """The suggested command must write where the press looks (``--output``), not to the default location."""
+    path = calibration_artifact("llama", "qfilters")
+    other = tiny_model("qwen3")
+    with pytest.raises(ValueError, match="another model") as info:
+        load_artifact(path, other, "qfilters")
+    assert f"--output {path}" in str(info.value)
+
+
+def test_artifacts_are_readable_by_others(tiny_model, calibration_artifact):
+    assert calibration_artifact("llama", "qfilters").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_config_override_of_the_wrong_type_is_a_value_error(tmp_path):
+    """transformers validates typed config fields with its own error class; ``--model-option
+    max_position_embeddings=4k`` used to end the CLI with a traceback."""
+    import kvsqueeze
+
+    folder = tmp_path / "tiny"
+    build_model("llama").save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    with pytest.raises(ValueError, match="max_position_embeddings='4k'"):
+        kvsqueeze.load_model(str(folder), max_position_embeddings="4k")

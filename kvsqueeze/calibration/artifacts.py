@@ -165,8 +165,10 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
 
 
 def _safe_name(name: str, fallback: str) -> str:
-    if name and os.path.isabs(name):  # a local directory: its last component
-        name = Path(name).name
+    if name and (os.path.isabs(name) or os.path.isdir(name)):
+        # A local directory: its last component, however the path is spelled (relative, "./", absolute), so one
+        # model finds one folder.
+        name = Path(name).resolve().name
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
     return (safe or fallback)[:64]
 
@@ -283,6 +285,7 @@ def save_artifact(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache may be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -362,9 +365,36 @@ def load_artifact(path: str | os.PathLike | None, model: nn.Module, method: str)
                         "float16")
         raise ValueError(
             f"{path} was calibrated on another model ({theirs.get('name_or_path') or 'unnamed'}; {details}); "
-            f"calibrate this one with: {calibrate_command(model, method)}"
+            f"calibrate this one with: {calibrate_command(model, method, path)}"
         )
+    _check_tensors(artifact, model, method)
     return artifact
+
+
+def expected_tensors(model: nn.Module, method: str) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors a ``method`` artifact holds for ``model``."""
+    shape = ModelAdapter(model).shape
+    layers, heads, kv_heads, head_dim = (
+        shape.num_layers, shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim
+    )
+    return {
+        "qfilters": {"filters": (layers, kv_heads, head_dim)},
+        "expected_attention_stats": {"mean": (layers, heads, head_dim), "covariance": (layers, heads, head_dim, head_dim)},
+        "duo_attention": {"gates": (layers, kv_heads)},
+    }[_check_method(method)]
+
+
+def _check_tensors(artifact: Artifact, model: nn.Module, method: str) -> None:
+    """Refuse an artifact whose tensors are missing or shaped for another model, before any prefill uses them."""
+    for name, want in expected_tensors(model, method).items():
+        tensor = artifact.tensors.get(name)
+        got = None if tensor is None else tuple(tensor.shape)
+        if got != want:
+            what = "has no tensor" if got is None else f"holds a tensor of shape {got} as"
+            raise ValueError(
+                f"{artifact.path} {what} {name!r}; a {method} artifact for this model needs shape {want}; "
+                f"recalibrate with: {calibrate_command(model, method, artifact.path)}"
+            )
 
 
 def check_artifact_field(value: Any) -> None:
