@@ -251,9 +251,35 @@ def test_max_rouge_l_takes_the_best_reference_wherever_it_is_listed():
 def test_edit_similarity_from_lcs():
     assert M.edit_similarity("kitten", "sitting") == pytest.approx(2 * 4 / 13)  # LCS "ittn"
     assert M.edit_similarity("abc", "abc") == 1.0 and M.edit_similarity("abc", "xyz") == 0.0
-    # code: the first line that is not a fence or a comment; all of "return x+1" is a subsequence of it
+    # code: the first line that is not a fence or a comment; all of "return x+1" is a subsequence of it; LongBench
+    # scores whole percents (fuzz.ratio / 100)
     pred = "```\n# increment\nreturn x + 1\n```"
-    assert hub.code_similarity(pred, ["return x+1"], {}) == pytest.approx(2 * 10 / (12 + 10))
+    assert hub.code_similarity(pred, ["return x+1"], {}) == round(100 * 2 * 10 / (12 + 10)) / 100
+
+
+def test_code_similarity_skips_lines_holding_a_comment_or_url_anywhere_as_longbench_does():
+    """LongBench takes the first line with no backtick, "#" or "//" anywhere in it, unstripped (a line with a
+    trailing comment or a URL used to be taken)."""
+    assert hub.code_similarity("x = compute(a)  # update x\nreturn x", ["return x"], {}) == 1.0
+    assert hub.code_similarity("url = 'http://example.com'\nfetch(url)", ["fetch(url)"], {}) == 1.0
+    assert hub.code_similarity("    return v", ["return v"], {}) == round(100 * 2 * 8 / 20) / 100  # not stripped
+
+
+def test_longbench_rouge_l_is_the_summary_level_score_on_raw_text():
+    """LongBench's ROUGE-L keeps case and punctuation (the general rouge_l normalises both) and splits sentences
+    at periods, pooling the distinct LCS words."""
+    # "John" != "john": LCS words {went, home}, 2 of 3 distinct words on each side
+    assert M.longbench_rouge_l("John went home.", "john went home") == pytest.approx(2 / 3, abs=1e-7)
+    assert M.rouge_l("John went home.", "john went home") == 1.0
+    # "fell," != "fell": 7 LCS words; 10 distinct words predicted, 8 in the reference
+    p, r = 7 / 10, 7 / 8
+    got = M.longbench_rouge_l("A summary: Prices rose, sales fell, and the board resigned.",
+                              "Prices rose, sales fell and the board resigned.")
+    assert got == pytest.approx(2 * p * r / (p + r), abs=1e-7)
+    # each reference sentence shares an LCS of one word with one prediction sentence: 2 pooled words of 4 a side
+    assert M.longbench_rouge_l("b a. c d", "a b. d c") == pytest.approx(2 / 4, abs=1e-7)
+    assert M.longbench_rouge_l("", "x") == 0.0 and M.longbench_rouge_l("...", "a b") == 0.0
+    assert M.max_longbench_rouge_l("cat sat", ["dog ran", "cat sat"]) == pytest.approx(1.0, abs=1e-7)
 
 
 def test_longbench_classification_retrieval_count():
@@ -355,6 +381,10 @@ def test_math_answers():
     assert hub.aime_match(r"so \boxed{204}", ["204"], {}) == 1
     assert hub.aime_match("17, and finally 204", ["204"], {}) == 1  # no box: the last integer
     assert hub.aime_match(r"\boxed{024}", ["24"], {}) == 1 and hub.aime_match(r"\boxed{25}", ["24"], {}) == 0
+    # the box must hold one integer: its last digits used to be taken
+    for wrong in (r"\boxed{1{,}024}", r"\boxed{1,024}", r"\boxed{3.5}", r"\boxed{\frac{7}{3}}", r"\boxed{x = 24}"):
+        assert hub.aime_match(wrong, ["24", "5", "3"], {}) == 0, wrong
+    assert hub.aime_match(r"\boxed{1{,}024}", ["1024"], {}) == 1 and hub.aime_match(r"\boxed{\text{24}.}", ["24"], {}) == 1
     assert hub.math_match(r"\boxed{\dfrac12}", [r"\frac{1}{2}"], {}) == 1
     assert hub.math_match(r"\boxed{0.5}", [r"\frac{1}{2}"], {}) == 1  # same value
     assert hub.math_match(r"\boxed{x = 3}", ["3"], {}) == 1

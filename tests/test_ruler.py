@@ -443,3 +443,17 @@ def test_bad_options_raise_early(options, error, match):
 def test_unknown_benchmark_suggests_close_names():
     with pytest.raises(KeyError, match="Did you mean: ruler"):
         make_benchmark("rulr", length=1024)
+
+
+def test_cwe_beyond_its_word_pool_names_the_task_and_the_length(tokenizer, monkeypatch):
+    """When the length needs more distinct words than the vocabulary holds, the error names the task, the length
+    and what is missing (the word picker's own error used to escape the length search, naming a probe size)."""
+    from kvsqueeze.evaluation import ruler
+
+    small = ruler._vocabulary()[:60]
+    monkeypatch.setattr(ruler, "_vocabulary", lambda: small)
+    from kvsqueeze.evaluation import make_benchmark
+
+    benchmark = make_benchmark("ruler", tasks=["cwe"], length=3000)
+    with pytest.raises(ValueError, match=r"RULER task 'cwe' cannot reach length=3000 tokens.*distinct distractor words"):
+        next(iter(benchmark.samples(tokenizer, limit=1)))

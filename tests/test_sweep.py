@@ -346,6 +346,43 @@ def test_unreadable_benchmark_data_fails_before_the_results_directory_exists(tin
     assert not (tmp_path / "out").exists()
 
 
+def test_samples_that_cannot_fit_fail_before_any_prefill_and_results_file(tiny_model, tokenizer, tmp_path,
+                                                                          monkeypatch):
+    """A length whose question and answer budget do not fit after the context used to be accepted, then fail on
+    every unit after its prefill, leaving an empty results directory. Counted on the prompt as answered (template,
+    question, answer prefix, the sample's budget)."""
+    from kvsqueeze.pipeline import Pipeline
+
+    model = tiny_model("llama")
+    prefills = []
+    monkeypatch.setattr(Pipeline, "record", lambda *a, **k: prefills.append(1))
+    monkeypatch.setattr(Pipeline, "compress", lambda *a, **k: prefills.append(1))
+    limit = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=r"tiny_needles: 2 of 2 samples cannot be answered") as info:
+        sweep(model, tokenizer, tmp_path / "out", presses=["knorm"], ratios=[0.5], limit=1,
+              benchmark=TinyNeedles(tasks=["single", "double"]), max_new_tokens=limit - 20)
+    assert f"exceed the model's maximum of {limit}" in str(info.value)
+    assert not prefills and not (tmp_path / "out").exists()
+
+
+def test_a_recalibrated_artifact_starts_new_results(tiny_model, tokenizer, tmp_path):
+    """Recalibrating into the same file changes every prediction of the press: the artifact's checksum is part of
+    the results key (its path alone used to be, so a rerun reused the old predictions)."""
+    from kvsqueeze.calibration import calibrate
+
+    model = tiny_model("llama")
+    path = tmp_path / "qfilters.safetensors"
+    keys = []
+    for seed in (0, 1):
+        ids = torch.randint(5, 100, (2, 32), generator=torch.Generator().manual_seed(seed))
+        calibrate(model, None, "qfilters", input_ids_batches=[ids], output=path, progress=False)
+        config = _config_of(model, tokenizer, ["qfilters"], [0.5], 1, press_options={"qfilters": {"artifact": str(path)}})
+        keys.append(S.results_dir(tmp_path, config))
+        assert set(config["presses"][1]["artifacts"]) == {"qfilters"}
+    assert keys[0] != keys[1]
+    assert "artifacts" not in _config_of(model, tokenizer, ["knorm"], [0.5], 1)["presses"][1]  # keys of the others
+
+
 def test_resume_false_starts_afresh(tiny_model, tokenizer, tmp_path):
     model = tiny_model("llama")
     kwargs = dict(presses=["knorm"], ratios=[0.5], limit=1)

@@ -432,14 +432,15 @@ def count_score(prediction: str, references: Sequence[str], meta: Mapping[str, A
 
 
 def code_similarity(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
-    """LongBench code completion: edit similarity of the first prediction line that is code (not a comment or a
-    fence) to the reference line."""
+    """LongBench code completion: edit similarity, in whole percents, of the prediction's first line that holds
+    no backtick, ``#`` or ``//`` anywhere (LongBench's rule: a line with a trailing comment or a URL is skipped
+    too) to the reference, neither stripped (as LongBench's ``fuzz.ratio(line, answer) / 100``)."""
     line = ""
     for candidate in prediction.lstrip("\n").split("\n"):
-        if not candidate.strip().startswith(("`", "#", "//")):
+        if "`" not in candidate and "#" not in candidate and "//" not in candidate:
             line = candidate
             break
-    return max(M.edit_similarity(line.strip(), ref.strip()) for ref in references)
+    return max(round(100 * M.edit_similarity(line, ref)) / 100 for ref in references)
 
 
 #: The option letter after an answer statement (whose words match in any case): ``(B)`` / ``[B]`` (either case), or
@@ -602,13 +603,30 @@ def boxed(text: str, last: bool = True) -> str | None:
     return None
 
 
+def _integer_answer(text: str) -> int | None:
+    r"""``text`` as one integer once thousands separators (``1{,}024``, ``1,024``), ``$``, spaces, ``	ext{}``
+    wrappers, degrees and a trailing period are dropped; None when anything else is left (``3.5``, ``rac{7}{3}``,
+    ``x = 5``)."""
+    s = re.sub(r"\\(?:text|mathrm|textbf)\{([^{}]*)\}", r"\1", text)
+    for piece in ("{,}", ",", "\\!", "\\,", "$", "^\\circ", "^{\\circ}", " "):
+        s = s.replace(piece, "")
+    s = s.rstrip(".")
+    return int(s) if re.fullmatch(r"[+-]?\d+", s) else None
+
+
 def aime_match(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
-    """AIME: the final integer answer (the last ``\\boxed{}``, else the last integer) equals the reference."""
+    r"""AIME: the final answer equals the reference integer. The final answer is the last ``oxed{}``, which must
+    hold exactly one integer (:func:`_integer_answer`: ``oxed{3.5}`` or ``oxed{rac{7}{3}}`` is wrong, not
+    their last digits); without a box, the last integer of the prediction."""
     answer = boxed(prediction)
-    numbers = _INT.findall(answer if answer is not None else prediction)
-    if not numbers:
+    if answer is not None:
+        value = _integer_answer(answer)
+    else:
+        numbers = _INT.findall(prediction)
+        value = int(numbers[-1]) if numbers else None
+    if value is None:
         return 0.0
-    return float(any(int(numbers[-1]) == int(_INT.findall(str(r))[0]) for r in references if _INT.findall(str(r))))
+    return float(any(value == int(_INT.findall(str(r))[0]) for r in references if _INT.findall(str(r))))
 
 
 def normalize_math(answer: str) -> str:
@@ -684,7 +702,8 @@ HUB_METRICS: dict[str, Metric] = {
     "qa_f1": _refs(M.qa_f1),
     "qa_f1_first_line": _refs(M.qa_f1, first_line=True),
     "rouge_l": _refs(M.max_rouge_l),
-    "rouge_l_first_line": _refs(M.max_rouge_l, first_line=True),
+    "rouge_l_longbench": _refs(M.max_longbench_rouge_l),
+    "rouge_l_longbench_first_line": _refs(M.max_longbench_rouge_l, first_line=True),
     "rouge_gm": _refs(M.rouge_geometric_mean),
     "classification": classification_score,
     "classification_first_line": lambda p, r, m: classification_score(_first_line(p), r, m),
@@ -716,7 +735,9 @@ def _lb(config: str, metric: str, budget: int, family: str) -> HubTask:
 @register_benchmark("longbench")
 class LongBench(HubBenchmark):
     """LongBench (Bai et al., arXiv 2308.14508): 21 tasks, each scored by the paper's task→metric mapping —
-    QA F1 (English; Chinese counted per character instead of jieba words), ROUGE-L F for summarisation,
+    QA F1 (English; Chinese counted per character instead of jieba words), ROUGE-L F for summarisation (as
+    LongBench computes it: on the raw text, case kept, summary-level, :func:`kvsqueeze.evaluation.metrics.
+    longbench_rouge_l`),
     classification accuracy (trec, lsht), passage retrieval / count accuracy, code edit similarity (lcc,
     repobench-p). trec, triviaqa, samsum and lsht are scored on the prediction's first line, as LongBench does.
     Generation budgets are the paper's (``TASKS``). Rows: ``context``, ``input`` (question), ``answers``,
@@ -731,14 +752,14 @@ class LongBench(HubBenchmark):
         "hotpotqa": _lb("hotpotqa", "qa_f1", 32, "qa"),
         "2wikimqa": _lb("2wikimqa", "qa_f1", 32, "qa"),
         "musique": _lb("musique", "qa_f1", 32, "qa"),
-        "dureader": _lb("dureader", "rouge_l", 128, "qa"),
-        "gov_report": _lb("gov_report", "rouge_l", 512, "summary"),
-        "qmsum": _lb("qmsum", "rouge_l", 512, "query_summary"),
-        "multi_news": _lb("multi_news", "rouge_l", 512, "summary"),
-        "vcsum": _lb("vcsum", "rouge_l", 512, "summary"),
+        "dureader": _lb("dureader", "rouge_l_longbench", 128, "qa"),
+        "gov_report": _lb("gov_report", "rouge_l_longbench", 512, "summary"),
+        "qmsum": _lb("qmsum", "rouge_l_longbench", 512, "query_summary"),
+        "multi_news": _lb("multi_news", "rouge_l_longbench", 512, "summary"),
+        "vcsum": _lb("vcsum", "rouge_l_longbench", 512, "summary"),
         "trec": _lb("trec", "classification_first_line", 64, "few_shot"),
         "triviaqa": _lb("triviaqa", "qa_f1_first_line", 32, "few_shot"),
-        "samsum": _lb("samsum", "rouge_l_first_line", 128, "few_shot"),
+        "samsum": _lb("samsum", "rouge_l_longbench_first_line", 128, "few_shot"),
         "lsht": _lb("lsht", "classification_first_line", 64, "few_shot"),
         "passage_count": _lb("passage_count", "count", 32, "count"),
         "passage_retrieval_en": _lb("passage_retrieval_en", "retrieval", 32, "retrieval"),

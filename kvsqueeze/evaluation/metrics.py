@@ -147,6 +147,65 @@ def max_rouge_l(prediction: str, references: Sequence[str]) -> float:
     return max(rouge_l(prediction, ref) for ref in references)
 
 
+def _lcs_words(x: Sequence[str], y: Sequence[str]) -> set[str]:
+    """The words of one longest common subsequence of ``x`` and ``y``, traced back from the end of both: a match
+    is taken, otherwise the step goes to ``x``'s shorter prefix only when that keeps a strictly longer LCS. The
+    set depends on which LCS is traced; this is the trace of the ROUGE package LongBench scores with."""
+    table = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
+    for i, a in enumerate(x, 1):
+        for j, b in enumerate(y, 1):
+            table[i][j] = table[i - 1][j - 1] + 1 if a == b else max(table[i - 1][j], table[i][j - 1])
+    words: set[str] = set()
+    i, j = len(x), len(y)
+    while i and j:
+        if x[i - 1] == y[j - 1]:
+            words.add(x[i - 1])
+            i, j = i - 1, j - 1
+        elif table[i - 1][j] > table[i][j - 1]:
+            i -= 1
+        else:
+            j -= 1
+    return words
+
+
+def _rouge_sentences(text: str) -> list[list[str]]:
+    """Sentences (pieces between periods, empty pieces dropped) as lists of space-separated words, whitespace runs
+    collapsed; CJK characters are spaced out first, one token each (LongBench segments Chinese with jieba)."""
+    if _CJK.search(text):
+        text = _CJK.sub(lambda m: f" {m.group(0)} ", text)
+    return [" ".join(piece.split()).split(" ") for piece in text.split(".") if piece]
+
+
+def longbench_rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F as LongBench scores summaries (the ``rouge`` package's summary-level ROUGE-L on the raw text).
+
+    Unlike :func:`rouge_l`, nothing is normalised: case and punctuation stay part of the words. Both texts are
+    split into sentences at periods; for each reference sentence, the words of its LCS with every prediction
+    sentence are pooled, and the count is the number of distinct words pooled over all reference sentences.
+    Precision and recall divide it by the numbers of distinct words of the prediction and of the reference;
+    F = 2PR / (P + R + 1e-8). A text with no sentence (empty, or periods only) scores 0, as LongBench's scorer
+    catches the package's error for it.
+    """
+    pred, ref = _rouge_sentences(prediction), _rouge_sentences(reference)
+    if not pred or not ref:
+        return 0.0
+    pooled: set[str] = set()
+    for ref_sentence in ref:
+        for pred_sentence in pred:
+            pooled |= _lcs_words(ref_sentence, pred_sentence)
+    n_ref = len({w for sentence in ref for w in sentence})
+    n_pred = len({w for sentence in pred for w in sentence})
+    recall, precision = len(pooled) / n_ref, len(pooled) / n_pred
+    return 2.0 * precision * recall / (precision + recall + 1e-8)
+
+
+def max_longbench_rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """:func:`longbench_rouge_l`, maximum over references (LongBench keeps the best ground truth)."""
+    if not references:
+        raise ValueError("longbench_rouge_l needs at least one reference")
+    return max(longbench_rouge_l(prediction, ref) for ref in references)
+
+
 def rouge_geometric_mean(prediction: str, references: Sequence[str]) -> float:
     """Geometric mean of ROUGE-1, ROUGE-2 and ROUGE-L F-measures (ZeroSCROLLS' summarisation score), max over
     references."""

@@ -338,6 +338,10 @@ def _vt(task: RulerTask, seed: str, n: int, fill: int) -> _Built:
     return _Built(context, question, tuple(names), f"{answer_intro} {value} are:", {"value": value})
 
 
+class _VocabularyTooSmall(ValueError):
+    """The essay vocabulary cannot give that many distinct words."""
+
+
 def _pick_words(rng: random.Random, k: int, avoid: Sequence[str] = ()) -> list[str]:
     """``k`` distinct vocabulary words, none a substring of another chosen word or of ``avoid`` (and vice versa),
     so that string matching cannot credit a wrong word."""
@@ -348,7 +352,9 @@ def _pick_words(rng: random.Random, k: int, avoid: Sequence[str] = ()) -> list[s
     while len(chosen) < k:
         attempts += 1
         if attempts > 50 * k + 1000:
-            raise ValueError(f"the essay vocabulary ({len(vocab)} words) is too small for {k} distinct words")
+            raise _VocabularyTooSmall(
+                f"the essay vocabulary ({len(vocab)} words) is too small for {k} distinct words"
+            )
         word = rng.choice(vocab)
         if any(word in other or other in word for other in pool):
             continue
@@ -371,7 +377,10 @@ def _cwe(task: RulerTask, seed: str, n: int, fill: int, length: int) -> _Built:
     ex_list = ex_common * ex_freq + ex_other * (3 if big else 1)
     rng.shuffle(ex_list)
     common = _pick_words(rng, 10, avoid=ex_common + ex_other)
-    other = _pick_words(rng, n, avoid=common) if n else []
+    try:
+        other = _pick_words(rng, n, avoid=common) if n else []
+    except _VocabularyTooSmall as exc:  # the length search probes past what it needs: too long, not an error
+        return _exhausted(f"cwe needs {n:,} distinct distractor words: {exc}")
     words = common * freq_common + other * freq_other
     rng.shuffle(words)
     intro = "Below is a numbered list of words. Some of them appear more often than the others."

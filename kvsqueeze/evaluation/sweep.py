@@ -18,6 +18,7 @@ directory. Finished predictions are never deleted because the benchmark did not 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -192,6 +193,16 @@ def model_key(model: nn.Module, model_name: str | None) -> dict[str, Any]:
     return key
 
 
+def _entry_config(entry: SweepEntry, model: nn.Module) -> dict[str, Any]:
+    from kvsqueeze.cli import press_config
+
+    out = {"name": entry.name, "ratio": entry.ratio, "press": press_config(entry.press)}
+    checksums = artifact_checksums(entry.press, model)
+    if checksums:  # only for calibrated presses: other results keep their keys
+        out["artifacts"] = checksums
+    return out
+
+
 def resolved_config(
     model: nn.Module,
     model_name: str | None,
@@ -203,7 +214,6 @@ def resolved_config(
     max_new_tokens: int | None,
 ) -> dict[str, Any]:
     """The configuration that defines the predictions of a sweep (and so its results directory)."""
-    from kvsqueeze.cli import press_config
 
     return {
         "schema": RESULTS_SCHEMA,
@@ -211,9 +221,7 @@ def resolved_config(
         "benchmark": {"name": benchmark.name, "config": benchmark.config()},
         "limit": limit,
         "seed": seed,
-        "presses": [
-            {"name": e.name, "ratio": e.ratio, "press": press_config(e.press)} for e in entries
-        ],
+        "presses": [_entry_config(e, model) for e in entries],
         "generation": {
             "do_sample": False,
             "max_new_tokens": max_new_tokens if max_new_tokens is not None else "per sample",
@@ -225,6 +233,47 @@ def resolved_config(
             },
         },
     }
+
+
+def check_samples_fit(pipe, benchmark: str, samples: Sequence[Sample], max_new_tokens: int | None) -> None:
+    """Refuse samples whose questions and answers would not fit after their context in the model's positions
+    (prompt template, answer prefix and each sample's answer budget included), naming how many and the first,
+    before any prefill: otherwise every unit of such a sample fails after its prefill."""
+    bad = []
+    for sample in samples:
+        budget = sample.max_new_tokens if max_new_tokens is None else max_new_tokens
+        try:
+            pipe.check_answerable(
+                sample.context, list(sample.questions), answer_prefix=sample.answer_prefix, max_new_tokens=budget
+            )
+        except ValueError as exc:
+            bad.append((sample.id, str(exc)))
+    if bad:
+        raise ValueError(
+            f"{benchmark}: {len(bad)} of {len(samples)} samples cannot be answered within the model's positions "
+            f"(first: {bad[0][0]}: {bad[0][1]}); use a shorter length or a smaller max_new_tokens"
+        )
+
+
+def artifact_checksums(press, model: nn.Module) -> dict[str, str]:
+    """``{method: checksum}`` of the calibration artifacts ``press`` and the presses it wraps read on ``model``:
+    part of a sweep's results key, so that recalibrating (same path, new contents) starts new results."""
+    from kvsqueeze.calibration.artifacts import load_artifact, tensor_checksum
+    from kvsqueeze.presses.base import Press
+
+    found: dict[str, str] = {}
+    stack = [press]
+    while stack:
+        p = stack.pop()
+        if not isinstance(p, Press):
+            continue
+        method = p.capabilities.calibration
+        if method and hasattr(p, "artifact"):
+            found[method] = tensor_checksum(load_artifact(p.artifact, model, method).tensors)
+        for f in dataclasses.fields(p):
+            value = getattr(p, f.name)
+            stack.extend(value if isinstance(value, (list, tuple)) else [value])
+    return found
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -521,13 +570,14 @@ def run_sweep(
     benchmark.check_data()  # unreadable data fails here, before the results directory exists
     config = resolved_config(model, model_name, benchmark, entries, limit, seed, pipe.template, max_new_tokens)
     directory = results_dir(output_dir, config)
-    directory.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
     samples: list[Sample] = list(benchmark.samples(tokenizer, limit=limit, seed=seed))
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{benchmark.name}: sample ids are not unique ({len(ids) - len(set(ids))} repeated)")
+    check_samples_fit(pipe, benchmark.name, samples, max_new_tokens)  # before any prefill and any results file
+    directory.mkdir(parents=True, exist_ok=True)
     path = directory / "predictions.jsonl"
     if not resume and path.exists():
         path.unlink()
