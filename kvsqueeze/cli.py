@@ -379,13 +379,13 @@ def _bytes_summary(ctx) -> dict[str, Any]:
         "cache_bytes_before": before,
         "cache_bytes_after": after,
         "saved_fraction": 1.0 - after / before if before else 0.0,
-        "measured_ratio": ctx.report.measured_ratio,
+        "measured_ratio": ctx.measured_ratio,
     }
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Compress one context with one press, answer one question, report measured bytes and timings."""
-    from kvsqueeze.pipeline import Pipeline
+    from kvsqueeze.pipeline import Pipeline, check_chunkable
 
     ratio = None if args.ratio is None else parse_ratio(args.ratio)
     press = build_press(args.press, ratio, parse_press_options(args.press_option))
@@ -393,11 +393,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     _positive(args.max_new_tokens, "--max-new-tokens")
     if not args.question.strip():
         raise CLIError("--question is empty")
+    if args.prefill_chunk_size is not None:
+        _positive(args.prefill_chunk_size, "--prefill-chunk-size")
+        try:
+            check_chunkable(press, args.prefill_chunk_size)
+        except ValueError as exc:
+            raise CLIError(f"--press {args.press} with --prefill-chunk-size: {exc}") from exc
     context = read_context(args.context)
 
     model, tokenizer = load_for(args.model, press, model_options)
     pipe = Pipeline(model, tokenizer)
-    ctx = pipe.compress(context, press=press)
+    ctx = pipe.compress(context, press=press, prefill_chunk_size=args.prefill_chunk_size)
     answer = ctx.answer(args.question, max_new_tokens=args.max_new_tokens, answer_prefix=args.answer_prefix)
 
     compression = ctx.compression_seconds
@@ -407,6 +413,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "attn_implementation": pipe.adapter.attn_implementation,
         "press": press_config(press),
         "context_tokens": ctx.n_tokens,
+        "prefill_chunk_size": ctx.prefill_chunk_size,
         "question": args.question,
         "answer": answer,
         **_bytes_summary(ctx),
@@ -421,7 +428,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"answer: {answer}\n")
     print(f"model:        {result['model']} ({result['attn_implementation']} attention)")
     print(f"press:        {press_text}")
-    print(f"context:      {ctx.n_tokens} tokens")
+    chunked = "" if ctx.prefill_chunk_size is None else f", prefilled in chunks of {ctx.prefill_chunk_size}"
+    print(f"context:      {ctx.n_tokens} tokens{chunked}")
     print(
         f"cache:        {result['cache_bytes_before'] / _MB:.2f} MB -> {result['cache_bytes_after'] / _MB:.2f} MB "
         f"({100 * result['saved_fraction']:.1f}% saved, measured; "
@@ -859,6 +867,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--press-option", action="append", metavar="KEY=VALUE",
         help="set another press field, e.g. n_sink=8 (not a wrapped press: those are built in Python)",
+    )
+    p.add_argument(
+        "--prefill-chunk-size", type=int, default=None, metavar="N",
+        help="prefill in forward passes of N tokens; with --press decoding and --press-option "
+        "compression_interval=N the cache is compressed after every chunk (bounded by its budget + N)",
     )
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
     p.set_defaults(func=cmd_run)

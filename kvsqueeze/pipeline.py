@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kvsqueeze import adapter as A
-from kvsqueeze.presses.base import CompressionReport, Press, check_no_active_press, check_seed
+from kvsqueeze.presses.base import CompressionReport, Press, check_int, check_no_active_press, check_seed
 from kvsqueeze.record import RecordedPrefill, record_prefill
 
 _SLOT = "\u2063KVSQUEEZE_QUESTION\u2063"
@@ -148,19 +148,38 @@ class Pipeline:
 
     # -- compress -------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def compress(self, context: str, press: Press | None = None) -> CompressedContext:
-        """Prefill ``context`` once and compress it with ``press`` (None: keep everything)."""
+    def compress(
+        self, context: str, press: Press | None = None, prefill_chunk_size: int | None = None
+    ) -> CompressedContext:
+        """Prefill ``context`` once and compress it with ``press`` (None: keep everything).
+
+        ``prefill_chunk_size``: prefill in forward passes of this many tokens instead of one (None), the first
+        pass taking the remainder so that the last one ends the context. The activations then scale with the
+        chunk, not the context. A press compresses once, at the end of its first forward pass, so a chunked
+        prefill needs a press that compresses again as tokens are appended, ``make_press("decoding", ...)``:
+        with ``compression_interval`` equal to the chunk size it compresses after every chunk, so no layer ever
+        holds more than its budget plus one chunk — the block-wise prefill of the KeyDiff paper
+        (arXiv 2504.15364), with each chunk's hidden states computed against the compressed cache. Other presses
+        are refused with more than one chunk; without a press the cache equals the one-pass prefill's.
+        """
         check_press(press)
+        if prefill_chunk_size is not None:
+            check_int(prefill_chunk_size, "prefill_chunk_size", minimum=1)
         ids = self.context_ids(context)
+        chunks = _chunks(ids, prefill_chunk_size)
+        if len(chunks) > 1:
+            check_chunkable(press, prefill_chunk_size)
         cache = self.adapter.new_cache()
         report = CompressionReport()
         start = time.perf_counter()
         if press is None:
             check_no_active_press(self.model)  # an open press block would compress this "keep everything" prefill
-            self._prefill(ids, cache)
+            for chunk in chunks:
+                self._prefill(chunk, cache)
         else:
             with press(self.model) as report:
-                self._prefill(ids, cache)
+                for chunk in chunks:
+                    self._prefill(chunk, cache)
         A.compact_cache(cache)  # sliding-window layers hold views of the whole prefill
         prefill_seconds = time.perf_counter() - start
         return CompressedContext(
@@ -170,6 +189,7 @@ class Pipeline:
             press=press,
             report=report,
             prefill_seconds=prefill_seconds,
+            prefill_chunk_size=prefill_chunk_size if len(chunks) > 1 else None,
         )
 
     def record(self, context: str, keep_attentions: bool = False) -> RecordedPrefill:
@@ -232,6 +252,28 @@ class Pipeline:
         return [ctx.answer(q, **answer_kwargs) for q in questions]
 
 
+def check_chunkable(press: Press | None, prefill_chunk_size: int) -> None:
+    """Refuse a press that would compress only the first chunk of a chunked prefill (one without a decoding
+    phase: it compresses once, at the end of its first forward pass)."""
+    if press is not None and "decoding" not in press.capabilities.phases:
+        raise ValueError(
+            f"{type(press).__name__} compresses once, at the end of its first forward pass: with "
+            f"prefill_chunk_size={prefill_chunk_size} it would compress the first chunk and keep the rest; wrap "
+            f"it, make_press('decoding', press=..., budget=..., compression_interval={prefill_chunk_size}), to "
+            "compress after every chunk, or prefill in one pass"
+        )
+
+
+def _chunks(ids: torch.Tensor, size: int | None) -> list[torch.Tensor]:
+    """``ids`` ``(1, n)`` in forward passes of ``size`` tokens, the first one holding the remainder (so the last
+    pass ends the context); one pass when ``size`` is None."""
+    n = ids.shape[1]
+    if size is None or size >= n:
+        return [ids]
+    first = n % size or size
+    return [ids[:, :first]] + [ids[:, i : i + size] for i in range(first, n, size)]
+
+
 def check_press(press: object) -> None:
     """``press`` is a kvsqueeze press or None (keep everything); anything else is a TypeError."""
     if press is not None and not isinstance(press, Press):
@@ -263,6 +305,8 @@ class CompressedContext:
         Per-layer kept/seen counts, compression seconds and bytes before compression.
     prefill_seconds : float
         Wall time of the prefill, compression included.
+    prefill_chunk_size : int or None
+        Tokens per forward pass of a chunked prefill (None: one pass).
     """
 
     pipeline: Pipeline
@@ -271,6 +315,7 @@ class CompressedContext:
     press: Press | None
     report: CompressionReport = field(default_factory=CompressionReport)
     prefill_seconds: float = 0.0
+    prefill_chunk_size: int | None = None
 
     @property
     def cache_bytes(self) -> int:
@@ -279,10 +324,36 @@ class CompressedContext:
 
     @property
     def full_cache_bytes(self) -> int:
-        """Measured bytes the same cache held before compression (per layer, taken just before it was pruned)."""
-        return sum(
-            self.report.bytes_before.get(i, A.layer_nbytes(self.cache, i)) for i in range(len(self.cache.layers))
-        )
+        """Measured bytes the same cache held before compression (per layer, taken just before it was pruned).
+
+        After a chunked prefill no layer ever held the whole context: a compressed layer counts the bytes of its
+        stored entries per entry times its logical length, the bytes the one-pass prefill's layer holds."""
+        if self.prefill_chunk_size is None:
+            return sum(
+                self.report.bytes_before.get(i, A.layer_nbytes(self.cache, i)) for i in range(len(self.cache.layers))
+            )
+        total = 0
+        for i in range(len(self.cache.layers)):
+            if not A.is_compressed_layer(self.cache, i):
+                total += A.layer_nbytes(self.cache, i)
+                continue
+            keys, values = A.layer_kv(self.cache, i)  # decoding-time compression keeps dense layers
+            per_entry = (keys[..., :1, :].numel() * keys.element_size() + values[..., :1, :].numel()
+                         * values.element_size())
+            total += per_entry * A.layer_logical_length(self.cache, i)
+        return total
+
+    @property
+    def measured_ratio(self) -> float:
+        """Fraction of the entries of the compressed layers that the cache no longer stores: from the compression
+        report, or, after a chunked prefill (compressed again after each chunk), from stored against logical
+        lengths."""
+        if self.prefill_chunk_size is None:
+            return self.report.measured_ratio
+        layers = [i for i in range(len(self.cache.layers)) if A.is_compressed_layer(self.cache, i)]
+        seen = sum(A.layer_logical_length(self.cache, i) for i in layers)
+        stored = sum(A.layer_physical_length(self.cache, i) for i in layers)
+        return 1.0 - stored / seen if seen else 0.0
 
     @property
     def compression_seconds(self) -> float:

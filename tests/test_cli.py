@@ -193,3 +193,34 @@ def test_calibrate_command_round_trips_option_values(tiny_model):
     argv = shlex_split(calibrate_command(model, "qfilters"))
     items = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--model-option"]
     assert cli.parse_model_options(items) == values
+
+
+def test_run_prefills_in_chunks_under_decoding_and_refuses_a_press_that_compresses_once(tmp_path, capsys,
+                                                                                         single_thread, monkeypatch):
+    """``--prefill-chunk-size`` with ``--press decoding``: the cache ends at ⌊(1 − r)·n⌋ entries, the bytes before
+    are those of the whole context, and the ratio is read off the cache (the report saw the first chunk only). With a press that compresses once it is one error
+    line, before the model loads."""
+    folder = tmp_path / "tiny-llama"
+    build_model("llama").save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    context = tmp_path / "context.txt"
+    context.write_text(" ".join(f"w{i % 7}" for i in range(20)), encoding="utf-8")
+    base = ["run", "--model", str(folder), "--context", str(context), "--question", "which?", "--max-new-tokens",
+            "3", "--prefill-chunk-size", "8", "--json"]
+
+    argv = base + ["--press", "decoding", "--ratio", "0.5", "--press-option", "compression_interval=8"]
+    assert cli.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    n = result["context_tokens"]
+    assert result["prefill_chunk_size"] == 8 and n > 16
+    assert result["cache_bytes_after"] * n == result["cache_bytes_before"] * (n // 2)  # n // 2 entries per layer
+    assert result["measured_ratio"] == pytest.approx(1 - (n // 2) / n)
+
+    import kvsqueeze.cli as C
+
+    monkeypatch.setattr(C, "load_for", lambda *a, **k: pytest.fail("the model must not load"))
+    assert cli.main(base + ["--press", "knorm", "--ratio", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--prefill-chunk-size" in err and "KnormPress compresses once" in err and "'decoding'" in err
+    assert cli.main(base[:-2] + ["0", "--json", "--press", "none"]) == 2
+    assert "--prefill-chunk-size must be a positive integer, got 0" in capsys.readouterr().err
