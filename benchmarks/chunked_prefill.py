@@ -1,10 +1,13 @@
 """Chunked prefill: peak memory, time and needles of a block-wise compressed prefill against the one-pass prefill.
 
-Each configuration runs in a fresh child process (so the resident set size, RSS, starts from the same point): it
-loads the default model, warms up on a short text, then compresses needle cases of ``--tokens`` tokens of essays.
-On the first case a thread samples the RSS every 2 ms during ``Pipeline.compress``; ``peak`` is its highest value
-above the RSS before the prefill (what the prefill needed on top of the model), ``cache`` the measured bytes of the
-compressed cache; the prefill is then timed again without the sampling thread. Every case is then answered, and the needles found are counted.
+Each configuration runs in two fresh child processes, which load the default model and warm up on a short text.
+The first compresses the first needle case (``--tokens`` tokens of essays) while a thread samples the resident set
+size (RSS) every 2 ms: ``peak`` is its highest value above the RSS before the prefill (what the prefill needed on
+top of the model), with glibc's mmap threshold fixed at 128 KiB so that the RSS follows the live buffers (by
+default glibc raises the threshold as large buffers are freed and then keeps their pages, so the peak would
+follow the allocation history more than what was live). ``cache`` is the measured bytes of the compressed cache.
+The second process, with the default allocator, times the first case's prefill and answers every case, counting
+the needles found.
 
 Configurations: the one-pass prefill without a press, and chunked without a press (chunks of ``--chunk``); each
 scorer at ``--budget`` entries per head in one pass (compressed layer by layer inside the prefill), and the same
@@ -27,6 +30,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rss import _rss_mb, _trim  # noqa: E402  (the same RSS reading as benchmarks/rss.py)
+
+
+#: Bytes from which glibc serves an allocation with its own mapping (returned to the system when freed).
+MMAP_THRESHOLD = 128 * 1024
 
 
 class PeakRSS:
@@ -53,9 +60,22 @@ class PeakRSS:
         self.peak = max(self.peak, _rss_mb())
 
 
-def child(config: str, tokens: int, budget: int, chunk: int, cases: int) -> dict:
+def _press(config: str, budget: int, chunk: int):
+    import kvsqueeze
+
+    name = config.removesuffix("+chunks")
+    if name == "none":
+        return None
+    if name.startswith("decoding("):
+        inner = kvsqueeze.make_press(name[len("decoding("):-1])
+        return kvsqueeze.make_press("decoding", press=inner, budget=budget, compression_interval=chunk)
+    return kvsqueeze.make_press(name, budget=budget)
+
+
+def child(config: str, mode: str, tokens: int, budget: int, chunk: int, cases: int) -> dict:
     """Measure one configuration in this (fresh) process: ``none``, ``none+chunks``, ``<press>`` or
-    ``decoding(<press>)+chunks``."""
+    ``decoding(<press>)+chunks``. ``mode`` "memory": the peak RSS of the first case's prefill; "run": its time,
+    then the needles of every case."""
     import torch
 
     import kvsqueeze
@@ -64,51 +84,37 @@ def child(config: str, tokens: int, budget: int, chunk: int, cases: int) -> dict
     torch.set_num_threads(2)
     model, tokenizer = kvsqueeze.load_model()
     pipe = kvsqueeze.Pipeline(model, tokenizer)
-    chunked = config.endswith("+chunks")
-    name = config.removesuffix("+chunks")
-    if name == "none":
-        press = None
-    elif name.startswith("decoding("):
-        inner = kvsqueeze.make_press(name[len("decoding("):-1])
-        press = kvsqueeze.make_press("decoding", press=inner, budget=budget, compression_interval=chunk)
-    else:
-        press = kvsqueeze.make_press(name, budget=budget)
-    size = chunk if chunked else None
+    press = _press(config, budget, chunk)
+    size = chunk if config.endswith("+chunks") else None
     with torch.inference_mode():  # warm-up: thread pools, kernels, RoPE tables
         pipe.compress(haystack(tokenizer, 2 * chunk, seed=1), press, prefill_chunk_size=size)
+    all_cases = needle_cases(tokenizer, n_cases=cases, n_tokens=tokens)
+    if mode == "memory":
+        _trim()
+        before = _rss_mb()
+        with PeakRSS() as rss, torch.inference_mode():
+            ctx = pipe.compress(all_cases[0].context, press, prefill_chunk_size=size)
+        return {
+            "config": config,
+            "tokens": ctx.n_tokens,
+            "peak_mb": rss.peak - before,
+            "cache_mb": ctx.cache_bytes / 1e6,
+            "full_cache_mb": ctx.full_cache_bytes / 1e6,
+            "max_layer_entries": max(ctx.layer_lengths),
+        }
     found, row = 0, {}
-    for i, case in enumerate(needle_cases(tokenizer, n_cases=cases, n_tokens=tokens)):
+    for i, case in enumerate(all_cases):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            ctx = pipe.compress(case.context, press, prefill_chunk_size=size)
         if i == 0:
-            _trim()
-            before = _rss_mb()
-            with PeakRSS() as rss, torch.inference_mode():
-                ctx = pipe.compress(case.context, press, prefill_chunk_size=size)
-            del ctx
-            # Timed again without the sampling thread, which competes for the interpreter lock.
-            start = time.perf_counter()
-            with torch.inference_mode():
-                ctx = pipe.compress(case.context, press, prefill_chunk_size=size)
-            seconds = time.perf_counter() - start
-            row = {
-                "config": config,
-                "tokens": ctx.n_tokens,
-                "peak_mb": rss.peak - before,
-                "cache_mb": ctx.cache_bytes / 1e6,
-                "full_cache_mb": ctx.full_cache_bytes / 1e6,
-                "max_layer_entries": max(ctx.layer_lengths),
-                "seconds": seconds,
-                "compressions_after_first_chunk": ctx.report.decoding_compressions,
-            }
-        else:
-            with torch.inference_mode():
-                ctx = pipe.compress(case.context, press, prefill_chunk_size=size)
+            row = {"seconds": time.perf_counter() - start,
+                   "compressions_after_first_chunk": ctx.report.decoding_compressions}
         with torch.inference_mode():
             answer = ctx.answer(case.question, max_new_tokens=12, answer_prefix=case.answer_prefix)
         found += case.is_correct(answer)
         del ctx
-    row["needles"] = found
-    row["cases"] = cases
-    return row
+    return {**row, "needles": found, "cases": cases}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -119,9 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cases", type=int, default=6, help="needle cases answered per configuration")
     parser.add_argument("--presses", default="knorm,keydiff,expected_attention")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="run", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
-        print(json.dumps(child(args.child, args.tokens, args.budget, args.chunk, args.cases)))
+        print(json.dumps(child(args.child, args.mode, args.tokens, args.budget, args.chunk, args.cases)))
         return {}
 
     from tqdm.auto import tqdm
@@ -133,16 +140,22 @@ def main(argv: list[str] | None = None) -> dict:
     for p in presses:
         configs += [p, f"decoding({p})+chunks"]
     rows = []
-    for config in tqdm(configs, desc="configurations (one process each)", unit="config"):
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", config, "--tokens", str(args.tokens), "--budget", str(args.budget),
-             "--chunk", str(args.chunk), "--cases", str(args.cases)],
-            capture_output=True, text=True, check=False,
-        )
-        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-        if out.returncode != 0 or not lines:
-            raise SystemExit(f"{config}: child failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
-        rows.append(json.loads(lines[-1]))
+    for config in tqdm(configs, desc="configurations (two processes each)", unit="config"):
+        row = {}
+        for mode in ("memory", "run"):
+            # Memory: glibc's mmap threshold fixed, so freed large buffers go back to the system at once and the
+            # RSS follows what is live. Time and needles: the default allocator.
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD)) if mode == "memory" else None
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", config, "--mode", mode, "--tokens", str(args.tokens),
+                 "--budget", str(args.budget), "--chunk", str(args.chunk), "--cases", str(args.cases)],
+                capture_output=True, text=True, check=False, env=env,
+            )
+            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+            if out.returncode != 0 or not lines:
+                raise SystemExit(f"{config} ({mode}): child failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
+            row.update(json.loads(lines[-1]))
+        rows.append(row)
 
     base = rows[0]
     print(f"\nChunked prefill, default model, ~{args.tokens} tokens, budget {args.budget} entries per head, chunks of "

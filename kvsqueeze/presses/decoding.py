@@ -138,7 +138,9 @@ class DecodingPress(ScorerPress):
     compression. The positions of the kept entries and the buffer are kept on the cache
     (:func:`decoding_states`, measured by :func:`decoding_state_nbytes`), not on the press, and follow it into
     later ``generate`` calls and forks; the pipeline answers each question under the press, on a fork, so the
-    compressed context never changes.
+    compressed context never changes. A long context fed in chunks (``Pipeline.compress(...,
+    prefill_chunk_size=N)`` with ``compression_interval=N``) is compressed after every chunk in the same way:
+    the first chunk as a prefill, each later one as appended tokens.
 
     The wrapped press scores from keys, values and the buffered queries: presses that need the prefill's
     attention weights (ObservedAttention) or give each layer its own budget (PyramidKV) are refused, and a
