@@ -1224,7 +1224,8 @@ class ModelAdapter:
 
         * assisted and prompt-lookup decoding: the first forward holds the prompt *and* unverified draft tokens,
           which the press would compress as if they were context (and a rejected draft then cannot be cropped);
-        * chunked prefill (``prefill_chunk_size``): only the first chunk would be compressed;
+        * chunked prefill (``prefill_chunk_size``): only the first chunk would be compressed — unless the press
+          ``recompresses`` (it compresses again as the later chunks are appended);
         * a ``cache_implementation`` other than the dynamic cache (static buffers, offloading, quantization);
         * with ``recompresses`` (a press that compresses again during decoding, keeping per-cache state about
           each row), beam search: it reorders the cache's rows between steps, which that state does not follow.
@@ -1257,8 +1258,9 @@ class ModelAdapter:
                     f"assisted/prompt-lookup decoding ({', '.join(drafting)}) runs unverified draft tokens in the "
                     "prefill, which the press would compress as context"
                 )
-            if setting("prefill_chunk_size") is not None:
-                problems.append("a chunked prefill (prefill_chunk_size) would be compressed one chunk only")
+            if setting("prefill_chunk_size") is not None and not recompresses:
+                problems.append("a chunked prefill (prefill_chunk_size) would be compressed one chunk only (a "
+                                "decoding press compresses every chunk)")
             if setting("cache_implementation") not in _DYNAMIC_CACHE_IMPLEMENTATIONS:
                 problems.append(f"cache_implementation={setting('cache_implementation')!r} is not the dynamic cache")
             beams = setting("num_beams")

@@ -183,3 +183,41 @@ def test_bad_chunk_sizes_are_refused_before_the_prefill(size, error, tiny_model,
     pipe = Pipeline(tiny_model("llama"), tok)
     with pytest.raises(error, match="prefill_chunk_size"):
         pipe.compress(CONTEXT, prefill_chunk_size=size)
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gemma3"])
+def test_generate_with_a_chunked_prefill_under_decoding_compresses_every_chunk(model_name, tiny_model):
+    """transformers' own chunked prefill (``generate(prefill_chunk_size=8)``: chunks of 8 from the start) under a
+    decoding press gives the tokens of the same chunks fed by hand, and never holds more than budget + chunk; a
+    press that compresses once still refuses it (only the first chunk would be compressed)."""
+    model = tiny_model(model_name)
+    ids = token_ids(45, seed=6)
+    press = make_press("decoding", press=make_press("knorm"), budget=12, compression_interval=8)
+    adapter = A.ModelAdapter(model)
+    peaks = []
+
+    def measure(module, args, kwargs_, output):
+        cache = adapter.cache_from_call(kwargs_) or adapter.cache_from_output(output)
+        peaks.append(max(A.layer_physical_length(cache, i) for i in adapter.compressible_layers))
+
+    handle = adapter.decoder.register_forward_hook(measure, with_kwargs=True)
+    try:
+        with torch.inference_mode(), press(model) as report:
+            out = model.generate(ids, max_new_tokens=5, do_sample=False, prefill_chunk_size=8)
+    finally:
+        handle.remove()
+    assert report.decoding_compressions >= 5 and max(peaks) <= 12 + 8
+
+    cache = adapter.new_cache()
+    kwargs = adapter.model_call_kwargs(cache)
+    tokens = []
+    with torch.inference_mode(), press(model):
+        for start in range(0, 45, 8):  # chunks of 8 from the start, the remainder last (transformers' split)
+            logits = model(input_ids=ids[:, start:start + 8], use_cache=True, **kwargs).logits[:, -1]
+        for _ in range(5):
+            tokens.append(int(logits[0].argmax()))
+            logits = model(input_ids=torch.tensor([tokens[-1:]]), use_cache=True, **kwargs).logits[:, -1]
+    assert out[0, 45:].tolist() == tokens
+
+    with torch.inference_mode(), make_press("knorm", budget=12)(model), pytest.raises(ValueError, match="chunk"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, prefill_chunk_size=8)

@@ -629,7 +629,7 @@ def test_calibrated_press_checks_its_artifact_before_compressing(tiny_model, tok
 )
 def test_generate_modes_a_press_cannot_follow_are_refused(kwargs, tiny_model):
     """Assisted / prompt-lookup decoding put unverified drafts in the prefill (compressed as context, silently
-    different tokens), a chunked prefill was compressed one chunk only, and a static cache's empty slots were
+    different tokens), a chunked prefill was compressed one chunk only (under a press that compresses once), and a static cache's empty slots were
     scored as entries: all are refused before any layer runs; plain generate still compresses."""
     from transformers import StaticCache
 
