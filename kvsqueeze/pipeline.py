@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -169,6 +170,15 @@ class Pipeline:
         chunks = _chunks(ids, prefill_chunk_size)
         if len(chunks) > 1:
             check_chunkable(press, prefill_chunk_size)
+            interval = getattr(press, "compression_interval", None)
+            if isinstance(interval, int) and interval > prefill_chunk_size:
+                warnings.warn(
+                    f"compression_interval={interval} is longer than prefill_chunk_size={prefill_chunk_size}: the "
+                    f"cache is compressed every {interval} tokens, not after every chunk, so a layer may hold its "
+                    f"budget plus up to {interval} entries during the prefill and after it; set "
+                    f"compression_interval={prefill_chunk_size} to compress after every chunk",
+                    stacklevel=3,
+                )
         cache = self.adapter.new_cache()
         report = CompressionReport()
         start = time.perf_counter()

@@ -221,3 +221,16 @@ def test_generate_with_a_chunked_prefill_under_decoding_compresses_every_chunk(m
 
     with torch.inference_mode(), make_press("knorm", budget=12)(model), pytest.raises(ValueError, match="chunk"):
         model.generate(ids, max_new_tokens=2, do_sample=False, prefill_chunk_size=8)
+
+
+def test_a_window_longer_than_the_budget_and_a_longer_interval(tiny_model, tok):
+    """SnapKV's 16-token window over a 4-entry budget shrinks to what is stored instead of failing mid-prefill; an
+    interval longer than the chunk works but says the cache is not compressed after every chunk."""
+    pipe = Pipeline(tiny_model("llama"), tok)
+    press = make_press("decoding", press=make_press("snapkv", window_size=16), budget=4, compression_interval=4,
+                       hidden_states_buffer_size=16)
+    assert pipe.compress(CONTEXT, press, prefill_chunk_size=4).layer_lengths[0] == 4
+    press = make_press("decoding", press=make_press("knorm"), budget=10, compression_interval=16)
+    with pytest.warns(UserWarning, match="compression_interval=16 is longer than prefill_chunk_size=8"):
+        ctx = pipe.compress(CONTEXT, press, prefill_chunk_size=8)
+    assert max(ctx.layer_lengths) <= 10 + 16

@@ -363,6 +363,38 @@ def test_a_later_press_protects_by_position(model_name, tiny_model):
                     torch.testing.assert_close(total, torch.tensor(1.0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv"])
+def test_a_later_window_longer_than_the_kept_entries_shrinks_to_them(name, tiny_model):
+    """After an earlier press kept 10 entries, a 16-token window shrinks to 9 queries (as in a prefill of 10
+    entries) instead of failing: every query then sees a stored key, and the scores stay finite."""
+    recorded = record_prefill(tiny_model("llama"), token_ids(SEQ_LEN, seed=29))
+    make = kvsqueeze.make_press
+    composed = make("composed", presses=[make("knorm", budget=10), make(name, budget=5, window_size=16)])
+    for layer in recorded.layers:
+        with torch.inference_mode():
+            kept = composed.keep_indices(layer)
+            first = make("knorm", budget=10).keep_indices(layer)
+            scores = make(name, budget=5, window_size=16).score(_subset(layer, first[0]))
+        assert kept.shape[-1] == 5
+        assert torch.isfinite(scores).all(), f"layer {layer.layer_idx}"
+
+
+def test_tova_after_an_earlier_press_scores_each_token_by_position(tiny_model):
+    """TOVA averages a token's attention over all query heads. After a per-head press, index j holds a different
+    token in each KV head: the average is taken by position, so one head's choice does not depend on which other
+    tokens the other heads hold (it used to average unrelated tokens that shared an index)."""
+    recorded = record_prefill(tiny_model("llama"), token_ids(SEQ_LEN, seed=30))
+    press = kvsqueeze.make_press("tova", budget=4)
+    head1 = torch.tensor([0, 5, 9, 13, 17, 21, 25, SEQ_LEN - 1])
+    choices = []
+    for head0 in (torch.tensor([1, 2, 3, 4, 6, 7, 8, SEQ_LEN - 1]), torch.tensor([*range(10, 17), SEQ_LEN - 1])):
+        layer = recorded.layers[1]
+        keep = torch.stack([head0, head1] + [head1] * (layer.keys.shape[1] - 2))
+        with torch.inference_mode():
+            choices.append(keep[1][press.keep_indices(_subset(layer, keep))[0, 1]].tolist())
+    assert choices[0] == choices[1] and choices[0][-1] == SEQ_LEN - 1, choices
+
+
 @pytest.mark.parametrize("name", ["streaming_llm", "simlayerkv"])
 def test_a_later_press_keeps_the_sinks_it_finds_and_the_most_recent(name, tiny_model):
     """StreamingLLM (and SimLayerKV's lazy layers) after an earlier press: the kept entries at positions < 4 and

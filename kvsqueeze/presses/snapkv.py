@@ -33,7 +33,8 @@ class SnapKVPress(ScorerPress):
     After an earlier press of a composition (and in decoding-time compression) the window is the last ``w``
     *positions* of the context (:meth:`LayerInputs.positions`), not the last ``w`` stored entries: a head keeps
     the window entries it still holds and scores all the others; the pooling then runs over the kept entries in
-    positional order, whose neighbours may be several positions apart.
+    positional order, whose neighbours may be several positions apart. The window is then at most the number of
+    stored entries minus one.
 
     Short inputs: the window shrinks to ``min(window_size, seq_len - 1)`` so at least one entry is scored; a
     one-entry layer gets a zero score.
@@ -78,8 +79,10 @@ class SnapKVPress(ScorerPress):
         are scored. They sit in positional order before the window, so zeroing the window's columns before the
         pooling pads them exactly as the slice above does."""
         num_kv_heads = layer.keys.shape[1]
-        w = self.window(layer.context_length)
-        if w == 0:
+        # At most seq_len - 1 queries, as in a prefill: then even the earliest of them sees a stored key (fewer than
+        # w positions follow it), and at least one entry is scored.
+        w = min(self.window(layer.context_length), layer.seq_len - 1)
+        if w <= 0:
             return layer.keys.new_zeros(layer.keys.shape[:-1], dtype=torch.float32)
         attn = last_queries_attention(layer, w)  # (bsz, num_heads, w, seq_len)
         in_window = layer.key_positions.to(attn.device) >= layer.context_length - w  # (bsz, num_kv_heads, seq_len)

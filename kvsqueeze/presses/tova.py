@@ -19,7 +19,9 @@ class TOVAPress(ScorerPress):
     Paper: "Transformers are Multi-State RNNs" (Token Omission Via Attention), https://arxiv.org/abs/2401.06104
 
     Score: softmax attention of the last query over every key, averaged over *all* query heads of the layer and
-    repeated for every KV head, so all heads of a layer keep the same tokens. Uses the eager attention row when
+    repeated for every KV head, so all heads of a layer keep the same tokens. After an earlier press of a
+    composition that kept different tokens per head, each token's attention is averaged over the heads by
+    position (a head that no longer holds the token gives it none). Uses the eager attention row when
     the model ran eager attention, otherwise recomputes that single row.
 
     Deviation from the paper: the last token is always kept (its score is raised above the others; in a
@@ -31,9 +33,17 @@ class TOVAPress(ScorerPress):
     """
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
-        attn = last_queries_attention(layer, 1)  # (bsz, num_heads, 1, seq_len)
-        scores = attn[:, :, 0].mean(dim=1, keepdim=True)  # (bsz, 1, seq_len): one score shared by all heads
+        attn = last_queries_attention(layer, 1)[:, :, 0]  # (bsz, num_heads, seq_len)
+        num_kv_heads = layer.keys.shape[1]
         if layer.key_positions is None:
-            return protect_last(scores, 1).expand(-1, layer.keys.shape[1], -1)
-        # after an earlier press of a composition the heads may hold different entries: protect by position
-        return protect_recent(scores.expand(-1, layer.keys.shape[1], -1), layer, 1)
+            scores = attn.mean(dim=1, keepdim=True)  # (bsz, 1, seq_len): one score shared by all heads
+            return protect_last(scores, 1).expand(-1, num_kv_heads, -1)
+        # After an earlier press of a composition the KV heads may hold different tokens at one index: average each
+        # token's attention over all query heads by position (a head that does not hold it gives it none), then
+        # read every head's tokens back.
+        bsz, num_heads, _ = attn.shape
+        positions = layer.key_positions.to(attn.device).repeat_interleave(num_heads // num_kv_heads, dim=1)
+        by_position = attn.new_zeros(bsz, num_heads, layer.context_length).scatter_(-1, positions, attn)
+        token_scores = by_position.mean(dim=1, keepdim=True).expand(-1, num_kv_heads, -1)
+        scores = token_scores.gather(-1, layer.key_positions.to(attn.device))
+        return protect_recent(scores, layer, 1)
