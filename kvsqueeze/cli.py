@@ -536,9 +536,23 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if wrong:
         raise CLIError(f"not used by --method {args.method}: {', '.join(wrong)}")
     model_options = parse_model_options(args.model_option)
+    if args.seq_len is not None and args.seq_len < 2:
+        raise CLIError(f"--seq-len must be at least 2 tokens, got {args.seq_len}")
     if duo:
         options = {"seq_len": args.seq_len or 1024, "steps": 50 if args.steps is None else args.steps}
         options.update({k: v for k, v in (("duo_sink", args.duo_sink), ("n_recent", args.n_recent)) if v is not None})
+        import inspect
+
+        from kvsqueeze.calibration.duo_attention import calibrate_duo_attention
+
+        defaults = inspect.signature(calibrate_duo_attention).parameters
+        sink = defaults["n_sink"].default if args.duo_sink is None else args.duo_sink
+        recent = defaults["n_recent"].default if args.n_recent is None else args.n_recent
+        if options["seq_len"] <= sink + recent:  # calibrate() refuses it too, after the model loads
+            raise CLIError(
+                f"--seq-len {options['seq_len']} must exceed the streaming window --duo-sink + --n-recent = {sink} + "
+                f"{recent}: a streaming head would see the whole sample and its gate learn nothing"
+            )
     else:
         options = {"n_sequences": 20 if args.n_sequences is None else args.n_sequences,
                    "seq_len": args.seq_len or 2048, "n_samples": args.n_samples}

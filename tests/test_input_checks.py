@@ -161,6 +161,13 @@ def test_calibrate_command_checks_output_before_loading_the_model(tmp_path, monk
     assert f"--output: output={str(tmp_path)!r} is a directory" in error
     error = _cli_error(["calibrate", "--method", "qfilters", "--output", ""], capsys)
     assert "output is empty" in error
+    # lengths no model can use: named by their flags, before the model loads (they used to come from calibrate())
+    error = _cli_error(["calibrate", "--method", "qfilters", "--seq-len", "1"], capsys)
+    assert "--seq-len must be at least 2 tokens, got 1" in error
+    error = _cli_error(["calibrate", "--method", "duo_attention", "--seq-len", "80"], capsys)
+    assert "--seq-len 80 must exceed the streaming window --duo-sink + --n-recent = 16 + 64" in error
+    error = _cli_error(["calibrate", "--method", "duo_attention", "--seq-len", "40", "--n-recent", "30"], capsys)
+    assert "= 16 + 30" in error
 
 
 @pytest.mark.parametrize(
