@@ -763,6 +763,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if name != BASELINE:  # unknown names: KeyError with close matches
             check_cli_press(name, press_options.get(name, {}), option_prefix=f"{name}.")
     entries = build_entries(presses, ratios, press_options)
+    if args.prefill_chunk_size is not None:
+        from kvsqueeze.pipeline import check_chunkable
+
+        _positive(args.prefill_chunk_size, "--prefill-chunk-size")
+        for entry in entries:
+            try:
+                check_chunkable(entry.press, args.prefill_chunk_size)
+            except ValueError as exc:
+                raise CLIError(f"--presses {entry.name} with --prefill-chunk-size: {exc}") from exc
     benchmark = cls(**options)
     benchmark.check_data()  # data files missing or the hub unreachable: fails here, before the model loads
 
@@ -785,6 +794,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         press_options=press_options,
         naive=args.naive,
         max_new_tokens=args.max_new_tokens,
+        prefill_chunk_size=args.prefill_chunk_size,
     )
     summary = {
         "directory": str(result.directory),
@@ -959,6 +969,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--press-option", action="append", metavar="PRESS.KEY=VALUE", help="a press field, e.g. snapkv.window_size=16"
     )
     p.add_argument("--naive", action="store_true", help="one prefill per press and ratio (slow; same predictions)")
+    p.add_argument(
+        "--prefill-chunk-size", type=int, default=None, metavar="N",
+        help="prefill every unit in chunks of N tokens (its own prefill; presses must be 'decoding', e.g. "
+        "--press-option decoding.compression_interval=N)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=cmd_eval)
 

@@ -153,6 +153,19 @@ def test_calibrate_checks_output_before_any_forward(guarded_model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
+def test_eval_with_chunks_refuses_a_press_that_compresses_once_before_loading_the_model(tmp_path, monkeypatch,
+                                                                                        capsys):
+    from kvsqueeze import models
+
+    monkeypatch.setattr(models, "load_model", _too_late)
+    argv = ["eval", "--benchmark", "niah", "--presses", "knorm", "--ratios", "0.5", "--prefill-chunk-size", "8",
+            "--output-dir", str(tmp_path)]
+    error = _cli_error(argv, capsys)
+    assert "--presses knorm with --prefill-chunk-size: KnormPress compresses once" in error
+    error = _cli_error(argv[:-3] + ["0", "--output-dir", str(tmp_path)], capsys)
+    assert "--prefill-chunk-size must be a positive integer, got 0" in error
+
+
 def test_calibrate_command_checks_output_before_loading_the_model(tmp_path, monkeypatch, capsys):
     from kvsqueeze import models
 

@@ -383,6 +383,40 @@ def test_a_recalibrated_artifact_starts_new_results(tiny_model, tokenizer, tmp_p
     assert "artifacts" not in _config_of(model, tokenizer, ["knorm"], [0.5], 1)["presses"][1]  # keys of the others
 
 
+def test_a_chunked_sweep_gives_the_pipelines_chunked_answers(tiny_model, tokenizer, tmp_path, monkeypatch):
+    """``prefill_chunk_size``: every unit gets its own chunked prefill (the prefill depends on the press), the
+    predictions and bytes are those of ``Pipeline.compress(..., prefill_chunk_size)``, the chunk size is part of
+    the results key (one-pass keys unchanged), and a press that compresses once is refused before any work."""
+    from kvsqueeze import make_press
+    from kvsqueeze.pipeline import Pipeline
+
+    model = tiny_model("llama")
+    options = {"decoding": {"press": make_press("knorm"), "compression_interval": 8}}
+    base = dict(presses=["decoding"], ratios=[0.5], limit=1, press_options=options)
+    result = sweep(model, tokenizer, tmp_path, prefill_chunk_size=8, **base)
+    assert result.prefills == result.units_run == 2 * 2  # 2 tasks x (baseline + decoding), none shared
+    rows = S.read_predictions(result.directory / "predictions.jsonl")
+    pipe = Pipeline(model, tokenizer)
+    samples = {s.id: s for s in TinyNeedles().samples(tokenizer, limit=1)}
+    for row in rows:
+        sample = samples[row["sample_id"]]
+        press = None if row["press"] == "none" else make_press("decoding", compression_ratio=0.5, **options["decoding"])
+        ctx = pipe.compress(sample.context, press, prefill_chunk_size=8)
+        question = sample.questions[row["question_index"]]
+        answer = ctx.answer(question, max_new_tokens=sample.max_new_tokens, answer_prefix=sample.answer_prefix)
+        assert row["prediction"] == answer and not row["shared_prefill"]
+        assert (row["cache_bytes"], row["full_cache_bytes"]) == (ctx.cache_bytes, ctx.full_cache_bytes)
+    one_pass = S.results_dir(tmp_path, _config_of(model, tokenizer, ["decoding"], [0.5], 1, press_options=options))
+    assert one_pass != result.directory
+    assert "prefill_chunk_size" not in _config_of(model, tokenizer, ["knorm"], [0.5], 1)
+
+    prefills = []
+    monkeypatch.setattr(Pipeline, "compress", lambda *a, **k: prefills.append(1))
+    with pytest.raises(ValueError, match="KnormPress compresses once"):
+        sweep(model, tokenizer, tmp_path / "refused", presses=["knorm"], ratios=[0.5], limit=1, prefill_chunk_size=8)
+    assert not prefills and not (tmp_path / "refused").exists()
+
+
 def test_resume_false_starts_afresh(tiny_model, tokenizer, tmp_path):
     model = tiny_model("llama")
     kwargs = dict(presses=["knorm"], ratios=[0.5], limit=1)

@@ -212,10 +212,10 @@ def resolved_config(
     seed: int,
     template: Any,
     max_new_tokens: int | None,
+    prefill_chunk_size: int | None = None,
 ) -> dict[str, Any]:
     """The configuration that defines the predictions of a sweep (and so its results directory)."""
-
-    return {
+    config = {
         "schema": RESULTS_SCHEMA,
         "model": model_key(model, model_name),
         "benchmark": {"name": benchmark.name, "config": benchmark.config()},
@@ -233,6 +233,9 @@ def resolved_config(
             },
         },
     }
+    if prefill_chunk_size is not None:  # only when set: one-pass sweeps keep their keys
+        config["prefill_chunk_size"] = prefill_chunk_size
+    return config
 
 
 def check_samples_fit(pipe, benchmark: str, samples: Sequence[Sample], max_new_tokens: int | None) -> None:
@@ -500,6 +503,7 @@ def run_sweep(
     eager_model: nn.Module | None = None,
     use_chat_template: bool | None = None,
     max_new_tokens: int | None = None,
+    prefill_chunk_size: int | None = None,
 ) -> SweepResult:
     """Evaluate the baseline and every press × ratio on ``benchmark``, sharing one prefill per sample.
 
@@ -537,6 +541,10 @@ def run_sweep(
         As in :class:`~kvsqueeze.pipeline.Pipeline`.
     max_new_tokens : int or None
         Override every sample's ``max_new_tokens`` (part of the results key); None keeps the samples' values.
+    prefill_chunk_size : int or None
+        Prefill every unit in chunks of this many tokens (:meth:`Pipeline.compress`; part of the results key).
+        Each unit then has its own prefill (a chunked prefill under a press depends on the press), and every press
+        must compress again as chunks are appended (``decoding``); None: one pass, shared where possible.
 
     Returns
     -------
@@ -550,10 +558,16 @@ def run_sweep(
         raise TypeError(f"benchmark must be a kvsqueeze Benchmark, got {type(benchmark).__name__}")
     if not benchmark.name:
         raise ValueError(f"{type(benchmark).__name__} has no name; register it (register_benchmark) or set `name`")
-    for value, name, minimum in ((limit, "limit", 1), (seed, "seed", 0), (max_new_tokens, "max_new_tokens", 1)):
+    for value, name, minimum in ((limit, "limit", 1), (seed, "seed", 0), (max_new_tokens, "max_new_tokens", 1),
+                                 (prefill_chunk_size, "prefill_chunk_size", 1)):
         if value is not None or name == "seed":
             check_int(value, name, minimum)
     entries = build_entries(presses, ratios, press_options)
+    if prefill_chunk_size is not None:
+        from kvsqueeze.pipeline import check_chunkable
+
+        for entry in entries:
+            check_chunkable(entry.press, prefill_chunk_size)
     pipe = Pipeline(model, tokenizer, use_chat_template=use_chat_template)
     if eager_model is not None:
         from kvsqueeze.calibration.artifacts import model_identity
@@ -568,7 +582,8 @@ def run_sweep(
         if entry.press is not None and not entry.eager:
             entry.press.validate(pipe.adapter)
     benchmark.check_data()  # unreadable data fails here, before the results directory exists
-    config = resolved_config(model, model_name, benchmark, entries, limit, seed, pipe.template, max_new_tokens)
+    config = resolved_config(model, model_name, benchmark, entries, limit, seed, pipe.template, max_new_tokens,
+                             prefill_chunk_size)
     directory = results_dir(output_dir, config)
 
     start = time.perf_counter()
@@ -595,8 +610,9 @@ def run_sweep(
             todo = [e for e in entries if (sample.id, *e.key) not in finished]
             if not todo:
                 continue
-            shared = [e for e in todo if e.shared and not naive]
-            solo = [e for e in todo if not (e.shared and not naive)]
+            sharing = not naive and prefill_chunk_size is None
+            shared = [e for e in todo if e.shared and sharing]
+            solo = [e for e in todo if not (e.shared and sharing)]
             steps = tqdm(
                 total=len(todo), desc="configs", unit="config", leave=False, disable=not progress, file=sys.stderr
             )
@@ -621,7 +637,8 @@ def run_sweep(
                         stack.enter_context(eager_attention(model))
                     for entry in group:
                         steps.set_postfix_str(f"{entry.name} {entry.ratio:g} (own prefill)")
-                        ctx = solo_pipe.compress(sample.context, press=entry.press)
+                        ctx = solo_pipe.compress(sample.context, press=entry.press,
+                                                 prefill_chunk_size=prefill_chunk_size)
                         prefill = ctx.prefill_seconds - ctx.compression_seconds
                         result.prefills += 1
                         result.prefill_seconds += prefill
