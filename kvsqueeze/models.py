@@ -317,8 +317,9 @@ def converted_dir(name: str) -> Path:
         tokenizer.save_pretrained(tmp)
         files = {}
         for path in tmp.iterdir():  # the cache may be shared: transformers writes the weights 0600
-            os.chmod(path, 0o644)
-            files[path.name] = path.stat().st_size
+            if path.is_file():
+                os.chmod(path, 0o644)
+                files[path.name] = path.stat().st_size
         marker = {"name": name, "gguf": str(gguf), "gguf_sha256": digest, "files": files}
         (tmp / _MARKER).write_text(json.dumps(marker))
         os.chmod(tmp / _MARKER, 0o644)
