@@ -344,13 +344,10 @@ class CompressedContext:
             )
         total = 0
         for i in range(len(self.cache.layers)):
-            if not A.is_compressed_layer(self.cache, i):
-                total += A.layer_nbytes(self.cache, i)
-                continue
-            keys, values = A.layer_kv(self.cache, i)  # decoding-time compression keeps dense layers
-            per_entry = (keys[..., :1, :].numel() * keys.element_size() + values[..., :1, :].numel()
-                         * values.element_size())
-            total += per_entry * A.layer_logical_length(self.cache, i)
+            nbytes = A.layer_nbytes(self.cache, i)  # compacted: the bytes of the stored entries only
+            if A.is_compressed_layer(self.cache, i):  # dense under decoding-time compression: bytes per entry
+                nbytes = nbytes * A.layer_logical_length(self.cache, i) // A.layer_physical_length(self.cache, i)
+            total += nbytes
         return total
 
     @property

@@ -18,6 +18,7 @@ from kvsqueeze.pipeline import _chunks
 from kvsqueeze.presses.decoding import decoding_states
 
 from conftest import build_tokenizer, token_ids
+from test_decoding import masked_chunk_logits
 
 MODELS = ("llama", "gemma3", "qwen3", "phi3")
 #: A context of 60 tokens, as the tiny tokenizer reads it (longer than the tiny Gemma's sliding window of 8).
@@ -83,41 +84,6 @@ def _prefill_by_hand(press, model, ids: torch.Tensor, size: int):
     return logits, kept_before, peaks, cache, report
 
 
-def _masked_dense_logits(model, ids: torch.Tensor, size: int, kept_before: list[dict]) -> torch.Tensor:
-    """The uncompressed model fed the same chunks, each chunk's queries seeing (per KV head) only what the
-    compressed cache stored before the chunk, plus the chunk itself causally."""
-    adapter = A.ModelAdapter(model)
-    group = adapter.shape.num_attention_heads // adapter.shape.num_key_value_heads
-    cache = adapter.new_cache()
-    kwargs = adapter.model_call_kwargs(cache)
-    current: dict[int, torch.Tensor] = {}
-
-    def pre_hook(module, args, kwargs_):
-        positions = current.get(module.layer_idx)
-        if positions is None:  # the first chunk: plain causal attention
-            return args, kwargs_
-        m = args[0].shape[1] if args else kwargs_["hidden_states"].shape[1]
-        before = cache.layers[module.layer_idx].get_seq_length()
-        visible = torch.zeros(1, positions.shape[1], m, before + m, dtype=torch.bool)
-        visible[..., :before].scatter_(-1, positions[:, :, None, :].expand(-1, -1, m, -1), True)
-        visible[..., before:] = torch.ones(m, m, dtype=torch.bool).tril()
-        kwargs_["attention_mask"] = visible.repeat_interleave(group, dim=1)
-        return args, kwargs_
-
-    handles = [adapter.attention_modules[i].register_forward_pre_hook(pre_hook, with_kwargs=True)
-               for i in adapter.compressible_layers]
-    try:
-        with torch.inference_mode():
-            for chunk, kept in zip(_chunks(ids, size), kept_before):
-                current.clear()
-                current.update(kept)
-                logits = model(input_ids=chunk, use_cache=True, **kwargs).logits[:, -1]
-    finally:
-        for h in handles:
-            h.remove()
-    return logits
-
-
 @pytest.mark.parametrize("inner", ["knorm", "expected_attention", "keydiff"])
 @pytest.mark.parametrize("model_name", MODELS)
 def test_each_chunk_sees_exactly_what_the_compressed_cache_stored(model_name, inner, tiny_model):
@@ -133,7 +99,7 @@ def test_each_chunk_sees_exactly_what_the_compressed_cache_stored(model_name, in
     assert max(peaks) == 12 + 8 and peaks[0] == 5
     for i in A.ModelAdapter(model).compressible_layers:
         assert A.layer_physical_length(cache, i) == 12 and A.layer_logical_length(cache, i) == 45
-    reference = _masked_dense_logits(model, ids, 8, kept_before)
+    reference = masked_chunk_logits(model, _chunks(ids, 8), kept_before)[-1]
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
 
 
@@ -152,17 +118,18 @@ def test_layer_zero_keeps_the_one_pass_knorm_selection(model_name, tiny_model):
     assert decoding_states(cache)[layer.layer_idx].positions.tolist() == want.tolist()
 
 
-def test_a_chunked_context_answers_like_generate_and_reports_measured_bytes(tiny_model, tok):
-    """The context is unchanged by answering; bytes: ``cache_bytes`` measured, ``full_cache_bytes`` those of the
-    one-pass uncompressed prefill; the ratio form keeps ⌊(1 − r)·n⌋ entries at the end."""
+def test_a_chunked_context_answers_repeatably_and_reports_the_one_pass_bytes(tiny_model, tok):
+    """The context is unchanged by answering; ``full_cache_bytes`` are those of the one-pass uncompressed prefill,
+    ``cache_bytes`` the ⌊(1 − r)·n⌋ entries per layer the ratio form keeps at the end."""
     model = tiny_model("llama")
     pipe = Pipeline(model, tok)
     press = make_press("decoding", press=make_press("knorm"), compression_ratio=0.5, compression_interval=8)
     ctx = pipe.compress(CONTEXT, press, prefill_chunk_size=8)
     n = ctx.n_tokens
     assert ctx.layer_lengths == [n // 2] * len(ctx.layer_lengths)
-    assert ctx.cache_bytes == A.cache_nbytes(ctx.cache)
     assert ctx.full_cache_bytes == pipe.compress(CONTEXT).cache_bytes
+    assert ctx.cache_bytes * n == ctx.full_cache_bytes * (n // 2)
+    assert ctx.measured_ratio == 1 - (n // 2) / n
     before = [layer.keys.clone() for layer in ctx.cache.layers]
     first = ctx.answer("Which word?", max_new_tokens=5)
     assert ctx.answer("Which word?", max_new_tokens=5) == first

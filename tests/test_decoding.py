@@ -58,9 +58,10 @@ def decode_under(press, model, ids: torch.Tensor, steps: int):
     return tokens, logits_seen, kept_before, recompressed, cache, report
 
 
-def masked_dense_logits(model, ids: torch.Tensor, tokens: list[int], kept_before: list[dict]) -> list[torch.Tensor]:
-    """The same steps on the uncompressed model, each step's query seeing only what the compressed cache stored
-    (per KV head) plus itself."""
+def masked_chunk_logits(model, chunks: list[torch.Tensor], kept_before: list[dict]) -> list[torch.Tensor]:
+    """The uncompressed model fed ``chunks`` in turn, each chunk's queries seeing (per KV head) only the positions
+    ``kept_before[i][layer]`` that the compressed cache stored before it, plus the chunk itself causally (a chunk
+    with no positions recorded sees everything); the last logits of every chunk."""
     adapter = A.ModelAdapter(model)
     group = adapter.shape.num_attention_heads // adapter.shape.num_key_value_heads
     cache = adapter.new_cache()
@@ -68,28 +69,37 @@ def masked_dense_logits(model, ids: torch.Tensor, tokens: list[int], kept_before
     current: dict[int, torch.Tensor] = {}
 
     def pre_hook(module, args, kwargs_):
-        positions = current[module.layer_idx]  # (1, kv_heads, n_stored)
-        length = cache.layers[module.layer_idx].get_seq_length() + 1  # the new token is appended in the forward
-        visible = torch.zeros(1, positions.shape[1], 1, length, dtype=torch.bool)
-        visible.scatter_(-1, positions[:, :, None, :], True)
-        visible[..., -1] = True
+        positions = current.get(module.layer_idx)  # (1, kv_heads, n_stored)
+        if positions is None:
+            return args, kwargs_
+        m = args[0].shape[1] if args else kwargs_["hidden_states"].shape[1]
+        before = cache.layers[module.layer_idx].get_seq_length()  # the chunk is appended in the forward
+        visible = torch.zeros(1, positions.shape[1], m, before + m, dtype=torch.bool)
+        visible[..., :before].scatter_(-1, positions[:, :, None, :].expand(-1, -1, m, -1), True)
+        visible[..., before:] = torch.ones(m, m, dtype=torch.bool).tril()
         kwargs_["attention_mask"] = visible.repeat_interleave(group, dim=1)
         return args, kwargs_
 
     out = []
-    with torch.inference_mode():
-        model(input_ids=ids, use_cache=True, **kwargs)
-        handles = [adapter.attention_modules[i].register_forward_pre_hook(pre_hook, with_kwargs=True)
-                   for i in adapter.compressible_layers]
-        try:
-            for token, kept in zip(tokens, kept_before):
+    handles = [adapter.attention_modules[i].register_forward_pre_hook(pre_hook, with_kwargs=True)
+               for i in adapter.compressible_layers]
+    try:
+        with torch.inference_mode():
+            for chunk, kept in zip(chunks, kept_before):
                 current.clear()
                 current.update(kept)
-                out.append(model(input_ids=torch.tensor([[token]]), use_cache=True, **kwargs).logits[:, -1])
-        finally:
-            for h in handles:
-                h.remove()
+                out.append(model(input_ids=chunk, use_cache=True, **kwargs).logits[:, -1])
+    finally:
+        for h in handles:
+            h.remove()
     return out
+
+
+def masked_dense_logits(model, ids: torch.Tensor, tokens: list[int], kept_before: list[dict]) -> list[torch.Tensor]:
+    """The steps of :func:`decode_under` on the uncompressed model, each step's query seeing only what the
+    compressed cache stored (per KV head) plus itself."""
+    chunks = [ids] + [torch.tensor([[token]]) for token in tokens]
+    return masked_chunk_logits(model, chunks, [{}] + kept_before)[1:]
 
 
 @pytest.mark.parametrize("inner", list(INNER))
