@@ -169,6 +169,41 @@ def test_cache_size_follows_the_budget_and_the_interval(mode, tiny_model):
     assert sum(recompressed) == 4
 
 
+def test_random_draws_afresh_at_every_recompression(tiny_model, monkeypatch):
+    """Random under ``decoding`` draws new scores at each recompression (it used to reseed with ``seed + layer``
+    every time: with the budget-plus-interval shape repeating, every recompression got the very same scores by cache
+    index and kept the same slots); runs stay reproducible, and the prefill's draw is still ``seed + layer``."""
+    from kvsqueeze.presses.random import RandomPress
+
+    drawn: list[tuple[int, int, torch.Tensor]] = []
+    score = RandomPress.score
+
+    def recording(self, layer):
+        out = score(self, layer)
+        drawn.append((layer.layer_idx, layer.first_position, out))
+        return out
+
+    monkeypatch.setattr(RandomPress, "score", recording)
+    model = tiny_model("llama")
+    runs = []
+    for _ in range(2):
+        drawn.clear()
+        press = make_press("decoding", press=make_press("random", seed=3), budget=16, compression_interval=5)
+        tokens, *_ = decode_under(press, model, prompt(30), steps=16)
+        runs.append((tokens, list(drawn)))
+    (tokens, first), (tokens_again, second) = runs
+    assert tokens == tokens_again and len(first) == len(second)
+    assert all(a[:2] == b[:2] and torch.equal(a[2], b[2]) for a, b in zip(first, second))  # reproducible
+    later = [(idx, out) for idx, start, out in first if start > 0 and idx == 0]
+    assert len(later) == 3 and all(out.shape == later[0][1].shape for _, out in later)  # 16 + 5 entries each time
+    for i in range(len(later)):
+        for j in range(i):
+            assert not torch.equal(later[i][1], later[j][1]), f"recompressions {j} and {i} drew the same scores"
+    prefill = [out for idx, start, out in first if start == 0 and idx == 0]
+    assert len(prefill) == 1
+    assert torch.equal(prefill[0], torch.rand(prefill[0].shape, generator=torch.Generator().manual_seed(3)))
+
+
 def test_kept_entries_follow_the_wrapped_press(tiny_model):
     """At each compression during decoding, KNorm keeps the stored entries with the smallest key norms and
     StreamingLLM its sinks and the most recent entries, whatever was evicted before."""
