@@ -448,6 +448,57 @@ def _source(name_or_path: str | None) -> tuple[str, str]:
     return name, str(converted_dir(name)) if name in EMBEDDED or is_gguf_file(name) else name
 
 
+#: Seconds to wait for a TCP connection to the hub before calling it unreachable.
+_HUB_PROBE_SECONDS = 5.0
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached (None when a TCP connection to it opens, or when a proxy is set,
+    which a direct connection would not go through)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlsplit(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=_HUB_PROBE_SECONDS).close()
+    except OSError as exc:
+        return f"{host}:{port} is unreachable ({exc})"
+    return None
+
+
+def _hub_options(name: str) -> dict[str, Any]:
+    """``from_pretrained`` options for a hub id: none when the hub answers; ``local_files_only`` when it does not
+    but the model is in the local Hugging Face cache (transformers would otherwise retry for about a minute first).
+
+    Raises
+    ------
+    OSError
+        The hub cannot be reached and the model is not in the local cache: the message names the model (the
+        error transformers gives after its retries names neither).
+    """
+    if name in EMBEDDED or os.path.exists(name):
+        return {}
+    reason = _hub_unreachable()
+    if reason is None:
+        return {}
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return {"local_files_only": True}
+    raise OSError(
+        f"cannot load model {name!r} from the Hugging Face hub: {reason}, and it is not in the local Hugging Face "
+        "cache; give a local model directory or a GGUF file instead, or an embedded model "
+        f"({', '.join(EMBEDDED)})"
+    )
+
+
 def load_model(
     name_or_path: str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -492,10 +543,11 @@ def load_model(
         raise ValueError(f"attn_implementation must be a name such as 'sdpa' or 'eager', got {attn_implementation!r}")
     device = check_device(device)
     name, source = _source(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    extra = {}
+    hub = _hub_options(name)
+    tokenizer = AutoTokenizer.from_pretrained(source, **hub)
+    extra = dict(hub)
     if config_overrides:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, **hub)
         text_config = config.get_text_config()
         for key, value in config_overrides.items():
             if not hasattr(text_config, key):
@@ -548,4 +600,5 @@ def load_tokenizer(name_or_path: str | None = None):
     """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_source(name_or_path)[1])
+    name, source = _source(name_or_path)
+    return AutoTokenizer.from_pretrained(source, **_hub_options(name))

@@ -155,6 +155,56 @@ def test_model_names_resolve_or_fail_clearly(tmp_path, monkeypatch):
         resolve_name("smolm2-135m")
 
 
+def test_an_unreachable_hub_fails_at_once_naming_the_model_or_uses_the_local_cache(monkeypatch, capsys):
+    """A hub id with the hub unreachable used to retry for about a minute, then fail without naming the model.
+    Now a TCP probe (here against a closed local port) decides: a model in the local Hugging Face cache loads from
+    it (``local_files_only``), any other is an error naming the model before transformers is called."""
+    import socket
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from kvsqueeze import models as M
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens on it
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed}")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    assert M._hub_unreachable().startswith(f"127.0.0.1:{closed} is unreachable")
+    with socket.socket() as server:  # a listening endpoint is reachable
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert M._hub_unreachable() is None
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed}")
+
+    calls = []
+
+    def recorder(source, **kwargs):
+        calls.append((source, kwargs))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", recorder)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, file, **kw: None)
+    with pytest.raises(OSError, match=r"cannot load model 'someone/some-model' from the Hugging Face hub: "
+                       rf"127\.0\.0\.1:{closed} is unreachable .* not in the local Hugging Face cache"):
+        kvsqueeze.load_model("someone/some-model")
+    assert calls == []
+    assert cli.main(["run", "--model", "someone/some-model", "--press", "knorm", "--ratio", "0.5",
+                     "--context", __file__, "--question", "q"]) == 2
+    assert "error: cannot load model 'someone/some-model'" in capsys.readouterr().err
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, file, **kw: f"/cache/{repo}/{file}")
+    with pytest.raises(RuntimeError, match="stop here"):
+        kvsqueeze.load_model("someone/some-model")
+    assert calls == [("someone/some-model", {"local_files_only": True})]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert M._hub_unreachable() == "HF_HUB_OFFLINE is set"
+
+
 def test_missing_artifact_command_keeps_the_model_options(tmp_path, monkeypatch, capsys, single_thread):
     """A model loaded with config overrides is another model for calibration (another default artifact folder):
     the command in the missing-artifact error repeats them as --model-option, so running it writes the artifact
