@@ -916,6 +916,10 @@ class ModelAdapter:
         self._rotary_takes_layer_type = self._rotary is not None and (
             "layer_type" in inspect.signature(self._rotary.forward).parameters
         )
+        rope_types = getattr(self._rotary, "rope_type", None)
+        rope_types = list(rope_types.values()) if isinstance(rope_types, dict) else [rope_types]
+        # dynamic NTK and longrope rotary modules change their frequencies with the positions they are called at
+        self._rotary_stateful = any(isinstance(t, str) and ("dynamic" in t or t == "longrope") for t in rope_types)
         forward_params = inspect.signature(type(self.attention_modules[0]).forward).parameters
         self.cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
         self._memo: dict[tuple, Any] = {}
@@ -1123,19 +1127,23 @@ class ModelAdapter:
         return None
 
     def rope(self, layer_idx: int, position_ids: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cos, sin`` of shape ``(bsz, len, rotary_dim)`` for ``position_ids`` at layer ``layer_idx``."""
-        if self._rotary is None:
-            raise UnsupportedModelError(f"{type(self.model).__name__} has no rotary embedding module")
-        if self._rotary_takes_layer_type:
-            return self._rotary(like, position_ids, self.layer_types[layer_idx])
-        return self._rotary(like, position_ids)
+        """``cos, sin`` of shape ``(bsz, len, rotary_dim)`` for ``position_ids`` at layer ``layer_idx``.
 
-    def inv_freq(self, layer_idx: int) -> torch.Tensor:
-        """RoPE inverse frequencies ``(rotary_dim // 2,)`` used at layer ``layer_idx``."""
+        Computed by the model's rotary module. Dynamic-NTK and longrope modules rescale their frequencies for the
+        largest position they are called at and keep that state; it is restored afterwards, so a press asking for
+        positions past the context (Expected Attention's future queries) leaves the model's next forward pass as
+        it would have been.
+        """
         if self._rotary is None:
             raise UnsupportedModelError(f"{type(self.model).__name__} has no rotary embedding module")
-        per_type = getattr(self._rotary, f"{self.layer_types[layer_idx]}_inv_freq", None)
-        return per_type if per_type is not None else self._rotary.inv_freq
+        args = (like, position_ids, self.layer_types[layer_idx]) if self._rotary_takes_layer_type else (like, position_ids)
+        if not self._rotary_stateful:
+            return self._rotary(*args)
+        state = _rotary_state(self._rotary)
+        try:
+            return self._rotary(*args)
+        finally:
+            _restore_rotary_state(self._rotary, state)
 
     # -- hooks ---------------------------------------------------------------------------------------------------
     def register_attention_hooks(self, hook: Callable, layers: list[int] | None = None) -> list[Any]:
@@ -1346,6 +1354,24 @@ class ModelAdapter:
         return self.compressed_attention(len(lengths) > 1, has_ragged_layers(cache))
 
 
+def _rotary_state(rotary: nn.Module) -> dict[str, Any]:
+    """A copy of what a dynamic rotary module's forward may change: its buffers (replaced or updated in place)
+    and its plain tensor and number attributes (``max_seq_len_cached``, ``attention_scaling``, cached frequencies)."""
+    state: dict[str, Any] = {"buffers": {k: (v, v.clone()) for k, v in rotary._buffers.items() if v is not None}}
+    state["attrs"] = {
+        k: v for k, v in vars(rotary).items() if not k.startswith("_") and isinstance(v, (torch.Tensor, int, float))
+    }
+    return state
+
+
+def _restore_rotary_state(rotary: nn.Module, state: dict[str, Any]) -> None:
+    for name, (tensor, data) in state["buffers"].items():
+        tensor.copy_(data)  # the saved object holds the saved values again, whether or not it was replaced
+        rotary._buffers[name] = tensor
+    for name, value in state["attrs"].items():
+        setattr(rotary, name, value)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -1364,17 +1390,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
 
 
-def rotate_by(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate post-RoPE ``keys`` ``(bsz, heads, n, head_dim)`` by per-entry position shifts ``delta`` ``(bsz, heads, n)``.
+def rotate_between(
+    keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, old: torch.Tensor, new: torch.Tensor
+) -> torch.Tensor:
+    """Move post-RoPE ``keys`` ``(bsz, heads, n, head_dim)`` from positions ``old`` ``(bsz, heads, n)`` to ``new``
+    (``(n,)`` or like ``old``), with the rotation read off the ``cos, sin`` ``(bsz, len, rotary_dim)`` that rotated
+    them (the layer's position embeddings; both positions must be below ``len``).
 
-    RoPE rotations compose additively, so ``R(new) k_pre = R(new - old) R(old) k_pre``: rotating a cached key by
-    ``new - old`` moves it to position ``new`` without recomputing it. Uses the same half-split channel layout as
-    transformers' ``rotate_half``.
+    ``cos, sin`` carry the rotary module's attention scaling ``s`` (``s·cos θ``, ``s·sin θ``), so
+    ``cos Δ = (c_new c_old + s_new s_old) / s²`` and ``sin Δ = (s_new c_old − c_new s_old) / s²`` with
+    ``s² = c_old² + s_old²``. It needs no inverse frequencies, which dynamic-NTK and
+    longrope scaling change with the length of the rotary module's latest call. Computed in float32.
     """
-    angles = delta.to(torch.float32).unsqueeze(-1) * inv_freq.to(device=keys.device, dtype=torch.float32)
-    emb = torch.cat([angles, angles], dim=-1)  # (bsz, heads, n, rotary_dim)
-    cos, sin = emb.cos().to(keys.dtype), emb.sin().to(keys.dtype)
+    bsz, heads, n = old.shape
     rot = cos.shape[-1]
-    k_rot, k_pass = keys[..., :rot], keys[..., rot:]
-    rotated = k_rot * cos + rotate_half(k_rot) * sin
+    table = torch.stack([cos, sin]).to(device=keys.device, dtype=torch.float32)  # (2, bsz, len, rot)
+    if table.shape[1] == 1 and bsz > 1:
+        table = table.expand(-1, bsz, -1, -1)
+
+    def at(positions: torch.Tensor) -> torch.Tensor:  # (2, bsz, heads, n, rot)
+        positions = positions.to(keys.device).expand(bsz, heads, n).reshape(bsz, heads * n)
+        picked = table.gather(2, positions[None, :, :, None].expand(2, -1, -1, rot))
+        return picked.view(2, bsz, heads, n, rot)
+
+    (c_old, s_old), (c_new, s_new) = at(old), at(new)
+    scale = c_old * c_old + s_old * s_old
+    cos_d, sin_d = (c_new * c_old + s_new * s_old) / scale, (s_new * c_old - c_new * s_old) / scale
+    k_rot, k_pass = keys[..., :rot].float(), keys[..., rot:]
+    rotated = (k_rot * cos_d + rotate_half(k_rot) * sin_d).to(keys.dtype)
     return torch.cat([rotated, k_pass], dim=-1) if k_pass.shape[-1] else rotated

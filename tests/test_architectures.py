@@ -119,3 +119,74 @@ def test_model_with_every_layer_sliding_is_refused_clearly(model_name, single_th
         torch.testing.assert_close(full(input_ids=ids).logits, model(input_ids=ids).logits)
     _, report, _ = prefill(full, ids, press)
     assert report.kept == {i: 6 for i in range(3)}
+
+
+# -- RoPE whose frequencies depend on the call (dynamic NTK, longrope) -------------------------------------------
+_FACTORS = [1.0, 1.5, 2.0, 3.0]  # rotary_dim 8 of the tiny Phi-3 (head_dim 16, partial rotary 0.5) has 4 frequencies
+SCALED_ROPE = {
+    "llama-dynamic": ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}}),
+    "phi3-longrope": ("phi3", {
+        "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": _FACTORS,
+                            "long_factor": [4 * f for f in _FACTORS], "original_max_position_embeddings": 64,
+                            "partial_rotary_factor": 0.5},
+        "original_max_position_embeddings": 64,
+    }),
+}
+
+
+def _rerotated_reference(adapter, layer, kept_values):
+    """The kept entries' pre-RoPE keys rotated to the last positions with the ``cos, sin`` the prefill used."""
+    from test_presses import match_rows
+
+    idx = match_rows(kept_values, layer.values)
+    pre = adapter.key_states(layer.module, layer.hidden_states)
+    n, length = idx.shape[-1], layer.seq_len
+    cos, sin = layer.position_embeddings
+    kept = pre.gather(2, idx[..., None].expand(-1, -1, -1, pre.shape[-1]))
+    return A.apply_rope(kept, cos[:, length - n:], sin[:, length - n:])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("scorer", ["knorm", "expected_attention"])
+@pytest.mark.parametrize("seq_len", [40, 100], ids=["short", "past-original-max"])
+@pytest.mark.parametrize("variant", list(SCALED_ROPE))
+def test_rerotated_keys_use_the_frequencies_of_the_prefill(variant, seq_len, scorer):
+    """KeyRerotation used to read the rotary module's current inverse frequencies, which dynamic NTK and longrope
+    change with the length of the module's latest call: Expected Attention's call at future positions (inside the
+    same hook), or any other forward between a recording and its compression, made it rotate with frequencies the
+    keys never had (errors of 2-4 in the keys)."""
+    name, overrides = SCALED_ROPE[variant]
+    model = build_model(name, **overrides)
+    ids = token_ids(seq_len, seed=5)
+    press = kvsqueeze.make_press("key_rerotation", press=kvsqueeze.make_press(scorer, compression_ratio=0.5))
+    recorded = record_prefill(model, ids)
+    cache, _, _ = prefill(model, ids, press)
+    with torch.inference_mode():
+        model(input_ids=token_ids(20, seed=6))  # another length between the recording and its compression
+        for layer in recorded.layers:
+            kept_k, kept_v = A.layer_kv(cache, layer.layer_idx)
+            want = _rerotated_reference(recorded.adapter, layer, kept_v)
+            torch.testing.assert_close(kept_k, want, rtol=1e-4, atol=1e-5, msg=f"layer {layer.layer_idx} (hook)")
+            from_recording = press.compress(layer)
+            torch.testing.assert_close(from_recording.keys, _rerotated_reference(recorded.adapter, layer, from_recording.values),
+                                       rtol=1e-4, atol=1e-5, msg=f"layer {layer.layer_idx} (recording)")
+
+
+def test_a_press_leaves_a_dynamic_rotary_module_as_the_prefill_left_it():
+    """Expected Attention asks the rotary module for positions past the context; a dynamic-NTK module used to keep
+    the frequencies it grew for them, so the model went on decoding with frequencies scaled for 512 more tokens."""
+    name, overrides = SCALED_ROPE["llama-dynamic"]
+    ids = token_ids(MAX_POSITIONS + 44, seed=9)  # past max_position_embeddings, where dynamic NTK rescales
+    states = []
+    for press in (None, kvsqueeze.make_press("expected_attention", compression_ratio=0.25)):
+        model = build_model(name, **{**overrides, "rope_parameters": {**overrides["rope_parameters"], "factor": 2.0}})
+        rotary = model.model.rotary_emb
+        cache, _, _ = prefill(model, ids, press)
+        states.append((rotary.inv_freq.clone(), int(rotary.max_seq_len_cached)))
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([[11]]), use_cache=True, **A.ModelAdapter(model).model_call_kwargs(cache))
+    (freq, length), (freq_press, length_press) = states
+    assert length_press == length == MAX_POSITIONS + 44
+    assert torch.equal(freq_press, freq)
+    # the next token is computed with the frequencies of its own length in both runs (only the caches differ)
+    assert int(rotary.max_seq_len_cached) == MAX_POSITIONS + 45

@@ -35,6 +35,11 @@ class KeyRerotationPress(Press):
     included) and ``model.generate`` expect. Each kept key is rotated by ``new_position - old_position`` (RoPE
     rotations compose); values are unchanged.
 
+    The rotation by ``new - old`` is taken from the layer's recorded ``position_embeddings`` (the ``cos, sin`` the
+    prefill used at both positions, see :func:`kvsqueeze.adapter.rotate_between`), not from the rotary module's
+    current inverse frequencies: with dynamic-NTK or longrope scaling those depend on the length of the module's
+    latest call, so they need not be the frequencies the cached keys were rotated with.
+
     Fields: ``press`` (a ScorerPress with uniform layer budgets, required; its ratio/budget is the wrapper's).
     """
 
@@ -69,6 +74,8 @@ class KeyRerotationPress(Press):
         kept = gather_kv(layer.keys, layer.values, indices)
         n_kept = indices.shape[-1]
         new_positions = torch.arange(layer.seq_len - n_kept, layer.seq_len, device=indices.device)
-        delta = new_positions - indices  # >= 0: kept keys only move towards the end
-        keys = A.rotate_by(kept.keys, delta, layer.adapter.inv_freq(layer.layer_idx))
+        if layer.first_position != 0 or layer.key_positions is not None:  # not reachable through the public API
+            raise ValueError("key_rerotation needs the whole context in order (a one-shot prefill compression)")
+        cos, sin = layer.position_embeddings  # (bsz, seq_len, rotary_dim), positions 0 … seq_len - 1
+        keys = A.rotate_between(kept.keys, cos, sin, indices, new_positions)
         return KV(keys, kept.values)
