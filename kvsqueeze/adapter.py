@@ -1199,7 +1199,9 @@ class ModelAdapter:
                         f"a press compresses transformers' dynamic cache (DynamicCache), not {type(cache).__name__} "
                         f"with {', '.join(sorted(other))}; drop cache_implementation / pass a DynamicCache"
                     )
-            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            check_unpadded(kwargs.get("attention_mask", args[1] if len(args) > 1 else None))
+
+        def check_unpadded(mask: Any) -> None:
             if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
                 return
             padded = (mask == 0).any(dim=-1)
@@ -1210,7 +1212,25 @@ class ModelAdapter:
                     f"{mask.shape[0]}; compress one sequence at a time (kvsqueeze.Pipeline does)"
                 )
 
-        return [self.decoder.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+        handles = [self.decoder.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+        if self.decoder is not self.model:
+            # A wrapper (a multimodal model) may hand the decoder its masks already built (a dict of 4-D masks for
+            # Gemma 3's): the 2-D padding mask is checked where the wrapper receives it.
+            mask_index = _argument_index(type(self.model).forward, "attention_mask")
+
+            def outer_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                if getattr(self.model, _INTERNAL_PASS, 0):
+                    return
+                cache = self.cache_from_call(kwargs)
+                if cache is not None and cache.get_seq_length() > 0:
+                    return  # not a prefill: the decoder's hook decides
+                mask = kwargs.get("attention_mask")
+                if mask is None and mask_index is not None and len(args) > mask_index:
+                    mask = args[mask_index]
+                check_unpadded(mask)
+
+            handles.append(self.model.register_forward_pre_hook(outer_pre_hook, with_kwargs=True))
+        return handles
 
     @contextmanager
     def internal_pass(self) -> Iterator[None]:
@@ -1352,6 +1372,14 @@ class ModelAdapter:
         """:meth:`compressed_attention` for what ``cache`` holds (decoding after compression)."""
         lengths = {layer_physical_length(cache, i) for i in self.compressible_layers}
         return self.compressed_attention(len(lengths) > 1, has_ragged_layers(cache))
+
+
+def _argument_index(function: Callable, name: str) -> int | None:
+    """Position of argument ``name`` among a method's positional arguments after ``self`` (None when absent)."""
+    params = [p for p in inspect.signature(function).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+    names = [p.name for p in params]
+    return names.index(name) if name in names else None
 
 
 def _rotary_state(rotary: nn.Module) -> dict[str, Any]:

@@ -190,3 +190,40 @@ def test_a_press_leaves_a_dynamic_rotary_module_as_the_prefill_left_it():
     assert torch.equal(freq_press, freq)
     # the next token is computed with the frequencies of its own length in both runs (only the caches differ)
     assert int(rotary.max_seq_len_cached) == MAX_POSITIONS + 45
+
+
+def _multimodal_gemma3():
+    """A tiny Gemma3ForConditionalGeneration (text part as conftest's ``gemma3``, one vision layer)."""
+    import transformers
+
+    from conftest import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, head_dim=16,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=8,
+                pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=127, boi_token_index=125, eoi_token_index=126)
+    return transformers.Gemma3ForConditionalGeneration(config).eval()
+
+
+def test_a_padded_batch_is_refused_on_a_multimodal_wrapper():
+    """Gemma 3's multimodal model hands its decoder a dict of 4-D masks, where the padding guard looked for the
+    2-D mask: a left-padded batch went through and its pad entries were scored and kept like tokens. The 2-D mask
+    is now checked where the wrapper receives it; the same batch unpadded compresses."""
+    model = _multimodal_gemma3()
+    ids = token_ids(20, seed=1, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    press = kvsqueeze.make_press("knorm", compression_ratio=0.5)
+    for call in (lambda m: model(input_ids=ids, attention_mask=m, use_cache=True),
+                 lambda m: model.generate(ids, attention_mask=m, max_new_tokens=2, do_sample=False, pad_token_id=0)):
+        with pytest.raises(ValueError, match=r"padded batch.*row\(s\) \[1\] of 2"):
+            with torch.inference_mode(), press(model):
+                call(mask)
+        with torch.inference_mode(), press(model) as report:
+            call(torch.ones_like(ids))
+        assert report.kept == {1: 10}, report.kept
