@@ -889,21 +889,24 @@ class ModelAdapter:
         self.attention_modules: list[nn.Module] = [modules[i] for i in sorted(modules)]
         n = len(self.attention_modules)
         layer_types = getattr(text_config, "layer_types", None)
+        # A window at least as long as the model's maximum context never drops a token (Phi-3-mini-128k: 262144 for
+        # 131072 positions): such layers are full attention in effect, and compressible.
+        window = getattr(text_config, "sliding_window", None)
+        max_positions = getattr(text_config, "max_position_embeddings", None)
+        never_slides = bool(window and max_positions and window >= max_positions)
         if layer_types is None:
             # Without per-layer types, transformers' cache makes every layer a sliding-window layer when the config
             # sets a window (Mistral-7B-v0.1: 4096 tokens, Phi-3-mini-4k: 2047): read the layout off that cache.
-            # A window at least as long as the model's maximum context never drops a token (Phi-3-mini-128k:
-            # 262144 for 131072 positions): such layers are full attention in effect, and compressible.
-            window = getattr(text_config, "sliding_window", None)
-            max_positions = getattr(text_config, "max_position_embeddings", None)
-            never_slides = bool(window and max_positions and window >= max_positions)
             layer_types = [
                 SLIDING_ATTENTION
                 if isinstance(layer, DynamicSlidingWindowLayer) and not never_slides
                 else FULL_ATTENTION
                 for layer in DynamicCache(config=model.config).layers
             ]
+        #: The config's attention type of each layer (which rotary parameters it uses, e.g. Gemma 3's local RoPE).
         self.layer_types: list[str] = list(layer_types)[:n]
+        #: Layers that keep every token: full attention, and sliding windows that cover the whole maximum context.
+        self._compressible = [t == FULL_ATTENTION or (never_slides and t == SLIDING_ATTENTION) for t in self.layer_types]
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         self.shape = ModelShape(
             num_layers=n,
@@ -943,11 +946,12 @@ class ModelAdapter:
     # -- layout ---------------------------------------------------------------------------------------------
     @property
     def compressible_layers(self) -> list[int]:
-        """Indices of full-attention layers; sliding-window layers are never compressed."""
-        return [i for i, t in enumerate(self.layer_types) if t == FULL_ATTENTION]
+        """Indices of the layers that keep every token: full-attention layers, and sliding-window layers whose
+        window is at least the model's maximum context. Layers that really slide are never compressed."""
+        return [i for i, c in enumerate(self._compressible) if c]
 
     def is_compressible(self, layer_idx: int) -> bool:
-        return self.layer_types[layer_idx] == FULL_ATTENTION
+        return self._compressible[layer_idx]
 
     def check_compressible(self) -> None:
         """Raise when the model has no full-attention layer: a press would then silently compress nothing."""

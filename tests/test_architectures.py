@@ -63,6 +63,10 @@ def _layout_cases():
         ("qwen2", {"use_sliding_window": True, "max_window_layers": 1, "sliding_window": 8}),  # hybrid, no layer_types
         ("mistral", {"sliding_window": 16}),  # Mistral-7B-v0.1 style: every layer sliding
         ("phi3", {"sliding_window": 16}),  # Phi-3-mini-4k style
+        # windows longer than the maximum context, on configs that type their layers: full attention in effect
+        ("qwen2", {"use_sliding_window": True, "max_window_layers": 0, "sliding_window": 2 * MAX_POSITIONS}),
+        ("qwen3", {"use_sliding_window": True, "max_window_layers": 1, "sliding_window": 2 * MAX_POSITIONS}),
+        ("gemma3", {"sliding_window": 2 * MAX_POSITIONS}),
     ]
     return [pytest.param(name, overrides, id=f"{name}-{overrides or 'default'}") for name, overrides in cases]
 
@@ -227,3 +231,35 @@ def test_a_padded_batch_is_refused_on_a_multimodal_wrapper():
         with torch.inference_mode(), press(model) as report:
             call(torch.ones_like(ids))
         assert report.kept == {1: 10}, report.kept
+
+
+@pytest.mark.parametrize("model_name, overrides", [
+    ("qwen2", {"use_sliding_window": True, "max_window_layers": 0, "sliding_window": 2 * MAX_POSITIONS}),
+    ("gemma3", {"sliding_window": 2 * MAX_POSITIONS}),
+], ids=["qwen2", "gemma3"])
+def test_windows_longer_than_the_context_are_compressed_exactly(model_name, overrides, single_thread):
+    """Sliding-typed layers whose window covers the whole maximum context (they were left uncompressed, and a Qwen2
+    with no full-attention layer was refused) are compressed, and the next tokens see exactly what was kept: the
+    uncompressed model with its attention masked to the kept entries gives the same logits."""
+    from test_decoding import masked_chunk_logits
+    from test_presses import match_rows
+
+    model = build_model(model_name, **overrides)
+    adapter = A.ModelAdapter(model)
+    assert adapter.compressible_layers == list(range(adapter.shape.num_layers))
+    ids = token_ids(40, seed=25)
+    full, _, _ = prefill(model, ids)
+    cache, report, _ = prefill(model, ids, kvsqueeze.make_press("knorm", compression_ratio=0.5))
+    assert report.kept == {i: 20 for i in range(adapter.shape.num_layers)}
+    kept = {i: match_rows(A.layer_kv(cache, i)[1], A.layer_kv(full, i)[1]) for i in adapter.compressible_layers}
+    steps = [torch.tensor([[t]]) for t in (7, 19, 33)]
+    got = []
+    with torch.inference_mode():
+        for step in steps:
+            got.append(model(input_ids=step, use_cache=True, **adapter.model_call_kwargs(cache)).logits[:, -1])
+    grown = []
+    for n in range(len(steps)):  # the appended tokens are kept, after the compressed context
+        grown.append({i: torch.cat([p, torch.arange(40, 40 + n).expand(*p.shape[:2], n)], -1) for i, p in kept.items()})
+    want = masked_chunk_logits(model, [ids, *steps], [{}, *grown])[1:]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
