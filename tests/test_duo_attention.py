@@ -128,6 +128,30 @@ def test_gradients_reach_every_gate(model_name, tiny_model):
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_distillation_loss_is_the_mean_squared_distance(tiny_model):
+    """The paper's "mean squared distance" (and its reference code): averaged over the hidden dimension and the
+    answer positions. Summed over the hidden dimension it was ``hidden_size`` times larger, which made λ = 0.05 that
+    much weaker than the paper's and left the gates near 1."""
+    model = tiny_model("llama")
+    adapter = A.ModelAdapter(model)
+    gates = torch.full((adapter.shape.num_layers, adapter.shape.num_key_value_heads), 0.3)
+    sample = given_sequence_sample(token_ids(64, seed=4))
+    with torch.no_grad():
+        loss, distill = duo_loss(model, sample, gates, n_sink=2, n_recent=4, l1_weight=0.05)
+
+        def final_hidden():
+            out = model(input_ids=sample.input_ids, use_cache=False, output_hidden_states=True)
+            return out.hidden_states[-1][:, sample.answer_positions]
+
+        reference = final_hidden()
+        with A.gated_attention(model, gates, 2, 4):
+            mixed = final_hidden()
+    squared = (mixed - reference).pow(2)
+    assert squared.shape[-1] == model.config.hidden_size and squared.shape[1] == len(sample.answer_positions) > 1
+    torch.testing.assert_close(distill, squared.mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss, squared.mean() + 0.05 * gates.sum(), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_gates_at_one_and_zero(model_name, tiny_model):
     """α = 1 reproduces the model and α = 0 with a window covering everything too; α = 0 with a short window

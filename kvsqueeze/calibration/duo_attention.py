@@ -7,7 +7,10 @@ Every KV head of every full-attention layer gets a gate ``α ∈ [0, 1]``, initi
 head's attention output is ``α · full + (1 − α) · streaming``, where the streaming branch sees only the first
 ``n_sink`` and the last ``n_recent`` tokens. The model weights stay frozen. The loss is the squared distance between
 the final hidden states of the full model and of the gated model at the answer positions of synthetic passkey
-retrieval samples (summed over the hidden dimension, averaged over the answer positions), plus ``λ · Σ|α|``; after
+retrieval samples (the mean squared difference, averaged over the hidden dimension and the answer positions, as the
+paper's "mean squared distance" and its reference code ``duo_attn/train.py`` compute it: summed over the hidden
+dimension instead, the distillation term would be ``hidden_size`` times larger and λ that much weaker, leaving
+the gates near 1), plus ``λ · Σ|α|``; after
 each Adam step the gates are clipped to [0, 1]. Heads the model can replace by a streaming window lose their gate
 to the L1 term; heads that retrieve the passkeys keep theirs.
 
@@ -119,7 +122,7 @@ def duo_loss(
         reference = _final_hidden(model, ids)[:, pos]
     with A.gated_attention(model, gates, n_sink, n_recent):
         mixed = _final_hidden(model, ids)[:, pos]
-    distill = (mixed.float() - reference.float()).pow(2).sum(-1).mean()
+    distill = (mixed.float() - reference.float()).pow(2).mean()  # over answer positions and hidden dimension
     return distill + l1_weight * gates.abs().sum(), distill
 
 
