@@ -650,6 +650,50 @@ def register_ragged_attention() -> None:
         AttentionMaskInterface.register(name, masks[base])
 
 
+def _implementations(config: Any) -> dict[str, Any]:
+    """Every (sub-)config's attention implementation, nested as ``set_attn_implementation`` takes them back:
+    ``{"": own, sub_config_name: {...}, ...}``."""
+    saved: dict[str, Any] = {"": getattr(config, "_attn_implementation", None)}
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None:
+            saved[key] = _implementations(sub)
+    return saved
+
+
+def _text_config_request(config: Any, text_config: Any, implementation: str) -> str | dict[str, Any] | None:
+    """The ``set_attn_implementation`` argument that gives ``text_config`` (``config`` itself or one of its
+    sub-configs) ``implementation`` and leaves every other (sub-)config as it is; None when not found."""
+    if config is text_config:
+        return {"": implementation} if getattr(config, "sub_configs", None) else implementation
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is None:
+            continue
+        inner = _text_config_request(sub, text_config, implementation)
+        if inner is not None:
+            return {key: inner if isinstance(inner, dict) else {"": inner}}
+    return None
+
+
+def text_attention_implementation(model: nn.Module) -> str:
+    """The attention implementation the model's decoder (its text config) runs (``"eager"`` when unset)."""
+    return getattr(model.config.get_text_config(), "_attn_implementation", None) or "eager"
+
+
+@contextmanager
+def decoder_attention(model: nn.Module, implementation: str) -> Iterator[None]:
+    """Run the model's decoder (the text config) with ``implementation``; every (sub-)config's implementation is
+    restored afterwards. A multimodal model's vision tower keeps its own throughout."""
+    saved = _implementations(model.config)
+    request = _text_config_request(model.config, model.config.get_text_config(), implementation)
+    model.set_attn_implementation(request if request is not None else implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(saved if len(saved) > 1 else saved[""])
+
+
 class _AttentionState:
     """How many of kvsqueeze's attention adjustments are open in the process. :class:`RaggedLayer` refuses to run
     while no :func:`ragged_attention` block is open; :class:`CompressedLayer` refuses uneven layer lengths while no
@@ -694,8 +738,7 @@ def ragged_attention(model: nn.Module) -> Iterator[None]:
     otherwise). Nested use is a no-op.
     """
     register_ragged_attention()
-    config = model.config
-    current = getattr(config, "_attn_implementation", None) or "eager"
+    current = text_attention_implementation(model)
     if current in _BASE_OF:
         with _open("ragged"):
             yield
@@ -705,12 +748,8 @@ def ragged_attention(model: nn.Module) -> Iterator[None]:
             f"head-wise compressed caches need attn_implementation 'sdpa', 'eager' or 'flash_attention_2'; "
             f"the model runs {current!r}"
         )
-    model.set_attn_implementation(RAGGED_IMPLEMENTATIONS[current])
-    try:
-        with _open("ragged"):
-            yield
-    finally:
-        model.set_attn_implementation(current)
+    with decoder_attention(model, RAGGED_IMPLEMENTATIONS[current]), _open("ragged"):
+        yield
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -831,14 +870,12 @@ def gated_attention(
         raise ValueError(f"gates must be (num_layers, num_kv_heads) = ({n_layers}, {n_kv}), got {tuple(gates.shape)}")
     register_gated_attention()
     layers = adapter.compressible_layers if layers is None else layers
-    current = adapter.attn_implementation
     _GATED_STATE.append((gates, int(n_sink), int(n_recent), frozenset(layers)))
     try:
-        model.set_attn_implementation(GATED_IMPLEMENTATION)
-        yield
+        with decoder_attention(model, GATED_IMPLEMENTATION):
+            yield
     finally:
         _GATED_STATE.pop()
-        model.set_attn_implementation(current)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1001,7 +1038,8 @@ class ModelAdapter:
 
     @property
     def attn_implementation(self) -> str:
-        return getattr(self.model.config, "_attn_implementation", None) or "eager"
+        """What the decoder runs (the text config's implementation; a vision tower may run another)."""
+        return getattr(self.config, "_attn_implementation", None) or "eager"
 
     def new_cache(self) -> Cache:
         """An empty cache laid out for this model (sliding-window layers where the config has them)."""

@@ -263,3 +263,31 @@ def test_windows_longer_than_the_context_are_compressed_exactly(model_name, over
     want = masked_chunk_logits(model, [ids, *steps], [{}, *grown])[1:]
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_implementations_of_a_multimodal_model_are_read_and_restored_per_sub_model():
+    """The adapter reads the decoder's (text config's) implementation and switches only the decoder's: a vision
+    tower running another implementation keeps it, inside the block and after; before, the top-level config was
+    read (an eager text model was refused by eager-only presses) and one string restored everywhere."""
+    model = _multimodal_gemma3()
+
+    def implementations():
+        c = model.config
+        return c._attn_implementation, c.text_config._attn_implementation, c.vision_config._attn_implementation
+
+    ids = token_ids(20, seed=3)
+    model.set_attn_implementation({"text_config": "sdpa", "vision_config": "eager"})
+    headwise = kvsqueeze.make_press("adakv", press=kvsqueeze.make_press("knorm"), compression_ratio=0.5)
+    with torch.inference_mode(), headwise(model):
+        assert implementations() == ("sdpa", "kvsqueeze_sdpa", "eager")
+        model.generate(ids, max_new_tokens=3, do_sample=False)  # ragged layers need the ragged attention
+    assert implementations() == ("sdpa", "sdpa", "eager")
+
+    model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa"})
+    assert A.ModelAdapter(model).attn_implementation == "eager"
+    with torch.inference_mode(), kvsqueeze.make_press("observed_attention", compression_ratio=0.5)(model) as report:
+        model(input_ids=ids, use_cache=True)
+    assert report.kept == {1: 10}
+    with torch.inference_mode(), headwise(model):
+        model(input_ids=ids, use_cache=True)
+    assert implementations() == ("sdpa", "eager", "sdpa")

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvsqueeze import adapter as A
 from kvsqueeze.evaluation.base import Benchmark, Prediction, Sample
 from kvsqueeze.presses.base import _check_ratio, check_int
 
@@ -185,7 +186,7 @@ def model_key(model: nn.Module, model_name: str | None) -> dict[str, Any]:
         "model_type": identity["model_type"],
         "fingerprint": identity["fingerprint"],
         "dtype": str(dtype).removeprefix("torch."),
-        "attn_implementation": getattr(model.config, "_attn_implementation", None) or "eager",
+        "attn_implementation": A.text_attention_implementation(model),
     }
     overrides = config_overrides(model)
     if overrides:  # e.g. sliding_window=None changes every prediction; absent otherwise, so older keys still match
@@ -475,15 +476,11 @@ def eager_attention(model: nn.Module) -> Iterator[nn.Module]:
     Attention weights are only materialised by the eager implementation; switching in place avoids holding a
     second copy of the weights. The previous implementation is restored in ``finally``.
     """
-    previous = getattr(model.config, "_attn_implementation", None) or "eager"
-    if previous == "eager":
+    if A.text_attention_implementation(model) == "eager":
         yield model
         return
-    model.set_attn_implementation("eager")
-    try:
+    with A.decoder_attention(model, "eager"):
         yield model
-    finally:
-        model.set_attn_implementation(previous)
 
 
 def run_sweep(
@@ -572,9 +569,9 @@ def run_sweep(
     if eager_model is not None:
         from kvsqueeze.calibration.artifacts import model_identity
 
-        if getattr(eager_model.config, "_attn_implementation", None) != "eager":
+        if A.text_attention_implementation(eager_model) != "eager":
             raise ValueError("eager_model must run attn_implementation='eager' (load_model(..., attn_implementation="
-                             f"'eager')), it runs {eager_model.config._attn_implementation!r}")
+                             f"'eager')), it runs {A.text_attention_implementation(eager_model)!r}")
         if model_identity(eager_model)["fingerprint"] != model_identity(model)["fingerprint"]:
             raise ValueError("eager_model does not hold the same weights as model (their fingerprints differ)")
     for entry in entries:  # a missing calibration artifact fails here, before any prefill (eager-only presses are
