@@ -373,6 +373,37 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """Show what the cache holds (converted models, assembled GGUFs, artifacts) and remove what no load uses."""
+    from kvsqueeze.models import cache_root, cache_usage, clean_cache
+
+    if args.dry_run and not args.clean:
+        raise CLIError("--dry-run only goes with --clean")
+    entries = clean_cache(dry_run=args.dry_run) if args.clean else cache_usage()
+    if args.json:
+        rows = [{"kind": e.kind, "path": str(e.path), "bytes": e.bytes, "status": e.status, "reason": e.reason}
+                for e in entries]
+        key = "removed" if args.clean and not args.dry_run else ("would_remove" if args.clean else "entries")
+        print(json.dumps({"root": str(cache_root()), key: rows}))
+        return 0
+    mib = 2**20
+    if args.clean:
+        verb = "would remove" if args.dry_run else "removed"
+        for e in entries:
+            print(f"{verb} {e.path} ({e.bytes / mib:.1f} MiB, {e.status}: {e.reason})")
+        print(f"{verb} {len(entries)} item(s), {sum(e.bytes for e in entries) / mib:.1f} MiB under {cache_root()}")
+        return 0
+    rows = [(e.kind, str(e.path.relative_to(cache_root())), f"{e.bytes / mib:.1f}", e.status, e.reason)
+            for e in entries if e.kind != "hash"]
+    print(f"{cache_root()} (KVSQUEEZE_CACHE to move it)\n")
+    print(format_table(["kind", "path", "MiB", "status", "why"], rows) if rows else "(empty)")
+    removable = [e for e in entries if e.removable]
+    total = sum(e.bytes for e in entries) / mib
+    print(f"\n{total:.1f} MiB in all; {len(removable)} item(s), {sum(e.bytes for e in removable) / mib:.1f} MiB, "
+          "unused by any load (kvsqueeze cache --clean removes them)")
+    return 0
+
+
 def _bytes_summary(ctx) -> dict[str, Any]:
     before, after = ctx.full_cache_bytes, ctx.cache_bytes
     return {
@@ -876,6 +907,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the embedded models")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("cache", help="what the model/artifact cache holds; --clean removes what no load uses")
+    p.add_argument("--clean", action="store_true",
+                   help="remove superseded or damaged model conversions, abandoned temporary folders and stale "
+                        "hash records (calibration artifacts are never removed)")
+    p.add_argument("--dry-run", action="store_true", help="with --clean: list what would be removed, remove nothing")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("run", help="compress a context file and answer a question from the compressed cache")
     p.add_argument(

