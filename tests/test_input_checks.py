@@ -284,7 +284,7 @@ def test_load_model_refuses_a_folder_without_a_model(tmp_path):
                                          r"config\.json"):
         kvsqueeze.load_model(str(tmp_path))
     (tmp_path / "weights.gguf").write_bytes(b"GGUF")
-    with pytest.raises(ValueError, match=r"it holds weights.gguf: GGUF files are read only for the embedded models"):
+    with pytest.raises(ValueError, match=r"it holds weights.gguf: give the GGUF file's path instead"):
         kvsqueeze.load_model(str(tmp_path))
 
 
