@@ -733,24 +733,19 @@ def benchmark_options(cls, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def check_benchmark_lengths(benchmark, model, max_new_tokens: int | None = None) -> None:
-    """Refuse the lengths of ``niah`` (``--lengths``) and ``ruler`` (``--length``) that cannot fit in ``model``'s
-    ``max_position_embeddings``, before the (slow) sample building.
+    """Refuse the sample lengths (:meth:`Benchmark.sample_lengths`: ``niah``'s ``--lengths``, ``ruler``'s
+    ``--length``) that cannot fit in ``model``'s ``max_position_embeddings``, before the (slow) sample building.
 
-    Their length is the target of context + question in tokens of the model's tokenizer: RULER refuses to build a
+    A length is the target of context + question in tokens of the model's tokenizer: RULER refuses to build a
     sample more than ``TOLERANCE`` (2%) short of it, and NIAH cuts its haystack at a word, closer still. The
     pipeline refuses a sample whose context + question + answer tokens exceed the maximum; so only a length whose
     shortest possible sample leaves no room for ``max_new_tokens`` answer tokens (1 when not given) is refused here:
     every sample of it would be refused later. Other benchmarks are not checked (their lengths mean other things).
     """
-    from kvsqueeze.evaluation.niah import NeedleInAHaystack
-    from kvsqueeze.evaluation.ruler import TOLERANCE, Ruler
-
-    if isinstance(benchmark, NeedleInAHaystack):
-        flag, lengths = "--lengths", list(benchmark.lengths)
-    elif isinstance(benchmark, Ruler):
-        flag, lengths = "--length", [benchmark.length]
-    else:
+    targets = benchmark.sample_lengths()
+    if targets is None:
         return
+    flag, lengths, tolerance = targets
     from kvsqueeze.adapter import ModelAdapter
 
     maximum = ModelAdapter(model).shape.max_position_embeddings
@@ -758,8 +753,8 @@ def check_benchmark_lengths(benchmark, model, max_new_tokens: int | None = None)
         return
     answer = max_new_tokens or 1
 
-    def fewest_tokens(length: int) -> int:  # the shortest sample a length may give (RULER's own bound)
-        return math.ceil((1 - TOLERANCE) * length)
+    def fewest_tokens(length: int) -> int:  # the shortest sample a length may give (the benchmark's own bound)
+        return math.ceil((1 - tolerance) * length)
 
     too_long = [n for n in lengths if fewest_tokens(n) + answer > maximum]
     if too_long:
@@ -767,7 +762,7 @@ def check_benchmark_lengths(benchmark, model, max_new_tokens: int | None = None)
         raise CLIError(
             f"{flag} {','.join(map(str, too_long))} cannot fit in the model's maximum of {maximum} positions "
             f"(config.max_position_embeddings): a sample of length {shortest} holds at least "
-            f"{fewest_tokens(shortest)} tokens of context and question (samples land within {TOLERANCE:.0%} below "
+            f"{fewest_tokens(shortest)} tokens of context and question (samples land within {tolerance:.0%} below "
             f"their length), which leaves no room for {answer} answer token(s); use lengths below {maximum}"
         )
 

@@ -141,6 +141,13 @@ class Benchmark(ABC):
         """The options that define the rows (part of the results directory key). JSON-serialisable."""
         return {}
 
+    def sample_lengths(self) -> tuple[str, list[int], float] | None:
+        """For benchmarks whose samples have target lengths in tokens (context + question): ``(option, lengths,
+        tolerance)``, where every sample of length ``n`` holds at least ``(1 - tolerance) · n`` tokens and
+        ``option`` names the setting (the CLI flag); ``kvsqueeze eval`` refuses lengths that cannot fit in the
+        model before building any sample. None (the default) when lengths mean something else or are not set."""
+        return None
+
     def check_data(self) -> None:
         """Raise now if the rows cannot be had (data files missing, hub unreachable, ...), before any model work.
 

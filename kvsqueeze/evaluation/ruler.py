@@ -687,6 +687,9 @@ class Ruler(Benchmark):
         self.qa_data_files = files
         self._qa: dict[str, _QaData] | None = None  # loaded once: see "Which tasks run" above
 
+    def sample_lengths(self) -> tuple[str, list[int], float]:
+        return "--length", [self.length], TOLERANCE
+
     def config(self) -> dict[str, Any]:
         """The options that define the rows; ``tasks`` are those that run (see the class docstring)."""
         return {"length": self.length, "tasks": list(self.running_tasks()), "n_samples": self.n_samples,
