@@ -943,7 +943,9 @@ class ModelAdapter:
         #: The config's attention type of each layer (which rotary parameters it uses, e.g. Gemma 3's local RoPE).
         self.layer_types: list[str] = list(layer_types)[:n]
         #: Layers that keep every token: full attention, and sliding windows that cover the whole maximum context.
-        self._compressible = [t == FULL_ATTENTION or (never_slides and t == SLIDING_ATTENTION) for t in self.layer_types]
+        self._compressible = [
+            t == FULL_ATTENTION or (never_slides and t == SLIDING_ATTENTION) for t in self.layer_types
+        ]
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         self.shape = ModelShape(
             num_layers=n,
@@ -1178,7 +1180,9 @@ class ModelAdapter:
         """
         if self._rotary is None:
             raise UnsupportedModelError(f"{type(self.model).__name__} has no rotary embedding module")
-        args = (like, position_ids, self.layer_types[layer_idx]) if self._rotary_takes_layer_type else (like, position_ids)
+        args = (like, position_ids)
+        if self._rotary_takes_layer_type:
+            args += (self.layer_types[layer_idx],)
         if not self._rotary_stateful:
             return self._rotary(*args)
         state = _rotary_state(self._rotary)

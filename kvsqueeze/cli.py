@@ -197,8 +197,11 @@ def build_press(name: str, ratio: float | None, options: dict[str, Any] | None =
             raise CLIError(f"--press none takes no --press-option (got {sorted(options)})")
         return None
     check_cli_press(name, options)  # before the ratio: a composition is refused with or without --ratio
-    if ratio is None:
-        raise CLIError(f"--ratio is required with --press {name} (fraction of KV entries removed, e.g. 0.5)")
+    if ratio is None and options.get("budget") is None:
+        raise CLIError(
+            f"--ratio is required with --press {name} (fraction of KV entries removed, e.g. 0.5), or an absolute "
+            "budget of kept tokens: --press-option budget=N"
+        )
     kwargs = dict(options)
     if ratio:
         kwargs["compression_ratio"] = ratio
@@ -219,6 +222,15 @@ def load_with_options(model_name: str | None, model_options: dict[str, Any] | No
             f"{given} {verb} not match the weights of {exc.name}: the checkpoint's tensor shapes differ from what "
             "the changed config needs (see the load report above); keep the checkpoint's value"
         ) from None
+    except (CLIError, ValueError, TypeError, OSError, ImportError):
+        raise  # kvsqueeze's own checks, and transformers' errors that explain themselves
+    except Exception as exc:  # e.g. a truncated safetensors file, or an option value the model cannot be built with
+        given = "".join(f" --model-option {key}={value!r}" for key, value in (model_options or {}).items())
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise CLIError(
+            f"cannot load model {model_name or 'smollm2-135m'!r}{' with' + given if given else ''}: "
+            f"{type(exc).__name__}: {text}"
+        ) from exc
 
 
 def load_for(model_name: str | None, press, model_options: dict[str, Any] | None = None) -> tuple[Any, Any]:
@@ -434,6 +446,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_for(args.model, press, model_options)
     pipe = Pipeline(model, tokenizer)
+    # a question or answer budget that cannot fit after the context is refused before the prefill, not after it
+    pipe.check_answerable(context, args.question, max_new_tokens=args.max_new_tokens, answer_prefix=args.answer_prefix)
     ctx = pipe.compress(context, press=press, prefill_chunk_size=args.prefill_chunk_size)
     answer = ctx.answer(args.question, max_new_tokens=args.max_new_tokens, answer_prefix=args.answer_prefix)
 
@@ -500,6 +514,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for press in pressed:  # as run and eval do: a missing calibration artifact fails here, before the prefill
         press.validate(pipe.adapter)
     text = demo_text()
+    pipe.check_answerable(text, DEMO_QUESTION, max_new_tokens=args.max_new_tokens, answer_prefix=DEMO_ANSWER_PREFIX)
     # One shared prefill when the press can work from recorded layer inputs; otherwise one prefill per ratio.
     shared = caps is None or caps.shares_recording
     recorded = pipe.record(text) if shared else None
@@ -759,11 +774,15 @@ def check_benchmark_lengths(benchmark, model, max_new_tokens: int | None = None)
     too_long = [n for n in lengths if fewest_tokens(n) + answer > maximum]
     if too_long:
         shortest = min(too_long)
+        fits = max((n for n in range(int(maximum / (1 - tolerance)) + 2) if fewest_tokens(n) + answer <= maximum),
+                   default=0)
         raise CLIError(
             f"{flag} {','.join(map(str, too_long))} cannot fit in the model's maximum of {maximum} positions "
             f"(config.max_position_embeddings): a sample of length {shortest} holds at least "
             f"{fewest_tokens(shortest)} tokens of context and question (samples land within {tolerance:.0%} below "
-            f"their length), which leaves no room for {answer} answer token(s); use lengths below {maximum}"
+            f"their length), which leaves no room for {answer} answer token(s); use lengths of at most "
+            f"{fits}"
+            + (" or a smaller --max-new-tokens" if max_new_tokens else "")
         )
 
 
@@ -915,7 +934,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--press", required=True, help=f"press name (kvsqueeze ls), or 'none' for no compression; {WRAPPER_HELP}"
     )
-    p.add_argument("--ratio", help="compression ratio in [0, 1): fraction of KV entries removed")
+    p.add_argument("--ratio", help="compression ratio in [0, 1): fraction of KV entries removed (or give an absolute "
+                                   "budget of kept tokens instead: --press-option budget=N)")
     p.add_argument("--context", required=True, metavar="FILE", help="UTF-8 text file to compress ('-': stdin)")
     p.add_argument("--question", required=True, help="question answered from the compressed context")
     p.add_argument("--model", default=None, help=model_help)

@@ -150,7 +150,7 @@ def resolve_name(name: str | None) -> str:
         return name
     # A hub id is "org/name"; anything else with a path shape is a local path, and a missing one is a typo, not
     # something to look up on the hub (which would fail later with a confusing message, or after retries).
-    if name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name:
+    if name.startswith(("/", "./", "../", "~", ".\\")) or name.endswith("/") or name.count("/") > 1 or "\\" in name:
         path = os.path.expanduser(name)
         if os.path.exists(path):
             return path

@@ -111,11 +111,15 @@ class Pipeline:
             self.template.prefix + context, add_special_tokens=self.template.add_special_tokens, return_tensors="pt"
         ).input_ids
         self._check_token_ids(ids)
-        if self.max_length is not None and ids.shape[1] >= self.max_length:
-            raise ValueError(
-                f"context has {ids.shape[1]} tokens, which leaves no room for a question within the model's maximum "
-                f"of {self.max_length} (config.max_position_embeddings)"
-            )
+        if self.max_length is not None:
+            # the shortest question there is: the template's separator and suffix around an empty one
+            least = self.question_ids("").shape[1] + 1  # and one answer token
+            if ids.shape[1] + least > self.max_length:
+                template = f" (with the {least - 1} tokens the prompt format puts around it)" if least > 1 else ""
+                raise ValueError(
+                    f"context has {ids.shape[1]} tokens, which leaves no room for a question{template} and one "
+                    f"answer token within the model's maximum of {self.max_length} (config.max_position_embeddings)"
+                )
         return ids.to(self.device)
 
     def question_ids(self, question: str, answer_prefix: str = "") -> torch.Tensor:

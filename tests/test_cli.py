@@ -147,7 +147,7 @@ def test_model_names_resolve_or_fail_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "my-model").mkdir()
     assert resolve_name("~/my-model") == str(tmp_path / "my-model")
-    for missing in ("./no/such/dir", "../models/x", "/no/such/model", "~/absent", "models/llama/8b"):
+    for missing in ("./no/such/dir", "../models/x", "/no/such/model", "~/absent", "models/llama/8b", "missing_dir/"):
         with pytest.raises(ValueError, match=f"model directory not found: '{re.escape(missing)}'"):
             resolve_name(missing)
     assert resolve_name("someone/some-model") == "someone/some-model"

@@ -154,6 +154,20 @@ def test_check_data_checks_every_local_task_file(tmp_path):
         make_benchmark("longbench", tasks=["trec", "hotpotqa"], data_files=files).check_data()
 
 
+def test_a_malformed_data_file_is_named_with_its_line(tmp_path):
+    """A bad JSONL row used to give json's bare message ("line 1 column 2"), naming neither file nor row."""
+    rows = (FIXTURES / "longbench" / "trec.jsonl").read_text().splitlines()
+    bad = tmp_path / "trec.jsonl"
+    bad.write_text("\n".join([rows[0], "{'single': 'quotes'}", *rows[1:]]) + "\n")
+    bench = make_benchmark("longbench", tasks=["trec"], data_files=bad)
+    with pytest.raises(ValueError, match=r"trec\.jsonl: not valid JSON at line 2, column 2 \(Expecting property"):
+        list(bench.samples(None))
+    listed = tmp_path / "rows.json"
+    listed.write_text('{"data": [1, 2,]}')
+    with pytest.raises(ValueError, match=r"rows\.json: not valid JSON at line 1, column 16"):
+        hub._read_file(listed)
+
+
 def test_check_data_names_a_missing_local_file(tmp_path):
     with pytest.raises(hub.HubDataUnavailable, match="no file for hotpotqa"):
         make_benchmark("longbench", tasks=["hotpotqa"], data_files=tmp_path).check_data()

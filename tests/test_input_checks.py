@@ -68,6 +68,54 @@ def test_demo_validates_the_press_before_recording(model_dir, tmp_path, monkeypa
     assert "no qfilters calibration artifact" in error and "create it with: kvsqueeze calibrate" in error
 
 
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_run_and_demo_refuse_an_answer_that_cannot_fit_before_the_prefill(command, model_dir, tmp_path,
+                                                                          monkeypatch, capsys):
+    """A question and answer budget that cannot fit after the context used to be refused after a full prefill."""
+    from kvsqueeze.pipeline import Pipeline
+
+    context = tmp_path / "context.txt"
+    context.write_text("the access code is 4738215. " * 3)
+    monkeypatch.setattr(cli, "demo_text", lambda: context.read_text())
+    monkeypatch.setattr(Pipeline, "record", _too_late)
+    monkeypatch.setattr(Pipeline, "compress", _too_late)
+    argv = {"run": ["run", "--press", "knorm", "--ratio", "0.5", "--context", str(context), "--question", "code?"],
+            "demo": ["demo", "--press", "knorm", "--ratios", "0,0.5"]}[command]
+    error = _cli_error([*argv, "--model", str(model_dir), "--max-new-tokens", "250"], capsys)
+    assert "+ max_new_tokens (250) tokens exceed the model's maximum of 256" in error
+
+
+def test_cli_load_failures_are_one_error_line(model_dir, tmp_path, capsys):
+    """A damaged weights file, or a config option the model cannot be built with, used to print a traceback
+    (status 1); now one line naming the model and the option (status 2)."""
+    import shutil
+
+    context = tmp_path / "context.txt"
+    context.write_text("the quick brown fox")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model_dir, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    argv = ["run", "--press", "knorm", "--ratio", "0.5", "--context", str(context), "--question", "q"]
+    error = _cli_error([*argv, "--model", str(damaged)], capsys)
+    assert error.startswith(f"error: cannot load model {str(damaged)!r}: ")
+    error = _cli_error([*argv, "--model", str(model_dir), "--model-option", "hidden_act=no_such_act"], capsys)
+    assert error.startswith(f"error: cannot load model {str(model_dir)!r} with --model-option hidden_act='no_such_act'")
+    assert "no_such_act" in error.split("hidden_act=")[-1]
+
+
+def test_run_takes_a_budget_instead_of_a_ratio(model_dir, tmp_path, capsys):
+    context = tmp_path / "context.txt"
+    context.write_text("the access code is 4738215. " * 3)
+    argv = ["run", "--model", str(model_dir), "--press", "knorm", "--context", str(context), "--question", "code?",
+            "--max-new-tokens", "2", "--json"]
+    assert cli.main([*argv, "--press-option", "budget=10"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["press"]["budget"] == 10 and out["measured_ratio"] > 0
+    error = _cli_error(argv, capsys)
+    assert "--ratio is required with --press knorm" in error and "--press-option budget=N" in error
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # eval: benchmark lengths beyond the model's maximum, before any sample is built
 # ----------------------------------------------------------------------------------------------------------------
@@ -90,9 +138,12 @@ def no_samples(monkeypatch):
         (["--benchmark", "ruler", "--tasks", "niah_single_1", "--length", "100000"], "--length 100000 cannot fit"),
         # The shortest sample of 261 tokens holds ceil(0.98 * 261) = 256: no room for one answer token.
         (["--benchmark", "niah", "--lengths", "261"], "--lengths 261 cannot fit"),
+        (["--benchmark", "niah", "--lengths", "261"], "use lengths of at most 260"),  # ceil(0.98 * 260) = 255
         (["--benchmark", "niah", "--lengths", "1000,100000"], "--lengths 1000,100000 cannot fit"),
         # ceil(0.98 * 254) = 249 tokens leave room for 1 answer token, not for 8.
         (["--benchmark", "niah", "--lengths", "254", "--max-new-tokens", "8"], "no room for 8 answer token(s)"),
+        (["--benchmark", "niah", "--lengths", "254", "--max-new-tokens", "8"],
+         "use lengths of at most 253 or a smaller --max-new-tokens"),  # ceil(0.98 * 253) = 248
     ],
 )
 def test_eval_refuses_lengths_beyond_the_model_maximum_before_building_samples(

@@ -347,13 +347,18 @@ def test_context_longer_than_the_model_maximum(model_name, tiny_model, tokenizer
     ctx = pipe.compress("y" * (MAX_POSITIONS - 20), press=make_press("knorm", compression_ratio=0.5))
     with pytest.raises(ValueError, match=rf"max_new_tokens \(64\).*{MAX_POSITIONS}"):
         ctx.generate_ids("why?", max_new_tokens=64)
-    # The limits are exact: a context of MAX_POSITIONS tokens leaves no room (refused), one token less does; an
+    # The limits are exact: a context that leaves room for no question (the prompt format's tokens around an empty
+    # one) and one answer token is refused, one token shorter is accepted and answers the empty question; an
     # answer budget that exactly fills the positions is accepted, one more token is refused.
-    k = MAX_POSITIONS - (len(tokenizer("x").input_ids) - 1)
-    assert len(tokenizer("x" * k).input_ids) == MAX_POSITIONS
-    with pytest.raises(ValueError, match=rf"{MAX_POSITIONS} tokens"):
+    least = pipe.question_ids("").shape[1] + 1
+    assert least > 1  # the plain-text format puts a separator and an answer cue around the question
+    k = MAX_POSITIONS - least + 1 - (len(tokenizer("x").input_ids) - 1)
+    assert len(tokenizer("x" * k).input_ids) == MAX_POSITIONS - least + 1
+    with pytest.raises(ValueError, match=rf"context has {MAX_POSITIONS - least + 1} tokens.*no room for a question "
+                                         rf"\(with the {least - 1} tokens.*{MAX_POSITIONS}"):
         pipe.context_ids("x" * k)
-    assert pipe.context_ids("x" * (k - 1)).shape[1] == MAX_POSITIONS - 1
+    assert pipe.context_ids("x" * (k - 1)).shape[1] == MAX_POSITIONS - least
+    pipe.compress("x" * (k - 1)).answer("", max_new_tokens=1)  # just fits
     room = MAX_POSITIONS - ctx.n_tokens - pipe.question_ids("why?").shape[1]
     ctx.generate_ids("why?", max_new_tokens=room)
     with pytest.raises(ValueError, match=rf"max_new_tokens \({room + 1}\)"):

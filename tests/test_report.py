@@ -77,6 +77,23 @@ def test_report_refuses_unfinished_or_missing_directories(two_runs, tmp_path):
         write_report(str(two_runs[0]), tmp_path / "out")
 
 
+def test_a_damaged_results_file_is_named(two_runs, tmp_path):
+    """A hand-edited metrics.json or predictions.jsonl is named with its line (json's message named no file)."""
+    import shutil
+
+    from kvsqueeze.evaluation.sweep import read_predictions
+
+    copy = tmp_path / "copy"
+    shutil.copytree(two_runs[0], copy)
+    (copy / "metrics.json").write_text('{"rows": [}')
+    with pytest.raises(ValueError, match=r"copy/metrics\.json: not valid JSON at line 1, column 11"):
+        write_report([copy], tmp_path / "out")
+    lines = (copy / "predictions.jsonl").read_text().splitlines(keepends=True)
+    (copy / "predictions.jsonl").write_text("".join([lines[0], "not json\n", *lines[1:]]))
+    with pytest.raises(ValueError, match=r"predictions\.jsonl: not valid JSON at line 2, column 1"):
+        read_predictions(copy / "predictions.jsonl")
+
+
 def _markdown_rows(path) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in path.read_text().splitlines()
             if line.startswith("| ") and not line.startswith("| press |")]

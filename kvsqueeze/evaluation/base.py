@@ -16,10 +16,12 @@ close matches.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from kvsqueeze.presses.registry import UnknownNameError
@@ -113,6 +115,21 @@ class Prediction:
             sample.id, sample.task, question_index, prediction, tuple(sample.answers[question_index]),
             dict(sample.metadata),
         )
+
+
+def parse_json(text: str, where: str | Path, line: int | None = None) -> Any:
+    """``json.loads(text)``; malformed JSON is a ValueError naming the file (and its line, for JSON Lines) and where
+    in it the parser stopped (``json``'s own message names neither the file nor, for a JSONL row, its line)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        at = f"line {line}, column {exc.colno}" if line is not None else f"line {exc.lineno}, column {exc.colno}"
+        raise ValueError(f"{where}: not valid JSON at {at} ({exc.msg})") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON value in ``path`` (UTF-8); see :func:`parse_json` for malformed files."""
+    return parse_json(Path(path).read_text(encoding="utf-8"), path)
 
 
 class Benchmark(ABC):

@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 from tqdm.auto import tqdm
 
 from kvsqueeze.evaluation import metrics as M
-from kvsqueeze.evaluation.base import Benchmark, Prediction, Sample, register_benchmark
+from kvsqueeze.evaluation.base import Benchmark, Prediction, Sample, parse_json, read_json, register_benchmark
 
 INSTALL_HINT = "pip install 'kvsqueeze[eval]'  (or: pip install 'datasets>=3')"
 #: Seconds the hub reachability probe may take before the hub counts as unreachable.
@@ -75,9 +75,9 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
 def _read_file(path: Path) -> list[dict]:
     if path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as fh:
-            return [json.loads(line) for line in fh if line.strip()]
+            return [parse_json(line, path, number) for number, line in enumerate(fh, 1) if line.strip()]
     if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)
         if isinstance(data, Mapping) and "data" in data:
             data = data["data"]
         if not isinstance(data, list):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvsqueeze.evaluation.base import read_json
 from kvsqueeze.evaluation.sweep import BASELINE, config_hash, read_predictions, slug
 
 _MB = 1e6
@@ -53,7 +54,7 @@ def _load(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise FileNotFoundError(
             f"{directory} holds no metrics.json: the sweep did not finish; rerun the same command to resume it"
         )
-    return json.loads(config_path.read_text(encoding="utf-8")), json.loads(metrics_path.read_text(encoding="utf-8"))
+    return read_json(config_path), read_json(metrics_path)
 
 
 def _options(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from kvsqueeze import adapter as A
-from kvsqueeze.evaluation.base import Benchmark, Prediction, Sample
+from kvsqueeze.evaluation.base import Benchmark, Prediction, Sample, parse_json
 from kvsqueeze.presses.base import _check_ratio, check_int
 
 #: The name of the uncompressed baseline in predictions and metrics (ratio 0).
@@ -365,10 +365,10 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
         return []
     rows = []
     with path.open(encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if not line.endswith("\n"):
                 break  # an interrupted write; dropped by _clean_predictions before anything is appended
-            rows.append(json.loads(line))
+            rows.append(parse_json(line, path, number))
     return rows
 
 
