@@ -57,7 +57,11 @@ class ExpectedAttentionStatsPress(ScorerPress):
         load_artifact(self.artifact, adapter.model, METHOD)  # missing or foreign artifact: fail before prefill
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
-        artifact = load_artifact(self.artifact, layer.adapter.model, METHOD)  # cached after the first load
+        # loaded and checked once per press block (or recording), not once per layer: a full check costs ~1 ms
+        adapter = layer.adapter
+        artifact = adapter.memoized(
+            ("artifact", METHOD, self.artifact), lambda: load_artifact(self.artifact, adapter.model, METHOD)
+        )
         device, bsz = layer.keys.device, layer.keys.shape[0]
         mean = artifact.get("mean", device)[layer.layer_idx]  # (num_heads, head_dim)
         mean = mean.expand(bsz, *mean.shape)

@@ -53,6 +53,10 @@ class QFiltersPress(ScorerPress):
         load_artifact(self.artifact, adapter.model, METHOD)  # missing or foreign artifact: fail before prefill
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
-        artifact = load_artifact(self.artifact, layer.adapter.model, METHOD)  # cached after the first load
+        # loaded and checked once per press block (or recording), not once per layer: a full check costs ~1 ms
+        adapter = layer.adapter
+        artifact = adapter.memoized(
+            ("artifact", METHOD, self.artifact), lambda: load_artifact(self.artifact, adapter.model, METHOD)
+        )
         filters = artifact.get("filters", layer.keys.device)[layer.layer_idx]  # (num_kv_heads, head_dim)
         return torch.einsum("bknd,kd->bkn", layer.keys.float(), filters)
