@@ -1440,8 +1440,10 @@ def _rotary_state(rotary: nn.Module) -> dict[str, Any]:
 
 def _restore_rotary_state(rotary: nn.Module, state: dict[str, Any]) -> None:
     for name, (tensor, data) in state["buffers"].items():
-        tensor.copy_(data)  # the saved object holds the saved values again, whether or not it was replaced
-        rotary._buffers[name] = tensor
+        if rotary._buffers.get(name) is not tensor:
+            rotary._buffers[name] = tensor  # replaced (dynamic NTK registers a new buffer): the saved one is intact
+        elif not torch.equal(tensor, data):
+            tensor.copy_(data)  # updated in place (longrope), as the module itself did in this same mode
     for name, value in state["attrs"].items():
         setattr(rotary, name, value)
 
