@@ -780,9 +780,9 @@ def check_benchmark_lengths(benchmark, model, max_new_tokens: int | None = None)
             f"{flag} {','.join(map(str, too_long))} cannot fit in the model's maximum of {maximum} positions "
             f"(config.max_position_embeddings): a sample of length {shortest} holds at least "
             f"{fewest_tokens(shortest)} tokens of context and question (samples land within {tolerance:.0%} below "
-            f"their length), which leaves no room for {answer} answer token(s); use lengths of at most "
-            f"{fits}"
-            + (" or a smaller --max-new-tokens" if max_new_tokens else "")
+            f"their length), which leaves no room for {answer} answer token(s). No length above {fits} can fit "
+            "(and a sample also carries the prompt format's tokens, so lengths a little below may not either): use "
+            "shorter lengths" + (" or a smaller --max-new-tokens" if max_new_tokens else "")
         )
 
 

@@ -399,6 +399,35 @@ def test_cache_lists_and_cleans_only_what_no_load_uses(fake_gguf, tmp_path, caps
     assert M.converted_dir("smollm2-135m") == current and len(_FakeConversion.calls) == 3  # still in use, not redone
 
 
+@pytest.mark.parametrize("method", ["qfilters", "expected_attention_stats"])
+def test_a_recalibrated_artifact_is_used_by_a_recording_made_before(method, tiny_model, tmp_path):
+    """The artifact is checked once per recording (not per layer), but a file rewritten since is loaded again:
+    compressing an old recording after recalibrating gives what a fresh recording gives."""
+    import kvsqueeze
+    from kvsqueeze import adapter as A
+    from kvsqueeze.record import record_prefill
+
+    model = tiny_model("llama")
+    path = tmp_path / f"{method}.safetensors"
+
+    def calibrate_with(seed):
+        batches = [token_ids(96, seed=seed + i) for i in range(4)]
+        calibrate(model, None, method, input_ids_batches=batches, output=path, progress=False)
+
+    def kept_keys(cache):
+        return torch.cat([A.layer_kv(cache, i)[0].flatten() for i in A.ModelAdapter(model).compressible_layers])
+
+    calibrate_with(100)
+    ids = token_ids(60, seed=7)
+    recorded = record_prefill(model, ids)
+    press = kvsqueeze.make_press(method, compression_ratio=0.5, artifact=str(path))
+    before = kept_keys(recorded.compress(press)[0])
+    calibrate_with(500)
+    after = kept_keys(recorded.compress(press)[0])
+    assert not torch.equal(after, before)
+    assert torch.equal(after, kept_keys(record_prefill(model, ids).compress(press)[0]))
+
+
 def test_cache_root_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("KVSQUEEZE_CACHE", "~/kvc")

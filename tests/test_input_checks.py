@@ -138,12 +138,13 @@ def no_samples(monkeypatch):
         (["--benchmark", "ruler", "--tasks", "niah_single_1", "--length", "100000"], "--length 100000 cannot fit"),
         # The shortest sample of 261 tokens holds ceil(0.98 * 261) = 256: no room for one answer token.
         (["--benchmark", "niah", "--lengths", "261"], "--lengths 261 cannot fit"),
-        (["--benchmark", "niah", "--lengths", "261"], "use lengths of at most 260"),  # ceil(0.98 * 260) = 255
+        (["--benchmark", "niah", "--lengths", "261"], "No length above 260 can fit"),  # ceil(0.98 * 260) = 255
         (["--benchmark", "niah", "--lengths", "1000,100000"], "--lengths 1000,100000 cannot fit"),
         # ceil(0.98 * 254) = 249 tokens leave room for 1 answer token, not for 8.
         (["--benchmark", "niah", "--lengths", "254", "--max-new-tokens", "8"], "no room for 8 answer token(s)"),
         (["--benchmark", "niah", "--lengths", "254", "--max-new-tokens", "8"],
-         "use lengths of at most 253 or a smaller --max-new-tokens"),  # ceil(0.98 * 253) = 248
+         "No length above 253 can fit"),
+        (["--benchmark", "niah", "--lengths", "254", "--max-new-tokens", "8"], "shorter lengths or a smaller --max-new"),  # ceil(0.98 * 253) = 248
     ],
 )
 def test_eval_refuses_lengths_beyond_the_model_maximum_before_building_samples(

@@ -371,6 +371,20 @@ def load_artifact(path: str | os.PathLike | None, model: nn.Module, method: str)
     return artifact
 
 
+def load_artifact_once(adapter: ModelAdapter, path: str | os.PathLike | None, method: str) -> Artifact:
+    """:func:`load_artifact` through ``adapter.memoized``: loaded and checked once per state of the file (path,
+    size, modification and status-change times) for as long as the adapter lives (a press block, a recording),
+    instead of on every layer (a full check costs about a millisecond). A file rewritten since (recalibrated) is
+    loaded again."""
+    resolved = default_artifact_path(adapter.model, method) if path is None else Path(path)
+    try:
+        st = resolved.stat()
+    except OSError:
+        return load_artifact(path, adapter.model, method)  # missing: the error that names the calibrate command
+    key = ("artifact", method, str(resolved), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return adapter.memoized(key, lambda: load_artifact(path, adapter.model, method))
+
+
 def expected_tensors(model: nn.Module, method: str) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the tensors a ``method`` artifact holds for ``model``."""
     shape = ModelAdapter(model).shape

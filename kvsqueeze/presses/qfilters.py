@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from kvsqueeze.adapter import ModelAdapter
-from kvsqueeze.calibration.artifacts import check_artifact_field, load_artifact
+from kvsqueeze.calibration.artifacts import check_artifact_field, load_artifact, load_artifact_once
 from kvsqueeze.presses.base import Capabilities, LayerInputs, ScorerPress
 from kvsqueeze.presses.registry import register_press
 
@@ -53,10 +53,6 @@ class QFiltersPress(ScorerPress):
         load_artifact(self.artifact, adapter.model, METHOD)  # missing or foreign artifact: fail before prefill
 
     def score(self, layer: LayerInputs) -> torch.Tensor:
-        # loaded and checked once per press block (or recording), not once per layer: a full check costs ~1 ms
-        adapter = layer.adapter
-        artifact = adapter.memoized(
-            ("artifact", METHOD, self.artifact), lambda: load_artifact(self.artifact, adapter.model, METHOD)
-        )
+        artifact = load_artifact_once(layer.adapter, self.artifact, METHOD)  # not re-checked on every layer
         filters = artifact.get("filters", layer.keys.device)[layer.layer_idx]  # (num_kv_heads, head_dim)
         return torch.einsum("bknd,kd->bkn", layer.keys.float(), filters)
