@@ -1435,6 +1435,7 @@ def _rotary_state(rotary: nn.Module) -> dict[str, Any]:
     state["attrs"] = {
         k: v for k, v in vars(rotary).items() if not k.startswith("_") and isinstance(v, (torch.Tensor, int, float))
     }
+    state["names"] = set(vars(rotary)) | set(rotary._buffers)
     return state
 
 
@@ -1446,6 +1447,13 @@ def _restore_rotary_state(rotary: nn.Module, state: dict[str, Any]) -> None:
             tensor.copy_(data)  # updated in place (longrope), as the module itself did in this same mode
     for name, value in state["attrs"].items():
         setattr(rotary, name, value)
+    for name in set(vars(rotary)) - state["names"]:
+        if not name.startswith("_"):
+            # created by the call, e.g. a layer-typed module's ``full_attention_max_seq_len_cached``, which would
+            # otherwise make the next forward skip its own rescaling
+            delattr(rotary, name)
+    for name in set(rotary._buffers) - state["names"]:
+        del rotary._buffers[name]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

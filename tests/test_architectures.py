@@ -291,3 +291,22 @@ def test_attention_implementations_of_a_multimodal_model_are_read_and_restored_p
     with torch.inference_mode(), headwise(model):
         model(input_ids=ids, use_cache=True)
     assert implementations() == ("sdpa", "eager", "sdpa")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name, overrides", [
+    ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}),
+    ("phi3", SCALED_ROPE["phi3-longrope"][1]),
+    ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
+], ids=["llama-dynamic", "phi3-longrope", "gemma3-layer-typed-dynamic"])
+def test_asking_the_rotary_module_for_far_positions_changes_no_later_forward(name, overrides):
+    """``adapter.rope`` at positions past the maximum leaves the model computing exactly as an untouched copy; a
+    layer-typed module (Gemma 3) used to keep the ``full_attention_max_seq_len_cached`` the call created, so its
+    next forward skipped its own rescaling (logits off by 0.17)."""
+    untouched, used = build_model(name, **overrides), build_model(name, **overrides)
+    adapter = A.ModelAdapter(used)
+    with torch.inference_mode():
+        adapter.rope(adapter.compressible_layers[0], torch.arange(2 * MAX_POSITIONS + 88)[None], torch.zeros(1))
+        ids = token_ids(MAX_POSITIONS + 44, seed=1)
+        torch.testing.assert_close(used(input_ids=ids).logits, untouched(input_ids=ids).logits, rtol=0, atol=0)
