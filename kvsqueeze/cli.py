@@ -412,7 +412,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     removable = [e for e in entries if e.removable]
     total = sum(e.bytes for e in entries) / mib
     print(f"\n{total:.1f} MiB in all; {len(removable)} item(s), {sum(e.bytes for e in removable) / mib:.1f} MiB, "
-          "unused by any load (kvsqueeze cache --clean removes them)")
+          "superseded, damaged or abandoned (kvsqueeze cache --clean removes them)")
     return 0
 
 
@@ -925,7 +925,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="what the model/artifact cache holds; --clean removes what no load uses")
     p.add_argument("--clean", action="store_true",
                    help="remove superseded or damaged model conversions, abandoned temporary folders and stale "
-                        "hash records (calibration artifacts are never removed)")
+                        "hash records, judged against this environment's packages (calibration artifacts, and "
+                        "conversions of packages not installed here, are never removed)")
     p.add_argument("--dry-run", action="store_true", help="with --clean: list what would be removed, remove nothing")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_cache)

