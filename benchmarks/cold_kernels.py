@@ -10,9 +10,10 @@ such a gap, against the same operations run back to back:
   floats, or one of the kernels a press runs: top-k + sort of 3×1024 scores, ``index_select`` of 1536 rows);
 * everything is on tensors allocated before the gap, so nothing here allocates memory or touches new data.
 
-A gap with no torch work in it (the busy loop) is enough to make the first operation many times slower. On these
-shared 2-vCPU virtual machines that points at code and data of the kernel path being evicted between calls, not
-at anything a press computes. Prints a table, then one JSON line. Usage::
+On the 2026-11-29 machine a gap with no torch work in it (the busy loop) was enough to make the first operation
+many times slower, which points at code and data of the kernel path being evicted between calls, not at anything
+a press computes; on the 2026-11-30 machine the busy loop costs little (``index_select`` aside) and a model layer
+4-10x for the first small kernel. The penalty depends on the virtual machine. Prints a table, then one JSON line. Usage::
 
     python benchmarks/cold_kernels.py [--repeats 40]
 """
