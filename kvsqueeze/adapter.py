@@ -1259,9 +1259,9 @@ class ModelAdapter:
                 )
 
         handles = [self.decoder.register_forward_pre_hook(pre_hook, with_kwargs=True)]
-        if self.decoder is not self.model:
-            # A wrapper (a multimodal model) may hand the decoder its masks already built (a dict of 4-D masks for
-            # Gemma 3's): the 2-D padding mask is checked where the wrapper receives it.
+        if self.model.config is not self.config:
+            # A multimodal wrapper (its text config is a sub-config) may hand the decoder its masks already built (a
+            # dict of 4-D masks for Gemma 3's): the 2-D padding mask is checked where the wrapper receives it.
             mask_index = _argument_index(type(self.model).forward, "attention_mask")
 
             def outer_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -774,8 +774,9 @@ def check_benchmark_lengths(benchmark, model, max_new_tokens: int | None = None)
     too_long = [n for n in lengths if fewest_tokens(n) + answer > maximum]
     if too_long:
         shortest = min(too_long)
-        fits = max((n for n in range(int(maximum / (1 - tolerance)) + 2) if fewest_tokens(n) + answer <= maximum),
-                   default=0)
+        fits = math.floor((maximum - answer) / (1 - tolerance))  # ceil(x) <= k exactly when x <= k
+        while fits > 0 and fewest_tokens(fits) + answer > maximum:  # float rounding of (1 - tolerance)
+            fits -= 1
         raise CLIError(
             f"{flag} {','.join(map(str, too_long))} cannot fit in the model's maximum of {maximum} positions "
             f"(config.max_position_embeddings): a sample of length {shortest} holds at least "

@@ -70,12 +70,12 @@ class KeyRerotationPress(Press):
         return self.press.n_kept(seq_len)
 
     def compress(self, layer: LayerInputs) -> KV:
+        if layer.first_position != 0 or layer.key_positions is not None:  # not reachable through the public API
+            raise ValueError("key_rerotation needs the whole context in order (a one-shot prefill compression)")
         indices = self.press.select(layer)  # (bsz, kv_heads, n_kept), ascending
         kept = gather_kv(layer.keys, layer.values, indices)
         n_kept = indices.shape[-1]
         new_positions = torch.arange(layer.seq_len - n_kept, layer.seq_len, device=indices.device)
-        if layer.first_position != 0 or layer.key_positions is not None:  # not reachable through the public API
-            raise ValueError("key_rerotation needs the whole context in order (a one-shot prefill compression)")
         cos, sin = layer.position_embeddings  # (bsz, seq_len, rotary_dim), positions 0 … seq_len - 1
         keys = A.rotate_between(kept.keys, cos, sin, indices, new_positions)
         return KV(keys, kept.values)
