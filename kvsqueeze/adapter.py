@@ -53,7 +53,36 @@ _INTERNAL_PASS = "_kvsqueeze_internal_pass"
 _DRAFTING_SETTINGS = ("prompt_lookup_num_tokens", "assistant_early_exit")
 
 
-class CompressedLayer(DynamicLayer):
+class _CompressedStorage:
+    """What both compressed layer kinds add to transformers' dynamic layer besides their storage:
+
+    * ``row_state`` — per-row state a press keeps about the layer (:func:`layer_state`), whose values follow the
+      batch's rows: every row operation transformers applies to the cache (beam search's ``reorder_cache``,
+      ``batch_repeat_interleave``, ``batch_select_indices``) is applied to them too, through their
+      ``select_rows(rows)`` method;
+    * ``reset()`` — transformers' ``Cache.reset`` contract (the objects are kept, the contents dropped): the layer
+      becomes an empty dynamic layer again, so the cache can be prefilled and compressed anew.
+    """
+
+    __slots__ = ()  # a layout like DynamicLayer's (and a base after it), so reset() can turn the layer into one
+    row_state: dict
+
+    def _rows_selected(self, rows: torch.Tensor) -> None:
+        """Apply a row selection (``new row i = old row rows[i]``) to :attr:`row_state`; a new dict, so a fork that
+        shares the old one is untouched."""
+        rows = torch.as_tensor(rows).reshape(-1)
+        rows = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.to(torch.int64)
+        self.row_state = {key: value.select_rows(rows) for key, value in self.row_state.items()}
+
+    def _reset_to_dynamic(self) -> None:
+        for name in list(vars(self)):
+            if name not in ("device", "dtype"):
+                delattr(self, name)
+        self.__class__ = DynamicLayer
+        DynamicLayer.__init__(self)
+
+
+class CompressedLayer(DynamicLayer, _CompressedStorage):
     """A full-attention cache layer holding only the kept entries, physically.
 
     ``keys``/``values`` are ``(bsz, num_key_value_heads, n_kept + n_appended, head_dim)``: the compressed context
@@ -77,6 +106,7 @@ class CompressedLayer(DynamicLayer):
         # Compressed context entries of every dense compressed layer of the same cache, shared by them (and by
         # forks, whose layers are copies): {layer_idx: n_compressed}. Filled by :func:`write_layer`.
         self.kept_by_layer = _KeptByLayer() if kept is None else kept
+        self.row_state = {}
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if self.kept_by_layer.uneven and not _ATTENTION_STATE.fits_uneven:
@@ -90,7 +120,11 @@ class CompressedLayer(DynamicLayer):
                 "`kvsqueeze.adapter.ModelAdapter(model).attention_for_cache(cache)`, which fit the mask to each layer"
             )
         self.cumulative_length += key_states.shape[-2]
-        return super().update(key_states, value_states)
+        keys, values = super().update(key_states, value_states)
+        # Entries after the compressed context (appended tokens and these new ones): an attention call fitting a
+        # mask built for another layer's length takes the mask's columns for exactly these (see _fit_mask).
+        keys.kvsqueeze_tail = keys.shape[-2] - self.n_compressed
+        return keys, values
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -101,6 +135,23 @@ class CompressedLayer(DynamicLayer):
 
     def crop(self, tokens_to_remove: int) -> None:
         _crop_appended(self, tokens_to_remove, self.keys.shape[-2] - self.n_compressed)
+
+    def reset(self) -> None:
+        self._reset_to_dynamic()
+
+    # -- across the batch: the stored rows as transformers' dynamic layer selects them, and the press state too ---
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._rows_selected(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        rows = torch.arange(self.keys.shape[0]).repeat_interleave(repeats)
+        super().batch_repeat_interleave(repeats)
+        self._rows_selected(rows)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._rows_selected(indices)
 
 
 class _KeptByLayer(dict):
@@ -144,7 +195,7 @@ def take_low_water(cache: Cache, layer_idx: int) -> int | None:
     return low
 
 
-class RaggedLayer(DynamicLayer):
+class RaggedLayer(DynamicLayer, _CompressedStorage):
     """A full-attention cache layer where every (sequence, KV head) keeps its own number of context entries.
 
     Storage holds only what was kept:
@@ -177,6 +228,7 @@ class RaggedLayer(DynamicLayer):
         self.values = ctx_values.new_empty(bsz, heads, 0, ctx_values.shape[-1])
         self.is_initialized = True
         self.cumulative_length = int(logical_length)
+        self.row_state = {}
         self._index()
 
     def _index(self) -> None:
@@ -253,6 +305,10 @@ class RaggedLayer(DynamicLayer):
         self.keys = self.keys.index_select(0, on_device)
         self.values = self.values.index_select(0, on_device)
         self._index()
+        self._rows_selected(rows)
+
+    def reset(self) -> None:
+        self._reset_to_dynamic()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row ``i`` becomes the old row ``beam_idx[i]``."""
@@ -410,6 +466,8 @@ def fork_cache(cache: Cache) -> Cache:
     forked.layers = [copy.copy(layer) for layer in cache.layers]
     kept = None
     for layer in forked.layers:
+        if isinstance(layer, _CompressedStorage):
+            layer.row_state = dict(layer.row_state)
         if isinstance(layer, CompressedLayer):
             if kept is None:
                 kept = _KeptByLayer(layer.kept_by_layer)
@@ -436,6 +494,21 @@ def press_state(cache: Cache) -> dict:
         state = {}
         setattr(cache, _PRESS_STATE, state)
     return state
+
+
+def layer_state(cache: Cache, layer_idx: int) -> dict:
+    """Per-row state a press keeps about one compressed layer, ``{key: value}`` (see :class:`_CompressedStorage`).
+
+    Each value has the batch's rows first and a ``select_rows(rows)`` method returning the value for the rows
+    ``rows`` (new row i = old row ``rows[i]``): beam search, ``batch_repeat_interleave`` and ``batch_select_indices``
+    apply it, so the state always describes the rows the layer stores. It is replaced when the layer is (a new
+    compression writes a new layer), dropped by ``cache.reset()``, and copied by :func:`fork_cache`. Values must
+    be replaced, never modified in place (a fork shares them until it replaces them).
+    """
+    layer = cache.layers[layer_idx]
+    if not isinstance(layer, _CompressedStorage):
+        raise TypeError(f"layer {layer_idx} holds no compressed context ({type(layer).__name__})")
+    return layer.row_state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -602,26 +675,43 @@ def _base_attention(base: str, module_type: type) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[base]
 
 
-def _fit_mask(mask: torch.Tensor | None, kv_len: int, q_len: int) -> torch.Tensor | None:
-    """A 4-D mask built for another layer's length, refitted to ``kv_len`` keys: every entry stored before this
-    step visible, the original mask's columns for the ``q_len`` new tokens; any other mask is returned as is.
-    Compressed layers may store different counts (per-layer budgets, ragged heads), but transformers builds one
-    mask per attention type from a single layer's sizes."""
+def _fit_mask(mask: torch.Tensor | None, kv_len: int, tail: int) -> torch.Tensor | None:
+    """A 4-D mask built for another layer's length, refitted to ``kv_len`` keys: the layer's compressed context
+    (its first ``kv_len - tail`` entries) visible, the original mask's last ``tail`` columns for the rest — the
+    tokens appended since compression and the new ones, which every layer stores alike, so a padded row's padding
+    stays hidden. Any other mask is returned as is. Compressed layers may store different counts (per-layer
+    budgets, ragged heads), but transformers builds one mask per attention type from a single layer's sizes."""
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-1] == kv_len:
         return mask
-    stored = kv_len - q_len
+    tail = min(tail, kv_len, mask.shape[-1])
+    context = kv_len - tail
     if mask.dtype == torch.bool:
-        visible = torch.ones(*mask.shape[:-1], stored, dtype=torch.bool, device=mask.device)
+        visible = torch.ones(*mask.shape[:-1], context, dtype=torch.bool, device=mask.device)
     else:
-        visible = torch.zeros(*mask.shape[:-1], stored, dtype=mask.dtype, device=mask.device)
-    return torch.cat([visible, mask[..., -q_len:]], dim=-1)
+        visible = torch.zeros(*mask.shape[:-1], context, dtype=mask.dtype, device=mask.device)
+    return torch.cat([visible, mask[..., mask.shape[-1] - tail :]], dim=-1)
+
+
+def layer_tail(cache: Cache, layer_idx: int) -> int:
+    """Entries layer ``layer_idx`` stores after its compressed context: the tokens appended since compression,
+    the same count in every layer (a layer that was not compressed stores them after its whole prefill)."""
+    layer = cache.layers[layer_idx]
+    if isinstance(layer, CompressedLayer):
+        return layer.keys.shape[-2] - layer.n_compressed
+    if isinstance(layer, RaggedLayer):
+        return layer.keys.shape[-2]
+    for other in cache.layers:
+        if isinstance(other, (CompressedLayer, RaggedLayer)):
+            return layer_tail(cache, cache.layers.index(other))
+    return 0
 
 
 def _make_ragged_attention(base: str) -> Callable:
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         valid = ragged_valid(key)
         if valid is None:  # a uniform layer (or the prefill): exactly what the base implementation does
-            attention_mask = _fit_mask(attention_mask, key.shape[-2], query.shape[2])
+            tail = getattr(key, "kvsqueeze_tail", query.shape[2])  # a compressed layer says how many it appended
+            attention_mask = _fit_mask(attention_mask, key.shape[-2], tail)
             return _base_attention(base, type(module))(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
@@ -1300,12 +1390,12 @@ class ModelAdapter:
           which the press would compress as if they were context (and a rejected draft then cannot be cropped);
         * chunked prefill (``prefill_chunk_size``): only the first chunk would be compressed — unless the press
           ``recompresses`` (it compresses again as the later chunks are appended);
-        * a ``cache_implementation`` other than the dynamic cache (static buffers, offloading, quantization);
-        * with ``recompresses`` (a press that compresses again during decoding, keeping per-cache state about
-          each row), beam search: it reorders the cache's rows between steps, which that state does not follow.
+        * a ``cache_implementation`` other than the dynamic cache (static buffers, offloading, quantization).
 
-        ``model.generate`` is shadowed by an instance attribute for the duration; the returned handle removes it.
-        A model without ``generate`` (a bare decoder) needs no guard.
+        Beam search is allowed: it reorders the cache's rows between steps, and a press's per-row state follows
+        them (:func:`layer_state`). ``model.generate`` is shadowed by an instance attribute for the duration; the
+        returned handle removes it. A bare decoder (``model.model``) has no ``generate`` and gets no guard: open
+        the press on the model whose ``generate`` you call, or these modes pass unchecked.
         """
         model = self.model
         if not callable(getattr(model, "generate", None)):
@@ -1337,12 +1427,6 @@ class ModelAdapter:
                                 "decoding press compresses every chunk)")
             if setting("cache_implementation") not in _DYNAMIC_CACHE_IMPLEMENTATIONS:
                 problems.append(f"cache_implementation={setting('cache_implementation')!r} is not the dynamic cache")
-            beams = setting("num_beams")
-            if recompresses and isinstance(beams, int) and beams > 1:
-                problems.append(
-                    f"beam search (num_beams={beams}) reorders the cache's rows, which decoding-time compression "
-                    "does not follow"
-                )
             if problems:
                 raise ValueError(f"generate() under a press: {'; '.join(problems)}. Generate without them.")
             return original(*args, **kwargs)
@@ -1375,9 +1459,10 @@ class ModelAdapter:
         """Fix 4-D attention masks for layers whose stored length differs from the layer the mask was built for.
 
         transformers builds one mask per attention type from a single layer's sizes. After a per-layer budget
-        (PyramidKV) the other layers store a different number of entries; for them the mask is rebuilt as "every
-        stored context entry visible, the original mask's columns for the new tokens". Padded batches are not
-        supported after compression (the pipeline compresses one unpadded context at a time).
+        (PyramidKV) the other layers store a different number of entries; for them the mask is rebuilt as "the
+        layer's compressed context visible, the original mask's columns for everything appended since" (tokens
+        appended after compression are stored alike in every layer, so a left-padded question keeps its padding
+        hidden). The prefill itself must be unpadded (:meth:`register_prefill_guard`).
         """
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
@@ -1386,7 +1471,8 @@ class ModelAdapter:
                 return None
             mask = kwargs.get("attention_mask")
             q_len = self.hidden_states_from_call(args, kwargs).shape[1]
-            fitted = _fit_mask(mask, layer_physical_length(c, module.layer_idx) + q_len, q_len)
+            idx = module.layer_idx
+            fitted = _fit_mask(mask, layer_physical_length(c, idx) + q_len, layer_tail(c, idx) + q_len)
             if fitted is mask:
                 return None
             kwargs["attention_mask"] = fitted

@@ -187,7 +187,7 @@ class Pipeline:
         report = CompressionReport()
         start = time.perf_counter()
         if press is None:
-            check_no_active_press(self.model)  # an open press block would compress this "keep everything" prefill
+            check_no_active_press(self.adapter)  # an open press block would compress this "keep everything" prefill
             for chunk in chunks:
                 self._prefill(chunk, cache)
         else:

@@ -69,8 +69,8 @@ def record_prefill(model: nn.Module, input_ids: torch.Tensor, keep_attentions: b
     """
     if not isinstance(keep_attentions, bool):
         raise TypeError(f"keep_attentions must be a bool, got {keep_attentions!r}")
-    check_no_active_press(model)  # its hooks would compress the recorded prefill
     adapter = A.ModelAdapter(model)
+    check_no_active_press(adapter)  # its hooks would compress the recorded prefill
     if keep_attentions and adapter.attn_implementation != "eager":
         raise ValueError(
             f"keep_attentions=True needs attn_implementation='eager', the model runs {adapter.attn_implementation!r}"

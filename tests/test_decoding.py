@@ -363,8 +363,6 @@ def test_what_a_decoding_press_refuses(tiny_model):
 
     press = make_press("decoding", press=make_press("knorm"), budget=8, compression_interval=2)
     ids = prompt(20)
-    with press(model), pytest.raises(ValueError, match="num_beams=2"):
-        model.generate(input_ids=ids, max_new_tokens=3, num_beams=2, do_sample=False)
 
     # A cache another press compressed has no record of its entries' positions: continued like under any press
     # (new tokens kept), with a warning; continuing() refuses it.
@@ -379,6 +377,19 @@ def test_what_a_decoding_press_refuses(tiny_model):
         with pytest.raises(ValueError, match="needs a cache this press compressed"):
             with press.continuing(model, cache):
                 pass
+
+    # Padding in tokens appended to a cache this press keeps compressed: a recompression would keep the pads, and
+    # the padding mask would no longer line up with what is stored. Refused, naming the padded row.
+    cache = adapter.new_cache()
+    batch = torch.cat([prompt(20, seed=1), prompt(20, seed=2)])
+    with torch.inference_mode(), press(model):
+        model(input_ids=batch, use_cache=True, **adapter.model_call_kwargs(cache))
+        mask = torch.ones(2, 24, dtype=torch.long)
+        mask[1, 20:22] = 0
+        with pytest.raises(ValueError, match=r"cannot continue a padded batch: attention_mask has padding in row\(s\) \[1\]"):
+            model(input_ids=prompt(4).repeat(2, 1), attention_mask=mask, use_cache=True,
+                  **adapter.model_call_kwargs(cache))
+        assert cache.get_seq_length() == 20  # refused before any layer stored a token
 
     # A scoring window longer than the buffer of queries: refused when built, and by the scoring itself.
     with pytest.raises(ValueError, match="window_size=6 .* hidden_states_buffer_size=4"):
@@ -515,18 +526,105 @@ def test_a_decoding_press_must_be_the_outermost_press():
                    budget=8, hidden_states_buffer_size=4)
 
 
-def test_a_cache_whose_rows_changed_is_refused(tiny_model):
+def _decode_rows(model, prompts: torch.Tensor, steps: torch.Tensor, press, change=None):
+    """Feed ``prompts`` (rows, n) then the tokens ``steps`` (rows, k) one column at a time under ``press``;
+    ``change(cache, t)`` may apply a row operation before step t and return the step tokens' new row order. Returns
+    the logits of every step and the recorded positions at the end."""
+    adapter = A.ModelAdapter(model)
+    cache = adapter.new_cache()
+    kwargs = adapter.model_call_kwargs(cache)
+    logits = []
+    with torch.inference_mode(), press(model) as report:
+        model(input_ids=prompts, use_cache=True, **kwargs)
+        for t in range(steps.shape[1]):
+            if change is not None:
+                steps = change(cache, t, steps)
+            logits.append(model(input_ids=steps[:, t : t + 1], use_cache=True, **kwargs).logits[:, -1])
+    assert report.decoding_compressions >= 2
+    return logits, {i: s.positions for i, s in decoding_states(cache).items()}
+
+
+def test_the_state_follows_the_caches_row_operations(tiny_model):
+    """Beam search reorders a cache's rows between steps, generate() may repeat or select them: the recorded
+    positions and the buffer of hidden states follow, so swapping two rows half-way gives exactly the run that
+    had them in the swapped order from the start, and repeating a row gives the run of two equal rows."""
+    model = tiny_model("llama")
+    press = make_press("decoding", press=make_press("expected_attention", **INNER["expected_attention"]), budget=10,
+                       compression_interval=3, hidden_states_buffer_size=4)
+    a, b = prompt(16, seed=1), prompt(16, seed=2)
+    steps_a, steps_b = prompt(10, seed=3), prompt(10, seed=4)
+
+    def swap_at_4(cache, t, steps):
+        if t == 4:
+            cache.reorder_cache(torch.tensor([1, 0]))
+            return steps[[1, 0]]
+        return steps
+
+    swapped, positions = _decode_rows(model, torch.cat([a, b]), torch.cat([steps_a, steps_b]), press, swap_at_4)
+    reference, reference_positions = _decode_rows(model, torch.cat([b, a]), torch.cat([steps_b, steps_a]), press)
+    for t in range(4, 10):
+        torch.testing.assert_close(swapped[t], reference[t], rtol=0, atol=1e-5)
+    for i in positions:
+        assert torch.equal(positions[i], reference_positions[i])
+
+    def select_row_1_at_4(cache, t, steps):
+        if t == 4:
+            cache.batch_select_indices(torch.tensor([1]))
+            return steps[[1]]
+        return steps
+
+    selected, positions = _decode_rows(model, torch.cat([a, b]), torch.cat([steps_a, steps_b]), press,
+                                       select_row_1_at_4)
+    alone, alone_positions = _decode_rows(model, b, steps_b, press)
+    for t in range(4, 10):
+        torch.testing.assert_close(selected[t], alone[t], rtol=0, atol=1e-5)
+    for i in positions:
+        assert torch.equal(positions[i], alone_positions[i])
+
+    def repeat_at_4(cache, t, steps):
+        if t == 4:
+            cache.batch_repeat_interleave(2)
+            return steps.repeat_interleave(2, dim=0)
+        return steps
+
+    repeated, positions = _decode_rows(model, a, steps_a, press, repeat_at_4)
+    twice, twice_positions = _decode_rows(model, torch.cat([a, a]), torch.cat([steps_a, steps_a]), press)
+    for t in range(4, 10):
+        torch.testing.assert_close(repeated[t], twice[t], rtol=0, atol=1e-5)
+    for i in positions:
+        assert torch.equal(positions[i], twice_positions[i])
+
+
+def test_beam_search_keeps_each_rows_positions(tiny_model):
+    """Beam search under a decoding press: recompressions happen while beams are reordered, and every row's
+    recorded positions still name its stored entries. Layer 0's keys depend only on (token, position), so each
+    stored key must equal the layer-0 key of some token at the position recorded for it."""
     model = tiny_model("llama")
     adapter = A.ModelAdapter(model)
-    press = make_press("decoding", press=make_press("knorm"), budget=10, compression_interval=2)
+    press = make_press("decoding", press=make_press("knorm"), budget=10, compression_interval=3)
+    ids = prompt(20, seed=5)
     cache = adapter.new_cache()
-    with torch.inference_mode(), press(model):
-        model(input_ids=prompt(24), use_cache=True, **adapter.model_call_kwargs(cache))
-        cache.batch_repeat_interleave(2)
-        with pytest.raises(ValueError, match="now holds 2 rows where decoding-time compression recorded 1"):
-            model(input_ids=prompt(1).repeat(2, 1), use_cache=True, **adapter.model_call_kwargs(cache))
-    # Refused before any layer stored the token: the cache is not left with layers of different lengths.
-    assert {layer.get_seq_length() for layer in cache.layers} == {24}
+    with torch.inference_mode(), press(model) as report:
+        out = model.generate(ids, max_new_tokens=12, num_beams=3, num_return_sequences=3, do_sample=False,
+                             return_dict_in_generate=True, pad_token_id=0, **adapter.model_call_kwargs(cache))
+    assert report.decoding_compressions >= 3 and out.sequences.shape == (3, 32)
+    length = cache.get_seq_length()
+    # Layer-0 keys of every token at every position: a batch of constant sequences.
+    vocab = model.config.vocab_size
+    table_cache = adapter.new_cache()
+    with torch.inference_mode():
+        model(input_ids=torch.arange(vocab)[:, None].expand(vocab, length), use_cache=True,
+              **adapter.model_call_kwargs(table_cache))
+    table = table_cache.layers[0].keys  # (vocab, kv_heads, length, d)
+    stored = cache.layers[0].keys  # (3 beams, kv_heads, n, d)
+    positions = decoding_states(cache)[0].positions  # (3, kv_heads, n)
+    assert stored.shape[:3] == positions.shape
+    for row in range(stored.shape[0]):
+        for head in range(stored.shape[1]):
+            assert bool((positions[row, head].diff() > 0).all()) and int(positions[row, head, -1]) == length - 1
+            candidates = table[:, head, positions[row, head]]  # (vocab, n, d)
+            matches = (candidates - stored[row, head]).abs().amax(-1) < 1e-5  # (vocab, n)
+            assert bool(matches.any(0).all()), (row, head, matches.any(0))
 
 
 def test_the_buffer_never_holds_a_replaced_token(tiny_model):

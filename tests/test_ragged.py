@@ -7,6 +7,7 @@ that hides, for each (sequence, KV head), the entries the press evicted.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import ClassVar
@@ -484,3 +485,149 @@ def test_crop_removes_appended_tokens_and_keeps_their_positions(press_name, tiny
         assert cache.get_seq_length() == 40 and A.layer_lengths(cache) == stored
         with pytest.raises(ValueError, match="cannot crop 1 tokens: only 0 were appended"):
             cache.crop(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Left-padded tokens appended after compression
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _kept_context_masks(model, ids: torch.Tensor, cache) -> dict[int, torch.Tensor]:
+    """Per compressed layer, which context positions each (sequence, KV head) stores, ``(bsz, kv_heads, n_ctx)``,
+    found by matching the stored keys against an uncompressed prefill's (random tiny-model keys are distinct)."""
+    adapter = A.ModelAdapter(model)
+    full = adapter.new_cache()
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(full))
+    masks = {}
+    for i in adapter.compressible_layers:
+        layer = cache.layers[i]
+        if isinstance(layer, A.RaggedLayer):
+            keys, _, valid = layer.padded()
+            ctx, ctx_valid = keys[..., : layer.max_kept, :], valid[..., : layer.max_kept]
+        else:
+            ctx = layer.keys[..., : layer.n_compressed, :]
+            ctx_valid = torch.ones(ctx.shape[:3], dtype=torch.bool)
+        same = (ctx[:, :, :, None, :] == full.layers[i].keys[:, :, None, :, :]).all(-1) & ctx_valid[..., None]
+        assert int(same.sum()) == int(ctx_valid.sum()), f"layer {i}: a stored entry matches no context position"
+        masks[i] = same.any(2)
+    return masks
+
+
+PADDED_CONTINUATION = {
+    "knorm": lambda: make_press("knorm", compression_ratio=0.5),
+    "pyramidkv": lambda: make_press("pyramidkv", compression_ratio=0.5, window_size=2),
+    "per_layer": lambda: make_press("per_layer", press=make_press("knorm"), compression_ratios=[0.25, 0.5, 0.75]),
+    "adakv": lambda: make_press("adakv", press=make_press("knorm"), compression_ratio=0.5),
+}
+
+
+@pytest.mark.parametrize("press_name", list(PADDED_CONTINUATION))
+@pytest.mark.parametrize("model_name", ["llama", "qwen3"])
+def test_a_left_padded_question_after_compression_equals_the_masked_reference(model_name, press_name, tiny_model):
+    """Two unpadded contexts compressed together, then questions of different lengths appended left-padded with a
+    2-D attention mask: each row's logits equal the uncompressed model's with the evicted entries and the padding
+    hidden. With a per-layer budget (PyramidKV, per_layer) the mask transformers builds from one layer is refitted
+    to the others, and the padding columns must stay hidden there too."""
+    model = tiny_model(model_name)
+    adapter = A.ModelAdapter(model)
+    ids = token_ids(20, seed=31, batch=2)
+    question = token_ids(6, seed=32, batch=2)
+    question_mask = torch.ones_like(question)
+    question_mask[1, :3] = 0  # row 1: three pads, then a 3-token question
+    nxt = token_ids(1, seed=33, batch=2)
+    cache = adapter.new_cache()
+    press = PADDED_CONTINUATION[press_name]()
+    mask = torch.cat([torch.ones_like(ids), question_mask], dim=1)
+    with torch.inference_mode(), press(model):
+        model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(cache))
+        lengths = {A.layer_physical_length(cache, i) for i in adapter.compressible_layers}
+        if press_name in ("pyramidkv", "per_layer"):
+            assert len(lengths) > 1, "the press should give layers different lengths"
+        got = model(input_ids=question, attention_mask=mask, use_cache=True,
+                    **adapter.model_call_kwargs(cache)).logits
+        # One more token after the padded question: its pads are now among the appended entries.
+        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+        got_step = model(input_ids=nxt, attention_mask=step_mask, use_cache=True,
+                         **adapter.model_call_kwargs(cache)).logits
+    keep = _kept_context_masks(model, ids, cache)
+    pad = question_mask == 0
+
+    # Reference: the uncompressed cache, per layer a 4-D mask hiding evicted entries and the question's padding.
+    groups = adapter.shape.num_attention_heads // adapter.shape.num_key_value_heads
+    q_len, n_ctx = question.shape[1], ids.shape[1]
+
+    # The question and the next token in one forward: the same attention as two steps.
+    fed = torch.cat([question, nxt], dim=1)
+    n_fed = q_len + 1
+    visible_fed = torch.ones(n_fed, n_fed, dtype=torch.bool).tril()[None, None] & ~torch.cat(
+        [pad, torch.zeros(2, 1, dtype=torch.bool)], dim=1)[:, None, None, :]
+    visible_fed = visible_fed | torch.eye(n_fed, dtype=torch.bool)  # a pad query sees itself: finite, never compared
+
+    def pre_hook(module, args, kwargs):
+        ctx = keep[module.layer_idx].repeat_interleave(groups, dim=1)[:, :, None, :].expand(-1, -1, n_fed, -1)
+        kwargs["attention_mask"] = torch.cat([ctx, visible_fed.expand(-1, ctx.shape[1], -1, -1)], dim=-1)
+        return args, kwargs
+
+    reference_cache = adapter.new_cache()
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=True, **adapter.model_call_kwargs(reference_cache))
+    handles = [adapter.attention_modules[i].register_forward_pre_hook(pre_hook, with_kwargs=True) for i in keep]
+    try:
+        with torch.inference_mode():
+            want = model(input_ids=fed, use_cache=True, **adapter.model_call_kwargs(reference_cache)).logits
+    finally:
+        for h in handles:
+            h.remove()
+    assert n_ctx + n_fed == reference_cache.get_seq_length()
+    torch.testing.assert_close(got[0], want[0, :q_len], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1, 3:], want[1, 3:q_len], rtol=1e-5, atol=1e-5)  # row 1's real tokens
+    torch.testing.assert_close(got_step[:, -1], want[:, -1], rtol=1e-5, atol=1e-5)  # the step after the pads
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cache.reset()
+# ----------------------------------------------------------------------------------------------------------------
+
+
+RESET_PRESSES = {
+    "knorm": lambda: make_press("knorm", compression_ratio=0.5),
+    "adakv": lambda: make_press("adakv", press=make_press("knorm"), compression_ratio=0.5),
+    "decoding": lambda: make_press("decoding", press=make_press("knorm"), budget=10, compression_interval=2),
+}
+
+
+@pytest.mark.parametrize("press_name", list(RESET_PRESSES))
+@pytest.mark.parametrize("model_name", ["llama", "gemma3"])
+def test_a_reset_compressed_cache_is_like_a_new_one(model_name, press_name, tiny_model):
+    """transformers' ``Cache.reset`` keeps the cache object and drops its contents: a compressed cache (dense,
+    head-wise, or with decoding-time state) becomes an empty dynamic cache that holds nothing, is compressed anew
+    under a press, and decodes like a new cache, with or without a press."""
+    from kvsqueeze.presses.decoding import decoding_states
+
+    model = tiny_model(model_name)
+    adapter = A.ModelAdapter(model)
+    press = RESET_PRESSES[press_name]()
+    first, second = token_ids(24, seed=41), token_ids(20, seed=42)
+
+    def run(cache, ids, under_press: bool):
+        with torch.inference_mode(), (press(model) if under_press else contextlib.nullcontext()):
+            return model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                                  output_logits=True, **adapter.model_call_kwargs(cache))
+
+    for under_press in (True, False):
+        cache = adapter.new_cache()
+        run(cache, first, under_press=True)
+        assert any(A.is_compressed_layer(cache, i) for i in range(len(cache.layers)))
+        cache.reset()
+        assert cache.get_seq_length() == 0 and A.cache_nbytes(cache) == 0
+        assert not any(A.is_compressed_layer(cache, i) for i in range(len(cache.layers)))
+        assert decoding_states(cache) == {}
+        reused = run(cache, second, under_press)
+        fresh_cache = adapter.new_cache()
+        fresh = run(fresh_cache, second, under_press)
+        assert torch.equal(reused.sequences, fresh.sequences)
+        for a, b in zip(reused.logits, fresh.logits):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert A.layer_lengths(cache) == A.layer_lengths(fresh_cache)

@@ -450,6 +450,7 @@ class Press:
             handles = adapter.register_query_capture(queries)
             handles += adapter.register_attention_hooks(self._hook(adapter, report, queries))
             handles += self._block_hooks(adapter, report)
+            handles += compaction_hooks(adapter, report)
             try:
                 with adapter.compressed_attention(not self.capabilities.uniform_layers, self.capabilities.headwise):
                     yield report
@@ -458,15 +459,39 @@ class Press:
                     h.remove()
 
 
+def compaction_hooks(adapter: A.ModelAdapter, report: CompressionReport) -> list[Any]:
+    """Decoder hooks that compact the cache after each forward pass in which the press compressed
+    (:func:`kvsqueeze.adapter.compact_cache`): transformers' sliding-window layers keep the last window of a prefill
+    as a view of the whole prefill's keys and values, and a press may keep its entries as views, so without this a
+    plain ``with press(model): model(ids)`` would free nothing on a hybrid model's sliding layers."""
+    seconds_before: list[float] = []
+
+    def before_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seconds_before.append(report.seconds)
+
+    def after_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if seconds_before and report.seconds != seconds_before.pop():  # this forward compressed
+            cache = adapter.cache_from_call(kwargs)
+            cache = cache if cache is not None else adapter.cache_from_output(output)
+            if cache is not None:
+                A.compact_cache(cache)
+
+    return [
+        adapter.decoder.register_forward_pre_hook(before_forward, with_kwargs=True),
+        adapter.decoder.register_forward_hook(after_forward, with_kwargs=True),
+    ]
+
+
 #: Attribute set on a model while a press block is open on it.
 _ACTIVE = "_kvsqueeze_active_press"
 _ACTIVE_LOCK = threading.Lock()
 
 
-def check_no_active_press(model: nn.Module) -> None:
+def check_no_active_press(adapter: A.ModelAdapter) -> None:
     """Refuse a second press block (or a recorded prefill) on a model that already has one open: the first press
-    compresses each layer in its prefill, so a second one would silently find nothing left to do."""
-    active = getattr(model, _ACTIVE, None)
+    compresses each layer in its prefill, so a second one would silently find nothing left to do. The mark is on
+    the decoder, which a causal LM and its inner model (``model.model``) share: a block opened on either counts."""
+    active = adapter.decoder.__dict__.get(_ACTIVE)
     if active is not None:
         raise ValueError(
             f"a press is already active on this model ({type(active).__name__}); presses do not nest: chain them "
@@ -479,10 +504,10 @@ def active_press(adapter: A.ModelAdapter, press: Press) -> Iterator[None]:
     """Mark ``press`` as the one press open on the adapter's model for the duration of the block (refusing a
     second), and refuse prefills and generate() modes it cannot compress meanwhile
     (:meth:`ModelAdapter.register_prefill_guard`, :meth:`ModelAdapter.register_generate_guard`)."""
-    model = adapter.model
+    decoder = adapter.decoder
     with _ACTIVE_LOCK:  # check and mark in one step: two threads opening a block on one model cannot both enter
-        check_no_active_press(model)
-        setattr(model, _ACTIVE, press)
+        check_no_active_press(adapter)
+        setattr(decoder, _ACTIVE, press)
     handles: list[Any] = []
     try:
         handles += adapter.register_prefill_guard()
@@ -492,8 +517,8 @@ def active_press(adapter: A.ModelAdapter, press: Press) -> Iterator[None]:
         for h in handles:
             h.remove()
         with _ACTIVE_LOCK:
-            if model.__dict__.get(_ACTIVE) is press:
-                delattr(model, _ACTIVE)
+            if decoder.__dict__.get(_ACTIVE) is press:
+                delattr(decoder, _ACTIVE)
 
 
 def kv_nbytes(keys: torch.Tensor, values: torch.Tensor) -> int:

@@ -31,7 +31,7 @@ from kvsqueeze.presses.base import (
 from kvsqueeze.presses.expected_attention import ExpectedAttentionPress
 from kvsqueeze.presses.registry import register_press
 
-#: Key prefix of this press's per-layer entries in :func:`kvsqueeze.adapter.press_state`.
+#: Key of this press's record in each compressed layer's state (:func:`kvsqueeze.adapter.layer_state`).
 _STATE = "decoding"
 #: Key marking a cache that :meth:`DecodingPress.continuing` keeps compressed (press blocks leave it alone).
 _DRIVEN = ("decoding-driven",)
@@ -48,6 +48,14 @@ class _Record:
     hidden_states: torch.Tensor  # (bsz, n ≤ buffer size, hidden_size)
     buffer_end: int
     owner: object  # the press that compressed the layer: another decoding press leaves it alone
+
+    def select_rows(self, rows: torch.Tensor) -> _Record:
+        """The record of the rows ``rows`` (beam search and the cache's other row operations apply this)."""
+        return dataclasses.replace(
+            self,
+            kept_positions=self.kept_positions.index_select(0, rows.to(self.kept_positions.device)),
+            hidden_states=self.hidden_states.index_select(0, rows.to(self.hidden_states.device)),
+        )
 
 
 @dataclass(frozen=True)
@@ -85,21 +93,43 @@ class DecodingState:
 
 
 def _records(cache) -> dict[int, _Record]:
-    return {key[1]: value for key, value in A.press_state(cache).items() if key[0] == _STATE}
+    """``{layer_idx: record}`` of the layers a decoding press compressed; each record lives on its layer
+    (:func:`kvsqueeze.adapter.layer_state`), so it follows the cache's row operations and goes with a reset."""
+    records = {}
+    for idx in range(len(cache.layers)):
+        if A.is_compressed_layer(cache, idx):
+            record = A.layer_state(cache, idx).get(_STATE)
+            if record is not None:
+                records[idx] = record
+    return records
 
 
 def _state(cache, idx: int, record: _Record) -> DecodingState:
-    """The record of layer ``idx`` with what the cache says now; refuses a cache whose rows changed."""
+    """The record of layer ``idx`` with what the cache says now. The record follows the cache's row operations
+    (:func:`kvsqueeze.adapter.layer_state`); rows changed any other way (the layer's tensors replaced by hand)
+    are refused."""
     keys, _ = A.layer_kv(cache, idx)
     if keys.shape[0] != record.kept_positions.shape[0]:
         raise ValueError(
             f"the cache now holds {keys.shape[0]} rows where decoding-time compression recorded "
-            f"{record.kept_positions.shape[0]} (beam search, batch_repeat_interleave or batch_select_indices); "
-            "its per-row positions do not follow such a change: expand the batch before the prefill"
+            f"{record.kept_positions.shape[0]}: its rows were changed other than by the cache's row operations "
+            "(reorder_cache, batch_repeat_interleave, batch_select_indices), which the recorded positions follow"
         )
     n_kept = record.kept_positions.shape[-1]
     return DecodingState(record.kept_positions, A.layer_logical_length(cache, idx), keys.shape[-2] - n_kept,
                          record.hidden_states)
+
+
+def _check_unpadded(mask) -> None:
+    """Refuse padding in tokens appended to a cache this press keeps compressed: a compression would keep the pad
+    tokens among the entries, and the padding mask, whose columns follow logical positions, would no longer line
+    up with what is stored."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
+        rows = (mask == 0).any(dim=-1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"decoding-time compression cannot continue a padded batch: attention_mask has padding in row(s) {rows}; "
+            "append each sequence's tokens unpadded (one sequence at a time, or equal lengths)"
+        )
 
 
 def decoding_states(cache) -> dict[int, DecodingState]:
@@ -144,8 +174,10 @@ class DecodingPress(ScorerPress):
 
     The wrapped press scores from keys, values and the buffered queries: presses that need the prefill's
     attention weights (ObservedAttention) or give each layer its own budget (PyramidKV) are refused, and a
-    window longer than the buffer (SnapKV's ``window_size``) is refused when the press is built. Beam search, and
-    a cache whose rows changed, are refused (the per-row state does not follow a reordering). After tokens the
+    window longer than the buffer (SnapKV's ``window_size``) is refused when the press is built. The per-row
+    state lives on each compressed layer and follows the cache's row operations (beam search's reordering,
+    ``batch_repeat_interleave``, ``batch_select_indices``), so beam search works; a padded continuation is refused
+    (a compression would keep the pad tokens, and the padding mask would no longer line up). After tokens the
     press did not see (appended outside its block, or cropped and replaced) the buffer restarts, and the next
     compression waits until it is full again. A cache another press compressed (or a decoding press with other
     settings) passes through the block uncompressed during decoding, with a warning; a cache kept compressed by
@@ -221,7 +253,7 @@ class DecodingPress(ScorerPress):
         n_kept = store_kept(cache, layer.layer_idx, kept, layer.context_length)
         # A copy: a slice of the prefill's hidden states would keep all of them alive.
         buffer = layer.hidden_states[:, max(0, layer.hidden_states.shape[1] - self.buffer_size):].clone()
-        A.press_state(cache)[(_STATE, layer.layer_idx)] = _Record(
+        A.layer_state(cache, layer.layer_idx)[_STATE] = _Record(
             positions.contiguous(), buffer, layer.context_length, self
         )
         if report is not None:  # the prefill (decoding-time compressions are counted by _recompress)
@@ -252,8 +284,8 @@ class DecodingPress(ScorerPress):
     def _append(self, cache, idx: int, hidden: torch.Tensor) -> None:
         """Record the tokens a forward pass just appended to layer ``idx`` (after its attention ran): the buffer
         keeps the hidden states of the latest tokens, contiguous up to the layer's logical length."""
-        key = (_STATE, idx)
-        record = A.press_state(cache)[key]
+        state = A.layer_state(cache, idx)
+        record = state[_STATE]
         size, n_new = self.buffer_size, hidden.shape[1]
         end = A.layer_logical_length(cache, idx)
         start = end - n_new  # position of the first new token
@@ -268,7 +300,7 @@ class DecodingPress(ScorerPress):
         # Only what the buffer keeps is copied: a fresh tensor of the buffer's size, no view of a longer one.
         keep_old = min(old.shape[1], max(0, size - n_new))
         buffer = torch.cat([old[:, old.shape[1] - keep_old:], hidden[:, max(0, n_new - size):]], dim=1)
-        A.press_state(cache)[key] = dataclasses.replace(record, hidden_states=buffer, buffer_end=end)
+        state[_STATE] = dataclasses.replace(record, hidden_states=buffer, buffer_end=end)
 
     def _recompress(self, adapter: A.ModelAdapter, cache, report: CompressionReport) -> None:
         """Compress every layer of ``cache`` that stores ``compression_interval`` tokens or more after the entries
@@ -324,7 +356,7 @@ class DecodingPress(ScorerPress):
             queries.pop(idx, None)
             if _DRIVEN in A.press_state(cache):
                 return  # kept compressed by its own driver (continuing), e.g. a pipeline answer in another thread
-            if not self._made(A.press_state(cache).get((_STATE, idx))):
+            if not self._made(_records(cache).get(idx)):
                 if not warned:
                     warned.append(True)
                     warnings.warn(
@@ -346,6 +378,7 @@ class DecodingPress(ScorerPress):
             cache = adapter.cache_from_call(kwargs)
             if cache is not None and applies(cache):
                 self._check_rows(cache)
+                _check_unpadded(kwargs.get("attention_mask", args[1] if len(args) > 1 else None))
 
         def after_forward(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
             cache = adapter.cache_from_call(kwargs)
@@ -369,8 +402,8 @@ class DecodingPress(ScorerPress):
         opening a press block on the model: only forward calls on ``cache`` itself are touched, so other callers
         of the model (other threads, other caches) are not compressed, checked or refused, and an open block of
         this press leaves ``cache`` to this driver. The pipeline answers through this, on a fork of the compressed
-        context. Feed it one sequence of tokens (greedy or sampled steps); ``generate()`` modes a press block
-        refuses (beam search, assisted or prompt-lookup decoding) are not supported here either."""
+        context. ``generate()`` modes a press block refuses (assisted or prompt-lookup decoding, which run
+        unverified drafts) are not supported here either; beam search is (the state follows the cache's rows)."""
         adapter = A.ModelAdapter(model)
         self.validate(adapter)
         if not self._owns(cache) or set(_records(cache)) != set(adapter.compressible_layers):

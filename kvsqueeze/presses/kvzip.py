@@ -22,6 +22,7 @@ from kvsqueeze.presses.base import (
     RaggedKV,
     active_press,
     check_int,
+    compaction_hooks,
     derived_capabilities,
     kv_nbytes,
     store_kept,
@@ -325,6 +326,7 @@ class KVzipPress(Press):
             decoder.register_forward_pre_hook(pre_hook, with_kwargs=True),
             decoder.register_forward_hook(hook, with_kwargs=True),
         ]
+        handles += compaction_hooks(adapter, report)  # after the compressing hook: runs after it
         try:
             with adapter.compressed_attention(uneven_layers=True, ragged=True):
                 yield report
