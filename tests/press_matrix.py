@@ -135,6 +135,7 @@ def _per_layer(inner: tuple[str, dict[str, Any]]) -> Callable:
         def expected(seq_len: int) -> int:
             return _kept(seq_len, r)
 
+        expected.per_layer = lambda seq_len, layer_idx: _kept(seq_len, ratios[layer_idx])  # exact, layer by layer
         return press, expected
 
     build.uses = {inner[0]}

@@ -170,6 +170,9 @@ def check_lengths(case, press, expected_kept, model, cache, base, report, seq_le
         logical = cache.layers[i].get_seq_length()
         assert logical == seq_len, f"{case.id} layer {i}: logical length {logical}, stored {n}, context {seq_len}"
     want = expected_kept(seq_len)
+    per_layer = getattr(expected_kept, "per_layer", None)  # a case that knows each layer's own budget
+    if per_layer is not None:
+        assert counts == {i: per_layer(seq_len, i) for i in full}, f"{case.id}: kept per layer {counts}"
     if caps.uniform_layers:
         assert counts == {i: want for i in full}, f"{case.id}: kept per layer {counts}, expected {want} each"
     else:
@@ -470,19 +473,30 @@ def _scores_without_weights(case: PressCase) -> bool:
     return plain and caps is not None and not caps.needs_attention_weights
 
 
+#: Plain scorers that read the prefill's eager attention weights when a layer has them (and recompute the window's
+#: attention otherwise); every other plain scorer must ignore them (checked below, so this list stays complete).
+WINDOW_SCORERS = {"snapkv", "pyramidkv", "tova"}
+
+
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 @pytest.mark.parametrize("case", [p for p in first_case_params if _scores_without_weights(p.values[0])])
 def test_eager_scores_match_recomputed_window(case, model_name, setup, tiny_model):
     """Presses that read eager attention weights when present and recompute them otherwise score the same both ways
-    (checks the recomputed queries: RoPE, QK-norm, scaling, GQA grouping)."""
+    (checks the recomputed queries: RoPE, QK-norm, scaling, GQA grouping). Whether a press reads the weights is
+    checked too, with weights replaced by noise: the window scorers' scores must change, the others' must not."""
     press, _, _ = setup(case, model_name, ratio=0.5)
     recorded = record_prefill(tiny_model(model_name, "eager"), token_ids(SEQ_LEN, seed=6), keep_attentions=True)
+    noise = torch.Generator().manual_seed(6)
     for layer in recorded.layers:
         assert layer.attentions is not None and layer.attentions.shape[-1] == SEQ_LEN
         with torch.inference_mode():
             with_eager = press.score(layer)
             recomputed = press.score(layer.replace(attentions=None))
+            noisy = torch.rand(layer.attentions.shape, generator=noise).softmax(-1)
+            with_noise = press.score(layer.replace(attentions=noisy.to(layer.attentions.dtype)))
         torch.testing.assert_close(with_eager, recomputed, rtol=1e-4, atol=1e-6)
+        reads_weights = not torch.allclose(with_noise, with_eager, rtol=1e-4, atol=1e-6)
+        assert reads_weights == (case.name in WINDOW_SCORERS), f"{case.id} layer {layer.layer_idx}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -550,14 +564,23 @@ def test_hooks_removed_after_block_and_after_exception(case, model_name, setup):
             model(input_ids=torch.full((1, 4), 10_000), use_cache=True)
     assert hook_counts(model) == before
     # Presses do not nest (the inner one would find every layer already compressed and do nothing): a second
-    # block on the same model is refused, also of the same press; closed blocks, raised or not, leave no mark.
+    # block on the same model is refused, also of the same press, and also on its inner decoder (model.model: the
+    # same layers), or the other way round; closed blocks, raised or not, leave no mark.
     other = kvsqueeze.make_press("knorm", compression_ratio=0.5)
-    with press(model):
+    decoder = adapter.decoder
+    assert decoder is not model
+    for outer, inner in ((model, model), (model, decoder)):
+        with press(outer):
+            for second in (other, press):
+                with pytest.raises(ValueError, match="already active"):
+                    with second(inner):
+                        pass
+            assert hook_counts(model) == inside
+    with other(decoder):  # (KNorm: an artifact is bound to the whole model's fingerprint, not to its decoder's)
         for second in (other, press):
             with pytest.raises(ValueError, match="already active"):
                 with second(model):
                     pass
-        assert hook_counts(model) == inside
     with other(model):
         pass
     assert hook_counts(model) == before
@@ -745,7 +768,7 @@ def test_two_threads_opening_a_block_on_one_model(tiny_model):
         sys.setswitchinterval(interval)
     assert all(isinstance(e, ValueError) and "already active" in str(e) for e in errors), errors[:3]
     assert hook_counts(model) == before
-    assert not hasattr(model, "_kvsqueeze_active_press")
+    assert not hasattr(model, "_kvsqueeze_active_press") and not hasattr(model.model, "_kvsqueeze_active_press")
 
 
 def test_a_scorer_press_without_a_score_says_what_to_implement(tiny_model):
@@ -870,15 +893,16 @@ def test_batch_rows_are_compressed_independently(case, model_name, setup):
     press, expected, model = setup(case, model_name, ratio=0.5)
     ids = token_ids(40, seed=12, batch=2)
     batched, report, _ = prefill(model, ids, press)
-    assert set(report.kept.values()) <= {expected(40)} or not press.capabilities.uniform_layers
-    if case.uses & ROW_DEPENDENT:
-        return  # same counts, but the choice may differ per row by design
+    if press.capabilities.uniform_layers:
+        assert set(report.kept.values()) == {expected(40)}, report.kept
     for row in range(2):
         alone, _, _ = prefill(model, ids[row : row + 1], press)
         for i in range(len(alone.layers)):
             k1, v1, n1 = _row_entries(batched, i, row)
             k2, v2, n2 = _row_entries(alone, i, 0)
             assert torch.equal(n1, n2), f"row {row} layer {i}: entries per head {n1.tolist()} vs {n2.tolist()}"
+            if case.uses & ROW_DEPENDENT:
+                continue  # the same counts, but the choice may differ per row by design
             torch.testing.assert_close(k1, k2, rtol=1e-4, atol=1e-5, msg=f"row {row} layer {i}")
             torch.testing.assert_close(v1, v2, rtol=1e-4, atol=1e-5, msg=f"row {row} layer {i}")
 
