@@ -10,7 +10,12 @@ uniform press and for ``adakv`` wrapping it, at each ratio:
 * ``top-k needle`` / ``top-k budget``: the same share and the entries kept, averaged over the ``--top`` KV heads that
   put the most question attention on the needle (the heads that retrieve it).
 
-Prints a table and one JSON line. ``python benchmarks/headwise_diagnosis.py [--cases 4] [--press expected_attention]``
+With ``--presses a,b,...`` the listed presses are compared with each other instead (the same columns), e.g. to
+see whether a scorer keeps the attention mass and the needle better than Random on another model (``--model``).
+Only the layers a press compresses count (Gemma 3's global layers).
+
+Prints a table and one JSON line. ``python benchmarks/headwise_diagnosis.py [--cases 4] [--press expected_attention]
+[--presses random,knorm,qfilters] [--model gemma3-270m]``
 """
 
 from __future__ import annotations
@@ -56,16 +61,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--press", default="expected_attention", help="the scorer AdaKV wraps")
     parser.add_argument("--ratios", default="0.25,0.5")
     parser.add_argument("--top", type=int, default=10, help="retrieval heads to average over")
+    parser.add_argument("--presses", default=None, help="compare these presses instead of --press and adakv(--press)")
+    parser.add_argument("--model", default=None, help="model name or path (default: the embedded default)")
     args = parser.parse_args(argv)
-    model, tokenizer = kvsqueeze.load_model()
+    model, tokenizer = kvsqueeze.load_model(args.model) if args.model else kvsqueeze.load_model()
     pipe = kvsqueeze.Pipeline(model, tokenizer)
     ratios = [float(r) for r in args.ratios.split(",")]
     presses = {}
     for r in ratios:
+        if args.presses:
+            for name in args.presses.split(","):
+                presses[(name, r)] = kvsqueeze.make_press(name, compression_ratio=r)
+            continue
         presses[(args.press, r)] = kvsqueeze.make_press(args.press, compression_ratio=r)
         presses[(f"adakv({args.press})", r)] = kvsqueeze.make_press(
             "adakv", press=kvsqueeze.make_press(args.press), compression_ratio=r
         )
+    for press in presses.values():
+        press.validate(pipe.adapter)  # a missing calibration artifact: say so before any prefill
     totals = {key: [0.0, 0.0, 0.0, 0.0] for key in presses}
     cases = needle_cases(tokenizer, n_cases=args.cases, n_tokens=args.tokens, seed=0)
     for case in cases:
@@ -99,11 +112,12 @@ def main(argv: list[str] | None = None) -> dict:
             for i, v in enumerate((mass / n_layers, needle / n_layers, sum(t[1] for t in top) / len(top),
                                    sum(t[2] for t in top) / len(top))):
                 totals[key][i] += v / len(cases)
-    print(f"{len(cases)} needle cases, ~{args.tokens} tokens; top {args.top} needle-retrieving KV heads")
+    name = args.model or "the default model"
+    print(f"{len(cases)} needle cases, ~{args.tokens} tokens, {name}; top {args.top} needle-retrieving KV heads")
     print(f"{'press':<32}{'ratio':>6}{'mass':>8}{'needle':>8}{'top-k needle':>14}{'top-k budget':>14}")
     for (name, r), (mass, needle, top_needle, top_budget) in totals.items():
         print(f"{name:<32}{r:>6.2f}{mass:>8.3f}{needle:>8.3f}{top_needle:>14.3f}{top_budget:>14.1f}")
-    result = {"benchmark": "headwise_diagnosis", "cases": len(cases), "tokens": args.tokens,
+    result = {"benchmark": "headwise_diagnosis", "model": args.model, "cases": len(cases), "tokens": args.tokens,
               "results": {f"{name}@{r}": dict(zip(("mass", "needle", "top_needle", "top_budget"), v))
                           for (name, r), v in totals.items()}}
     print(json.dumps(result))
