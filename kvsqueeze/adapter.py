@@ -1368,6 +1368,21 @@ class ModelAdapter:
             handles.append(self.model.register_forward_pre_hook(outer_pre_hook, with_kwargs=True))
         return handles
 
+    def register_mask_hook(self, on_mask: Callable[[Cache | None, Any], None]) -> list[Any]:
+        """Call ``on_mask(cache, attention_mask)`` before every forward, with the attention mask as the caller passed
+        it (a 2-D padding mask, or None): on the decoder of a causal LM, on the wrapper of a multimodal model,
+        whose decoder receives its masks already built (Gemma 3's dict of 4-D masks). Returns the hook handles."""
+        module = self.model if self.model.config is not self.config else self.decoder
+        mask_index = _argument_index(type(module).forward, "attention_mask")
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            mask = kwargs.get("attention_mask")
+            if mask is None and mask_index is not None and len(args) > mask_index:
+                mask = args[mask_index]
+            on_mask(self.cache_from_call(kwargs), mask)
+
+        return [module.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+
     @contextmanager
     def internal_pass(self) -> Iterator[None]:
         """Mark the model calls in the block as a press's own extra passes (KVzip's reconstruction runs the model

@@ -233,6 +233,26 @@ def test_a_padded_batch_is_refused_on_a_multimodal_wrapper():
         assert report.kept == {1: 10}, report.kept
 
 
+def test_a_padded_continuation_under_a_decoding_press_is_refused_on_a_multimodal_wrapper():
+    """The decoding press refuses padding in tokens appended to a cache it keeps compressed; on Gemma 3's
+    multimodal model the 2-D mask only reaches the wrapper (its decoder gets 4-D masks), and is checked there."""
+    model = _multimodal_gemma3()
+    adapter = A.ModelAdapter(model)
+    press = kvsqueeze.make_press("decoding", press=kvsqueeze.make_press("knorm"), budget=8, compression_interval=2)
+    cache = adapter.new_cache()
+    with torch.inference_mode(), press(model):
+        model(input_ids=token_ids(20, seed=1, batch=2), use_cache=True, **adapter.model_call_kwargs(cache))
+        mask = torch.ones(2, 24, dtype=torch.long)
+        mask[1, 20:22] = 0
+        with pytest.raises(ValueError, match=r"cannot continue a padded batch: .*row\(s\) \[1\]"):
+            model(input_ids=token_ids(4, seed=3).repeat(2, 1), attention_mask=mask, use_cache=True,
+                  **adapter.model_call_kwargs(cache))
+        assert cache.get_seq_length() == 20
+        model(input_ids=token_ids(4, seed=3).repeat(2, 1), attention_mask=torch.ones_like(mask), use_cache=True,
+              **adapter.model_call_kwargs(cache))  # unpadded: continued
+        assert cache.get_seq_length() == 24
+
+
 @pytest.mark.parametrize("model_name, overrides", [
     ("qwen2", {"use_sliding_window": True, "max_window_layers": 0, "sliding_window": 2 * MAX_POSITIONS}),
     ("gemma3", {"sliding_window": 2 * MAX_POSITIONS}),

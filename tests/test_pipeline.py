@@ -235,6 +235,55 @@ def test_a_plain_forward_under_a_press_holds_only_what_it_stores(case, model_nam
         assert A.layer_nbytes(cache, i) == data, f"layer {i} ({type(layer).__name__}) holds a larger buffer"
 
 
+def test_compaction_is_not_lost_to_a_concurrent_forward(tiny_model):
+    """Another thread continuing another cache inside the same press block, starting after this thread's forward
+    compressed and ending after it, must not take this forward's place in the compaction bookkeeping (per thread):
+    the sliding layers still hold only their window afterwards. The interleaving is forced with events."""
+    import threading
+
+    model = tiny_model("gemma3")
+    adapter = A.ModelAdapter(model)
+    press = make_press("knorm", compression_ratio=0.5)
+    other = adapter.new_cache()
+    with torch.inference_mode(), press(model):
+        model(input_ids=token_ids(40, seed=2), use_cache=True, **adapter.model_call_kwargs(other))
+    cache = adapter.new_cache()
+    main = threading.get_ident()
+    started, main_done = threading.Event(), threading.Event()
+
+    def second_forward():
+        with torch.inference_mode():
+            model(input_ids=token_ids(2, seed=9), use_cache=True, **adapter.model_call_kwargs(other))
+
+    thread = threading.Thread(target=second_forward)
+
+    def after_last_layer(module, args, kwargs, output):  # this thread, its layers compressed: let the other start
+        if threading.get_ident() == main:
+            thread.start()
+            assert started.wait(10)
+
+    def other_pre(module, args, kwargs):  # the other thread, after the block's bookkeeping saw its forward start
+        if threading.get_ident() != main:
+            started.set()
+            assert main_done.wait(10)
+
+    with torch.inference_mode(), press(model):
+        last = adapter.attention_modules[len(adapter.attention_modules) - 1]
+        handles = [last.register_forward_hook(after_last_layer, with_kwargs=True),
+                   adapter.decoder.register_forward_pre_hook(other_pre, with_kwargs=True)]
+        try:
+            model(input_ids=token_ids(40, seed=1), use_cache=True, **adapter.model_call_kwargs(cache))
+        finally:
+            main_done.set()
+            thread.join(10)
+            for h in handles:
+                h.remove()
+    assert not thread.is_alive() and started.is_set()
+    for i, layer in enumerate(cache.layers):
+        data = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        assert A.layer_nbytes(cache, i) == data, f"layer {i} holds more than it stores"
+
+
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 @pytest.mark.parametrize("case", first_case_params)
 def test_cache_bytes_are_measured_and_reduced(case, model_name, setup):

@@ -464,13 +464,16 @@ def compaction_hooks(adapter: A.ModelAdapter, report: CompressionReport) -> list
     (:func:`kvsqueeze.adapter.compact_cache`): transformers' sliding-window layers keep the last window of a prefill
     as a view of the whole prefill's keys and values, and a press may keep its entries as views, so without this a
     plain ``with press(model): model(ids)`` would free nothing on a hybrid model's sliding layers."""
-    seconds_before: list[float] = []
+    local = threading.local()  # per thread: forwards of other threads in the same block interleave with this one
 
     def before_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        seconds_before.append(report.seconds)
+        if not hasattr(local, "stack"):
+            local.stack = []
+        local.stack.append(report.seconds)  # a stack: a press's own passes nest inside the forward (KVzip)
 
     def after_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if seconds_before and report.seconds != seconds_before.pop():  # this forward compressed
+        stack = getattr(local, "stack", None)
+        if stack and report.seconds != stack.pop():  # this forward compressed
             cache = adapter.cache_from_call(kwargs)
             cache = cache if cache is not None else adapter.cache_from_output(output)
             if cache is not None:

@@ -356,7 +356,7 @@ class DecodingPress(ScorerPress):
             queries.pop(idx, None)
             if _DRIVEN in A.press_state(cache):
                 return  # kept compressed by its own driver (continuing), e.g. a pipeline answer in another thread
-            if not self._made(_records(cache).get(idx)):
+            if not self._made(A.layer_state(cache, idx).get(_STATE)):
                 if not warned:
                     warned.append(True)
                     warnings.warn(
@@ -378,7 +378,10 @@ class DecodingPress(ScorerPress):
             cache = adapter.cache_from_call(kwargs)
             if cache is not None and applies(cache):
                 self._check_rows(cache)
-                _check_unpadded(kwargs.get("attention_mask", args[1] if len(args) > 1 else None))
+
+        def check_mask(cache, mask) -> None:
+            if cache is not None and applies(cache):
+                _check_unpadded(mask)
 
         def after_forward(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
             cache = adapter.cache_from_call(kwargs)
@@ -386,7 +389,7 @@ class DecodingPress(ScorerPress):
             if cache is not None and applies(cache):
                 self._recompress(adapter, cache, report)
 
-        return [
+        return adapter.register_mask_hook(check_mask) + [
             adapter.decoder.register_forward_pre_hook(before_forward, with_kwargs=True),
             adapter.decoder.register_forward_hook(after_forward, with_kwargs=True),
         ]
