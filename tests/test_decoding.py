@@ -554,45 +554,30 @@ def test_the_state_follows_the_caches_row_operations(tiny_model):
     a, b = prompt(16, seed=1), prompt(16, seed=2)
     steps_a, steps_b = prompt(10, seed=3), prompt(10, seed=4)
 
-    def swap_at_4(cache, t, steps):
-        if t == 4:
-            cache.reorder_cache(torch.tensor([1, 0]))
-            return steps[[1, 0]]
-        return steps
+    # (row operation at step 4 and the new row order of the step tokens, prompts and steps of the run, those of
+    # the reference run that has the resulting rows from the start)
+    ab, ab_steps = torch.cat([a, b]), torch.cat([steps_a, steps_b])
+    runs = {
+        "swap": (lambda c: c.reorder_cache(torch.tensor([1, 0])), lambda s: s[[1, 0]], ab, ab_steps,
+                 torch.cat([b, a]), torch.cat([steps_b, steps_a])),
+        "select": (lambda c: c.batch_select_indices(torch.tensor([1])), lambda s: s[[1]], ab, ab_steps, b, steps_b),
+        "repeat": (lambda c: c.batch_repeat_interleave(2), lambda s: s.repeat_interleave(2, dim=0), a, steps_a,
+                   torch.cat([a, a]), torch.cat([steps_a, steps_a])),
+    }
+    for name, (operation, reorder, prompts, steps, want_prompts, want_steps) in runs.items():
 
-    swapped, positions = _decode_rows(model, torch.cat([a, b]), torch.cat([steps_a, steps_b]), press, swap_at_4)
-    reference, reference_positions = _decode_rows(model, torch.cat([b, a]), torch.cat([steps_b, steps_a]), press)
-    for t in range(4, 10):
-        torch.testing.assert_close(swapped[t], reference[t], rtol=0, atol=1e-5)
-    for i in positions:
-        assert torch.equal(positions[i], reference_positions[i])
+        def change(cache, t, current, operation=operation, reorder=reorder):
+            if t != 4:
+                return current
+            operation(cache)
+            return reorder(current)
 
-    def select_row_1_at_4(cache, t, steps):
-        if t == 4:
-            cache.batch_select_indices(torch.tensor([1]))
-            return steps[[1]]
-        return steps
-
-    selected, positions = _decode_rows(model, torch.cat([a, b]), torch.cat([steps_a, steps_b]), press,
-                                       select_row_1_at_4)
-    alone, alone_positions = _decode_rows(model, b, steps_b, press)
-    for t in range(4, 10):
-        torch.testing.assert_close(selected[t], alone[t], rtol=0, atol=1e-5)
-    for i in positions:
-        assert torch.equal(positions[i], alone_positions[i])
-
-    def repeat_at_4(cache, t, steps):
-        if t == 4:
-            cache.batch_repeat_interleave(2)
-            return steps.repeat_interleave(2, dim=0)
-        return steps
-
-    repeated, positions = _decode_rows(model, a, steps_a, press, repeat_at_4)
-    twice, twice_positions = _decode_rows(model, torch.cat([a, a]), torch.cat([steps_a, steps_a]), press)
-    for t in range(4, 10):
-        torch.testing.assert_close(repeated[t], twice[t], rtol=0, atol=1e-5)
-    for i in positions:
-        assert torch.equal(positions[i], twice_positions[i])
+        got, positions = _decode_rows(model, prompts, steps, press, change)
+        want, want_positions = _decode_rows(model, want_prompts, want_steps, press)
+        for t in range(4, 10):
+            torch.testing.assert_close(got[t], want[t], rtol=0, atol=1e-5, msg=f"{name}, step {t}")
+        for i in positions:
+            assert torch.equal(positions[i], want_positions[i]), f"{name}, layer {i}"
 
 
 def test_beam_search_keeps_each_rows_positions(tiny_model):
