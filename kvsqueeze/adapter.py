@@ -39,6 +39,54 @@ class UnsupportedModelError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Hooks that other threads may run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def forward_hook(module: nn.Module, hook: Callable) -> Any:
+    """Register ``hook(module, args, kwargs, output)`` as a forward hook with kwargs; returns its handle.
+
+    A model is shared: while a press block removes its hooks, another thread may be inside a forward pass of the
+    same module, and torch then calls a hook it had already listed without its kwargs (``hook(module, args,
+    output)``). Such a late call belongs to a block that has closed and is ignored."""
+
+    def call(module: nn.Module, args: tuple, *rest: Any) -> Any:
+        return hook(module, args, *rest) if len(rest) == 2 else None
+
+    return module.register_forward_hook(call, with_kwargs=True)
+
+
+def forward_pre_hook(module: nn.Module, hook: Callable) -> Any:
+    """Register ``hook(module, args, kwargs)`` as a forward pre-hook with kwargs (see :func:`forward_hook`)."""
+
+    def call(module: nn.Module, args: tuple, *rest: Any) -> Any:
+        return hook(module, args, *rest) if len(rest) == 1 else None
+
+    return module.register_forward_pre_hook(call, with_kwargs=True)
+
+
+class CapturedQueries:
+    """Query-projection outputs captured by :meth:`ModelAdapter.register_query_capture`, ``{layer_idx: tensor}``
+    kept per thread: a press block hooks the shared model, and a forward of another thread (an answer on another
+    context) must not hand its queries to this thread's compression."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def _store(self) -> dict[int, torch.Tensor]:
+        store = getattr(self._local, "store", None)
+        if store is None:
+            store = self._local.store = {}
+        return store
+
+    def __setitem__(self, layer_idx: int, queries: torch.Tensor) -> None:
+        self._store()[layer_idx] = queries
+
+    def pop(self, layer_idx: int, default: torch.Tensor | None = None) -> torch.Tensor | None:
+        return self._store().pop(layer_idx, default)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Cache layers
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -494,6 +542,21 @@ def press_state(cache: Cache) -> dict:
         state = {}
         setattr(cache, _PRESS_STATE, state)
     return state
+
+
+#: Key in :func:`press_state` marking a cache the pipeline answers on (a fork of a prefilled context).
+_ANSWER = ("answer",)
+
+
+def mark_answer_cache(cache: Cache) -> None:
+    """Mark ``cache`` as a pipeline answer's fork of a context that was prefilled (and compressed, or kept whole)
+    on purpose: a press block another thread has open on the model lets its forward passes through
+    (:meth:`ModelAdapter.register_prefill_guard`) instead of refusing an uncompressed context as a prefix cache."""
+    press_state(cache)[_ANSWER] = True
+
+
+def is_answer_cache(cache: Cache) -> bool:
+    return bool(cache.__dict__.get(_PRESS_STATE, {}).get(_ANSWER))
 
 
 def layer_state(cache: Cache, layer_idx: int) -> dict:
@@ -1153,8 +1216,8 @@ class ModelAdapter:
         """The linear layer whose output holds the queries (``q_proj``, or Phi-3's fused ``qkv_proj``)."""
         return module.q_proj if hasattr(module, "q_proj") else module.qkv_proj
 
-    def register_query_capture(self, store: dict[int, torch.Tensor], layers: list[int] | None = None) -> list[Any]:
-        """Keep each layer's query-projection output in ``store[layer_idx]`` during a forward pass.
+    def register_query_capture(self, store: CapturedQueries, layers: list[int] | None = None) -> list[Any]:
+        """Keep each layer's query-projection output in ``store`` during a forward pass (per thread).
 
         Presses that need the context's queries then reuse the ones the model computed instead of projecting the
         hidden states a second time (a full ``q_proj`` pass per layer).
@@ -1285,7 +1348,7 @@ class ModelAdapter:
     def register_attention_hooks(self, hook: Callable, layers: list[int] | None = None) -> list[Any]:
         """Register ``hook(module, args, kwargs, output)`` as a forward hook on attention modules."""
         layers = self.compressible_layers if layers is None else layers
-        return [self.attention_modules[i].register_forward_hook(hook, with_kwargs=True) for i in layers]
+        return [forward_hook(self.attention_modules[i], hook) for i in layers]
 
     def register_prefill_guard(self) -> list[Any]:
         """A forward pre-hook on the model that refuses, before any layer runs, a call a press cannot compress:
@@ -1322,6 +1385,8 @@ class ModelAdapter:
             elif cache.get_seq_length() > 0:
                 if any(isinstance(layer, (CompressedLayer, RaggedLayer)) for layer in cache.layers):
                     return  # a decoding step, or tokens appended to a compressed context: the prefill was checked
+                if is_answer_cache(cache):
+                    return  # a pipeline answer on an uncompressed context (another thread's, most likely)
                 raise ValueError(
                     f"the cache already holds {cache.get_seq_length()} tokens that no press compressed (a prefix "
                     "cache, or a prefill run before the press block): a press compresses the prefill into an empty "
@@ -1348,7 +1413,7 @@ class ModelAdapter:
                     f"{mask.shape[0]}; compress one sequence at a time (kvsqueeze.Pipeline does)"
                 )
 
-        handles = [self.decoder.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+        handles = [forward_pre_hook(self.decoder, pre_hook)]
         if self.model.config is not self.config:
             # A multimodal wrapper (its text config is a sub-config) may hand the decoder its masks already built (a
             # dict of 4-D masks for Gemma 3's): the 2-D padding mask is checked where the wrapper receives it.
@@ -1365,7 +1430,7 @@ class ModelAdapter:
                     mask = args[mask_index]
                 check_unpadded(mask)
 
-            handles.append(self.model.register_forward_pre_hook(outer_pre_hook, with_kwargs=True))
+            handles.append(forward_pre_hook(self.model, outer_pre_hook))
         return handles
 
     def register_mask_hook(self, on_mask: Callable[[Cache | None, Any], None]) -> list[Any]:
@@ -1381,7 +1446,7 @@ class ModelAdapter:
                 mask = args[mask_index]
             on_mask(self.cache_from_call(kwargs), mask)
 
-        return [module.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+        return [forward_pre_hook(module, pre_hook)]
 
     @contextmanager
     def internal_pass(self) -> Iterator[None]:
@@ -1494,7 +1559,7 @@ class ModelAdapter:
             return args, kwargs
 
         handles = [
-            self.attention_modules[i].register_forward_pre_hook(pre_hook, with_kwargs=True)
+            forward_pre_hook(self.attention_modules[i], pre_hook)
             for i in self.compressible_layers
         ]
         try:

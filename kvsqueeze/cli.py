@@ -133,7 +133,7 @@ def read_context(path: str) -> str:
         except UnicodeDecodeError as exc:
             raise CLIError(f"context file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not text.strip():
-        raise CLIError(f"context is empty: {path} holds no text to compress")
+        raise CLIError(f"context is empty: {'standard input' if path == '-' else path} holds no text to compress")
     return text
 
 
@@ -865,9 +865,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ]
     print(format_table(["press", "ratio", "average", "cache MB", "saved %", "samples"], rows))
     own = sorted({e.name for e in entries if not e.shared})  # the baseline is always shared
-    note = "one prefill per press and ratio (--naive)" if args.naive else "one prefill per sample shared by " + (
-        "every press" if not own else f"every press but {', '.join(own)} (own prefill)"
-    )
+    if args.prefill_chunk_size is not None:  # the prefill depends on the press: nothing is shared
+        note = f"each unit its own prefill, in chunks of {args.prefill_chunk_size} (--prefill-chunk-size)"
+    elif args.naive:
+        note = "one prefill per press and ratio (--naive)"
+    else:
+        note = "one prefill per sample shared by " + (
+            "every press" if not own else f"every press but {', '.join(own)} (own prefill)"
+        )
     print(
         f"\n{result.units_run} units run, {result.units_skipped} already done; {result.prefills} prefills ({note}); "
         f"{result.wall_seconds:.1f} s (prefill {result.prefill_seconds:.1f} s, compression "

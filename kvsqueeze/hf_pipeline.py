@@ -80,6 +80,8 @@ class KVCompressionPipeline(_HFPipeline):
         if batch_size not in (None, 1) or isinstance(batch_size, bool):
             raise ValueError(f"the {TASK!r} pipeline compresses one context at a time; got batch_size={batch_size}")
         if isinstance(context, (list, tuple)):  # every context checked before the first one is prefilled
+            if not context:
+                raise ValueError(f"the {TASK!r} pipeline got an empty list of contexts; give at least one")
             for item in context:
                 self.preprocess(item)
         return super().__call__(context, **kwargs)

@@ -160,7 +160,10 @@ def resolve_name(name: str | None) -> str:
     if os.path.exists(name):
         return name
     # A hub id is "org/name"; anything else with a path shape is a local path, and a missing one is a typo, not
-    # something to look up on the hub (which would fail later with a confusing message, or after retries).
+    # something to look up on the hub (which would fail later with a confusing message, or after retries). A hub
+    # repository name never ends in ".gguf": such a name is a file.
+    if name.lower().endswith(".gguf"):
+        raise ValueError(f"GGUF file not found: {name!r}")
     if name.startswith(("/", "./", "../", "~", ".\\")) or name.endswith("/") or name.count("/") > 1 or "\\" in name:
         path = os.path.expanduser(name)
         if os.path.exists(path):

@@ -258,6 +258,12 @@ class Pipeline:
         self, context: str, questions: str | list[str], press: Press | None = None, **answer_kwargs
     ) -> str | list[str]:
         """Compress ``context`` and answer one question (returns a string) or several (returns a list)."""
+        unknown = sorted(set(answer_kwargs) - set(ANSWER_OPTIONS))
+        if unknown:
+            raise TypeError(
+                f"unexpected keyword {unknown[0]!r}; a Pipeline call takes context, questions, press and the answer "
+                f"options {', '.join(ANSWER_OPTIONS)}"
+            )
         questions = check_questions(questions)
         self.check_answerable(context, questions, **answer_kwargs)  # before the prefill, not after it
         ctx = self.compress(context, press=press)
@@ -414,6 +420,7 @@ class CompressedContext:
         pipe.check_room(self.n_tokens, ids.shape[1], max_new_tokens)
         generator = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
         cache = self.fork_cache()
+        A.mark_answer_cache(cache)  # another thread's press block leaves it alone
         eos = pipe.eos_token_ids
         kwargs = pipe.adapter.model_call_kwargs(cache)
         out: list[int] = []

@@ -77,7 +77,7 @@ def record_prefill(model: nn.Module, input_ids: torch.Tensor, keep_attentions: b
         )
     cache = adapter.new_cache()
     recorded: dict[int, LayerInputs] = {}
-    queries: dict[int, torch.Tensor] = {}
+    queries = A.CapturedQueries()
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         idx = module.layer_idx

@@ -27,6 +27,14 @@ def test_ls_json_lists_every_press_with_fields_and_capabilities(capsys):
     assert knorm["capabilities"]["needs_attention_weights"] is False
 
 
+def test_an_empty_standard_input_is_named_as_such(monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("  \n"))
+    assert cli.main(["run", "--press", "knorm", "--ratio", "0.5", "--context", "-", "--question", "q"]) == 2
+    assert "error: context is empty: standard input holds no text to compress" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -93,6 +101,8 @@ def test_transformers_pipeline_task_call_arguments_replace_build_arguments(tiny_
     for bad in (dict(temperature=True), dict(top_p=True), dict(max_new_tokens="6"), dict(batch_size=0)):
         with pytest.raises((TypeError, ValueError)):
             hf(context, question="what jumps?", **bad)
+    with pytest.raises(ValueError, match="empty list of contexts"):  # was an IndexError inside transformers
+        hf([], question="what jumps?")
 
 
 def test_ls_shows_capabilities_of_presses_whose_capabilities_depend_on_their_fields(capsys):
@@ -153,6 +163,9 @@ def test_model_names_resolve_or_fail_clearly(tmp_path, monkeypatch):
     assert resolve_name("someone/some-model") == "someone/some-model"
     with pytest.raises(ValueError, match="Did you mean"):
         resolve_name("smolm2-135m")
+    for missing in ("path/to/model.Q4_K_M.gguf", "models/model.gguf", "model.GGUF"):  # not a directory, nor a hub id
+        with pytest.raises(ValueError, match=f"GGUF file not found: '{re.escape(missing)}'"):
+            resolve_name(missing)
 
 
 def test_an_unreachable_hub_fails_at_once_naming_the_model_or_uses_the_local_cache(monkeypatch, capsys):

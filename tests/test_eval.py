@@ -279,3 +279,14 @@ def test_length_refused_by_a_benchmark_without_that_option(tiny_load, tmp_path, 
 def test_report_of_a_missing_directory(tmp_path, capsys):
     code, _, err = run(["report", str(tmp_path / "nope")], capsys)
     assert code == 2 and "results directory not found" in err and "nope" in err
+
+
+def test_eval_with_a_chunked_prefill_says_nothing_was_shared(tiny_load, tmp_path, capsys):
+    """With --prefill-chunk-size every unit prefills on its own (the prefill depends on the press); the summary
+    line used to claim one prefill per sample shared by every press."""
+    argv = ["eval", "--benchmark", "tiny_needles", "--length", "80", "--presses", "decoding", "--ratios", "0.5",
+            "--limit", "1", "--tasks", "single", "--output-dir", str(tmp_path), "--prefill-chunk-size", "16",
+            "--press-option", "decoding.compression_interval=16"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert "each unit its own prefill, in chunks of 16" in out and "shared by" not in out, out

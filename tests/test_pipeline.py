@@ -235,6 +235,83 @@ def test_a_plain_forward_under_a_press_holds_only_what_it_stores(case, model_nam
         assert A.layer_nbytes(cache, i) == data, f"layer {i} ({type(layer).__name__}) holds a larger buffer"
 
 
+def test_queries_of_another_threads_forward_do_not_reach_a_compression(tiny_model, tokenizer):
+    """A press that reuses the queries the model computed (SnapKV) compresses a context while another thread answers
+    on another context, its forward forced in between this thread's query projection and attention of the last
+    layer: the kept entries are those of the compression alone (the captured queries are per thread; the other
+    forward's replaced them, which kept other entries or failed on their shape)."""
+    import threading
+
+    model = tiny_model("llama")
+    pipe = Pipeline(model, tokenizer)
+    adapter = pipe.adapter
+    press = make_press("snapkv", compression_ratio=0.5, window_size=4)
+    alone = pipe.compress(CONTEXT, press=press)
+    other = pipe.compress(CONTEXT[:40], press=make_press("knorm", compression_ratio=0.5))
+    main = threading.get_ident()
+    answered = []
+    thread = threading.Thread(target=lambda: answered.append(other.generate_ids(QUESTIONS[0], max_new_tokens=2)))
+    other_projected, compressed = threading.Event(), threading.Event()
+    last = adapter.attention_modules[adapter.compressible_layers[-1]]
+
+    def after_projection(module, args, output):
+        if threading.get_ident() == main:  # this thread's last-layer queries captured: the other thread projects
+            if not thread.is_alive() and not compressed.is_set():
+                thread.start()
+                assert other_projected.wait(30)
+        elif not other_projected.is_set():  # the other thread's queries captured: it waits until this one is done
+            other_projected.set()
+            assert compressed.wait(30)
+
+    handles = []
+
+    def register_after_the_blocks_capture(module, args, kwargs):  # so it runs after the press block's own hook
+        if threading.get_ident() == main and not handles[1:]:
+            handles.append(adapter.query_projection(last).register_forward_hook(after_projection))
+
+    handles.append(adapter.decoder.register_forward_pre_hook(register_after_the_blocks_capture, with_kwargs=True))
+    try:
+        interleaved = pipe.compress(CONTEXT, press=press)
+    finally:
+        compressed.set()
+        thread.join(30)
+        for h in handles:
+            h.remove()
+    assert other_projected.is_set() and answered, "the other thread's forward did not run in between"
+    for i in adapter.compressible_layers:
+        assert torch.equal(A.layer_kv(interleaved.cache, i)[0], A.layer_kv(alone.cache, i)[0]), f"layer {i}"
+
+
+def test_an_uncompressed_context_answers_while_a_press_block_is_open(tiny_model, tokenizer):
+    """An answer on a context kept whole (press=None) is a continuation, not a prefix cache a press block should
+    refuse: with a block open on the model (another thread's, typically), it answers as without one."""
+    pipe = Pipeline(tiny_model("llama"), tokenizer)
+    full = pipe.compress(CONTEXT)
+    want = full.generate_ids(QUESTIONS[0], max_new_tokens=5)
+    with make_press("knorm", compression_ratio=0.5)(pipe.model):
+        assert full.generate_ids(QUESTIONS[0], max_new_tokens=5) == want
+
+
+def test_a_hook_called_after_its_removal_by_a_racing_thread_does_nothing(tiny_model):
+    """torch calls a with-kwargs hook that another thread removed during this forward without its kwargs: the
+    adapter's hooks ignore such a late call instead of failing with a TypeError."""
+    model = tiny_model("llama")
+    module = A.ModelAdapter(model).decoder
+    calls = []
+    post = A.forward_hook(module, lambda m, args, kwargs, output: calls.append("post"))
+    pre = A.forward_pre_hook(module, lambda m, args, kwargs: calls.append("pre"))
+    try:
+        module._forward_hooks[post.id](module, (), "output")  # as torch calls it once the kwargs flag is gone
+        module._forward_pre_hooks[pre.id](module, ())
+        assert calls == []
+        module._forward_hooks[post.id](module, (), {}, "output")
+        module._forward_pre_hooks[pre.id](module, (), {})
+        assert calls == ["post", "pre"]
+    finally:
+        post.remove()
+        pre.remove()
+
+
 def test_compaction_is_not_lost_to_a_concurrent_forward(tiny_model):
     """Another thread continuing another cache inside the same press block, starting after this thread's forward
     compressed and ending after it, must not take this forward's place in the compaction bookkeeping (per thread):
@@ -475,7 +552,8 @@ def test_answer_options_and_question_lengths_are_checked_before_the_prefill(tiny
     too_long = "q" * (room - 2)  # with max_new_tokens=4: context + question + answer one token past the maximum
     bad_calls = [
         (dict(max_new_tokens=0), ValueError, r"max_new_tokens must be a positive int, got 0"),
-        (dict(top_k=5), TypeError, r"unexpected answer option 'top_k'"),
+        (dict(top_k=5), TypeError, r"unexpected keyword 'top_k'; a Pipeline call takes context, questions, press"),
+        (dict(pres=press), TypeError, r"unexpected keyword 'pres'; a Pipeline call takes context, questions, press"),
         (dict(temperature=0.7), ValueError, r"temperature=0.7 only apply when sampling"),
         (dict(answer_prefix=None), TypeError, r"answer_prefix must be a string, got None"),
         (dict(do_sample=True, seed=2**64), ValueError, r"seed must be an int in \[-2\*\*63, 2\*\*64\).*18446744073709551616"),

@@ -404,7 +404,7 @@ class Press:
             report.seconds += time.perf_counter() - start
             report.add(layer.layer_idx, n_kept, layer.seq_len, bytes_before)
 
-    def _hook(self, adapter: A.ModelAdapter, report: CompressionReport, queries: dict[int, torch.Tensor]):
+    def _hook(self, adapter: A.ModelAdapter, report: CompressionReport, queries: A.CapturedQueries):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             idx = module.layer_idx
             projected = queries.pop(idx, None)
@@ -446,7 +446,7 @@ class Press:
         with active_press(adapter, self):
             self.validate(adapter)
             report = CompressionReport()
-            queries: dict[int, torch.Tensor] = {}
+            queries = A.CapturedQueries()
             handles = adapter.register_query_capture(queries)
             handles += adapter.register_attention_hooks(self._hook(adapter, report, queries))
             handles += self._block_hooks(adapter, report)
@@ -480,8 +480,8 @@ def compaction_hooks(adapter: A.ModelAdapter, report: CompressionReport) -> list
                 A.compact_cache(cache)
 
     return [
-        adapter.decoder.register_forward_pre_hook(before_forward, with_kwargs=True),
-        adapter.decoder.register_forward_hook(after_forward, with_kwargs=True),
+        A.forward_pre_hook(adapter.decoder, before_forward),
+        A.forward_hook(adapter.decoder, after_forward),
     ]
 
 
@@ -497,8 +497,10 @@ def check_no_active_press(adapter: A.ModelAdapter) -> None:
     active = adapter.decoder.__dict__.get(_ACTIVE)
     if active is not None:
         raise ValueError(
-            f"a press is already active on this model ({type(active).__name__}); presses do not nest: chain them "
-            "with kvsqueeze.make_press('composed', presses=[...]), or close the first block"
+            f"a press is already active on this model ({type(active).__name__}), in an enclosing block or in another "
+            "thread's: one press block at a time per model. Presses do not nest: chain them with "
+            "kvsqueeze.make_press('composed', presses=[...]); from several threads, compress one context at a time "
+            "(answering needs no block)"
         )
 
 

@@ -343,7 +343,7 @@ class DecodingPress(ScorerPress):
         report.seconds += time.perf_counter() - start
         report.decoding_compressions += 1
 
-    def _hook(self, adapter: A.ModelAdapter, report: CompressionReport, queries: dict[int, torch.Tensor]):
+    def _hook(self, adapter: A.ModelAdapter, report: CompressionReport, queries: A.CapturedQueries):
         prefill_hook = super()._hook(adapter, report, queries)
         warned: list[bool] = []
 
@@ -390,8 +390,8 @@ class DecodingPress(ScorerPress):
                 self._recompress(adapter, cache, report)
 
         return adapter.register_mask_hook(check_mask) + [
-            adapter.decoder.register_forward_pre_hook(before_forward, with_kwargs=True),
-            adapter.decoder.register_forward_hook(after_forward, with_kwargs=True),
+            A.forward_pre_hook(adapter.decoder, before_forward),
+            A.forward_hook(adapter.decoder, after_forward),
         ]
 
     def _block_hooks(self, adapter: A.ModelAdapter, report: CompressionReport) -> list:

@@ -166,7 +166,7 @@ class KVzipPress(Press):
         n_ctx = input_ids.shape[1]
         layers = adapter.compressible_layers
         best: dict[int, torch.Tensor] = {}
-        queries: dict[int, torch.Tensor] = {}
+        queries = A.CapturedQueries()
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             idx = module.layer_idx
@@ -323,8 +323,8 @@ class KVzipPress(Press):
 
         decoder = adapter.decoder  # also sees a call on the inner model that bypasses the causal LM's forward
         handles = [
-            decoder.register_forward_pre_hook(pre_hook, with_kwargs=True),
-            decoder.register_forward_hook(hook, with_kwargs=True),
+            A.forward_pre_hook(decoder, pre_hook),
+            A.forward_hook(decoder, hook),
         ]
         handles += compaction_hooks(adapter, report)  # after the compressing hook: runs after it
         try:
