@@ -162,7 +162,7 @@ def resolve_name(name: str | None) -> str:
     # A hub id is "org/name"; anything else with a path shape is a local path, and a missing one is a typo, not
     # something to look up on the hub (which would fail later with a confusing message, or after retries). A hub
     # repository name never ends in ".gguf": such a name is a file.
-    if name.lower().endswith(".gguf"):
+    if name.lower().endswith(".gguf") and not os.path.exists(os.path.expanduser(name)):
         raise ValueError(f"GGUF file not found: {name!r}")
     if name.startswith(("/", "./", "../", "~", ".\\")) or name.endswith("/") or name.count("/") > 1 or "\\" in name:
         path = os.path.expanduser(name)

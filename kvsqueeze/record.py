@@ -80,6 +80,8 @@ def record_prefill(model: nn.Module, input_ids: torch.Tensor, keep_attentions: b
     queries = A.CapturedQueries()
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        if adapter.cache_from_call(kwargs) is not cache:  # another thread's forward on the shared model
+            return
         idx = module.layer_idx
         keys, values = A.layer_kv(cache, idx)
         attentions = output[1] if keep_attentions and isinstance(output, tuple) and len(output) > 1 else None

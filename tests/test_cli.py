@@ -166,6 +166,8 @@ def test_model_names_resolve_or_fail_clearly(tmp_path, monkeypatch):
     for missing in ("path/to/model.Q4_K_M.gguf", "models/model.gguf", "model.GGUF"):  # not a directory, nor a hub id
         with pytest.raises(ValueError, match=f"GGUF file not found: '{re.escape(missing)}'"):
             resolve_name(missing)
+    (tmp_path / "models" / "tiny.gguf").mkdir(parents=True)  # a folder that happens to be named *.gguf
+    assert resolve_name("~/models/tiny.gguf") == str(tmp_path / "models" / "tiny.gguf")
 
 
 def test_an_unreachable_hub_fails_at_once_naming_the_model_or_uses_the_local_cache(monkeypatch, capsys):

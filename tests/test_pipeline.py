@@ -292,24 +292,117 @@ def test_an_uncompressed_context_answers_while_a_press_block_is_open(tiny_model,
         assert full.generate_ids(QUESTIONS[0], max_new_tokens=5) == want
 
 
-def test_a_hook_called_after_its_removal_by_a_racing_thread_does_nothing(tiny_model):
-    """torch calls a with-kwargs hook that another thread removed during this forward without its kwargs: the
-    adapter's hooks ignore such a late call instead of failing with a TypeError."""
-    model = tiny_model("llama")
-    module = A.ModelAdapter(model).decoder
-    calls = []
-    post = A.forward_hook(module, lambda m, args, kwargs, output: calls.append("post"))
-    pre = A.forward_pre_hook(module, lambda m, args, kwargs: calls.append("pre"))
+def _answer_from_another_thread_when(module, condition, answer) -> object:
+    """A forward hook on ``module`` that, the first time it runs in this thread with ``condition()`` true, runs
+    ``answer()`` in another thread to the end (that thread's forwards go through every hook on the shared model)."""
+    import threading
+
+    main = threading.get_ident()
+    fired = []
+
+    def hook(*_):
+        if threading.get_ident() == main and not fired and condition():
+            fired.append(True)
+            thread = threading.Thread(target=answer)
+            thread.start()
+            thread.join(60)
+
+    handle = module.register_forward_hook(hook)
+    handle.fired = fired
+    return handle
+
+
+@pytest.mark.parametrize("phase", ["prefill", "reconstruction"])
+def test_kvzip_compresses_the_same_while_another_thread_answers(phase, tiny_model, tokenizer):
+    """KVzip's block state (the prefill waiting to be compressed) and its scoring hooks (the reconstruction passes)
+    belong to the compressing thread: another thread answering in between used to cancel the compression (nothing
+    kept out) or mix its own scores in (other entries kept), or fail."""
+    pipe = Pipeline(tiny_model("llama"), tokenizer)
+    adapter = pipe.adapter
+    press = make_press("kvzip", compression_ratio=0.5, tokenizer=tokenizer)
+    alone = pipe.compress(CONTEXT[:50], press=press)
+    other = pipe.compress(CONTEXT + " The cat sleeps.", press=make_press("knorm", compression_ratio=0.5))
+    answered = []
+    internal = lambda: bool(getattr(pipe.model, A._INTERNAL_PASS, 0))  # noqa: E731
+    condition = internal if phase == "reconstruction" else (lambda: not internal())
+    handle = _answer_from_another_thread_when(
+        adapter.attention_modules[0], condition, lambda: answered.append(other.generate_ids("Who?", max_new_tokens=2))
+    )
     try:
-        module._forward_hooks[post.id](module, (), "output")  # as torch calls it once the kwargs flag is gone
-        module._forward_pre_hooks[pre.id](module, ())
-        assert calls == []
-        module._forward_hooks[post.id](module, (), {}, "output")
-        module._forward_pre_hooks[pre.id](module, (), {})
-        assert calls == ["post", "pre"]
+        interleaved = pipe.compress(CONTEXT[:50], press=press)
     finally:
-        post.remove()
-        pre.remove()
+        handle.remove()
+    assert handle.fired and answered, "the other thread did not answer in between"
+    assert A.layer_lengths(interleaved.cache) == A.layer_lengths(alone.cache)
+    for i in adapter.compressible_layers:
+        assert torch.equal(A.layer_head_lengths(interleaved.cache, i), A.layer_head_lengths(alone.cache, i)), i
+        for name, t in _stored(alone.cache.layers[i]).items():
+            assert torch.equal(_stored(interleaved.cache.layers[i])[name], t), f"layer {i} {name}"
+
+
+def test_a_recording_is_not_disturbed_by_another_threads_forward(tiny_model, tokenizer):
+    """Pipeline.record keeps each layer's inputs from its own forward: another thread answering while the
+    recording runs used to replace them (hidden states of its 1 token), and the recording then compressed wrong."""
+    pipe = Pipeline(tiny_model("llama"), tokenizer)
+    adapter = pipe.adapter
+    alone = pipe.record(CONTEXT)
+    other = pipe.compress(CONTEXT[:40], press=make_press("knorm", compression_ratio=0.5))
+    answered = []
+    last = adapter.attention_modules[adapter.compressible_layers[-1]]
+    handle = _answer_from_another_thread_when(
+        last, lambda: True, lambda: answered.append(other.generate_ids("Who?", max_new_tokens=2))
+    )
+    try:
+        interleaved = pipe.record(CONTEXT)
+    finally:
+        handle.remove()
+    assert handle.fired and answered
+    for a, b in zip(alone.layers, interleaved.layers):
+        assert torch.equal(a.hidden_states, b.hidden_states), f"layer {a.layer_idx}"
+        assert torch.equal(a.keys, b.keys)
+
+
+@pytest.mark.parametrize("kind", ["pre", "post"])
+def test_a_block_closing_while_another_thread_is_inside_a_forward(kind, tiny_model, tokenizer):
+    """torch lists a module's hooks when its forward starts; a press block that closes meanwhile removes its hooks,
+    and torch then calls the removed with-kwargs hooks of that forward without kwargs. The other thread's answer
+    must not fail (it raised a TypeError for the missing kwargs/output)."""
+    import threading
+
+    pipe = Pipeline(tiny_model("llama"), tokenizer)
+    adapter = pipe.adapter
+    ctx = pipe.compress(CONTEXT, press=make_press("knorm", compression_ratio=0.5))
+    want = ctx.generate_ids("Who?", max_new_tokens=2)
+    inside, closed = threading.Event(), threading.Event()
+
+    def gate(*_):  # runs first among the decoder's hooks; in the answering thread it waits for the block to close
+        if threading.current_thread().name == "answer":
+            inside.set()
+            closed.wait(30)
+
+    register = adapter.decoder.register_forward_pre_hook if kind == "pre" else adapter.decoder.register_forward_hook
+    handle = register(gate, prepend=True)
+    got, errors = [], []
+
+    def answer():
+        try:
+            got.append(ctx.generate_ids("Who?", max_new_tokens=2))
+        except Exception as exc:  # the failure under test
+            errors.append(exc)
+
+    block = make_press("snapkv", compression_ratio=0.5)(pipe.model)
+    block.__enter__()
+    thread = threading.Thread(target=answer, name="answer")
+    try:
+        thread.start()
+        assert inside.wait(30)
+    finally:
+        block.__exit__(None, None, None)
+        closed.set()
+        thread.join(30)
+        handle.remove()
+    assert not errors, errors
+    assert got == [want]
 
 
 def test_compaction_is_not_lost_to_a_concurrent_forward(tiny_model):

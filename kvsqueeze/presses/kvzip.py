@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -168,9 +169,13 @@ class KVzipPress(Press):
         best: dict[int, torch.Tensor] = {}
         queries = A.CapturedQueries()
 
+        scoring: list = [None]  # the fork of the chunk being scored: other callers of the model are not scored
+
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             idx = module.layer_idx
             fork = adapter.cache_from_call(kwargs)
+            if fork is None or fork is not scoring[0]:  # another thread's forward on the shared model
+                return
             keys, _ = A.layer_kv(fork, idx)  # (bsz, kv_heads, n_ctx + m, d): the context, then this chunk
             hidden = adapter.hidden_states_from_call(args, kwargs)
             q = adapter.query_states(module, hidden, kwargs["position_embeddings"], queries.pop(idx, None))
@@ -182,7 +187,7 @@ class KVzipPress(Press):
         handles = adapter.register_query_capture(queries) + adapter.register_attention_hooks(hook)
         try:
             for ids in chunks:
-                fork = A.fork_cache(cache)
+                fork = scoring[0] = A.fork_cache(cache)
                 with adapter.internal_pass():  # a fork of the uncompressed context: not a prefill to refuse
                     model(input_ids=ids, use_cache=True, logits_to_keep=1, **adapter.model_call_kwargs(fork))
         finally:
@@ -291,35 +296,43 @@ class KVzipPress(Press):
     def _block(self, model: nn.Module, adapter: A.ModelAdapter) -> Iterator[CompressionReport]:
         self.validate(adapter)
         report = CompressionReport()
-        state: dict[str, Any] = {"pending": None, "busy": False}
+        # Per thread: another thread's forward on the shared model (an answer) must not cancel or take this one's.
+        local = threading.local()
+
+        def state() -> dict[str, Any]:
+            if not hasattr(local, "state"):
+                local.state = {"pending": None, "busy": False}
+            return local.state
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if state["busy"]:  # our own reconstruction passes
+            state_ = state()
+            if state_["busy"]:  # our own reconstruction passes
                 return
-            state["pending"] = None
+            state_["pending"] = None
             cache = adapter.cache_from_call(kwargs)
             if cache is not None and cache.get_seq_length() != 0:
                 return  # a decoding step
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is None:
                 raise ValueError("KVzipPress needs the context's input_ids (the model was called with inputs_embeds)")
-            state["pending"] = (ids, cache)  # no cache passed: the model creates one, read from its output
+            state_["pending"] = (ids, cache)  # no cache passed: the model creates one, read from its output
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if state["busy"] or state["pending"] is None:
+            state_ = state()
+            if state_["busy"] or state_["pending"] is None:
                 return
-            ids, cache = state["pending"]
-            state["pending"] = None
+            ids, cache = state_["pending"]
+            state_["pending"] = None
             if cache is None:
                 cache = adapter.cache_from_output(output)
                 if cache is None:
                     raise ValueError("KVzipPress: the model returned no KV cache, so there is nothing to compress; "
                                      "call it with use_cache=True")
-            state["busy"] = True
+            state_["busy"] = True
             try:
                 self.compress_cache(adapter, ids, cache, report)
             finally:
-                state["busy"] = False
+                state_["busy"] = False
 
         decoder = adapter.decoder  # also sees a call on the inner model that bypasses the causal LM's forward
         handles = [
