@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import importlib.machinery
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from kvsqueeze import models as M
 from kvsqueeze.calibration import calibrate, load_artifact, model_identity
 
-from conftest import build_model, build_tokenizer, token_ids
+from conftest import ForwardCounter, build_model, build_tokenizer, token_ids
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -127,6 +128,37 @@ def test_artifact_of_the_previous_format_is_refused_with_recalibrate(tiny_model,
         load_artifact(old, model, "qfilters")
 
 
+def test_an_artifact_whose_metadata_was_edited_is_refused(tiny_model, calibration_artifact, tmp_path):
+    """The metadata (method, model identity, settings) has a checksum of its own: a setting edited in place (a
+    DuoAttention window the gates were not trained for) or a damaged identity is refused as corrupted, naming the
+    file, instead of being used or failing with a bare KeyError / JSONDecodeError. A file written before that
+    checksum existed (none recorded) still loads: its tensors are checked as before."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = tiny_model("llama")
+    with safe_open(str(calibration_artifact("llama", "qfilters")), framework="pt") as f:
+        metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    settings = json.loads(metadata["settings"])
+    edits = {
+        "settings": {**metadata, "settings": json.dumps({**settings, "n_samples": settings["n_samples"] + 1})},
+        "identity": {**metadata, "identity": metadata["identity"].replace('"fingerprint": ', '"fingerprint"; ')},
+        "method key": {("mfthod" if k == "method" else k): v for k, v in metadata.items()},
+    }
+    for what, edited in edits.items():
+        path = tmp_path / f"{what.replace(' ', '_')}.safetensors"
+        save_file(tensors, str(path), metadata=edited)
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is corrupted: its metadata"):
+            load_artifact(path, model, "qfilters")
+    older = tmp_path / "older.safetensors"
+    save_file(tensors, str(older), metadata={k: v for k, v in metadata.items() if k != "metadata_checksum"})
+    assert load_artifact(older, model, "qfilters").settings == settings
+    broken = tmp_path / "older_broken.safetensors"
+    save_file(tensors, str(broken), metadata={k: v for k, v in edits["identity"].items() if k != "metadata_checksum"})
+    with pytest.raises(ValueError, match=r"is corrupted: its metadata has no readable JSON"):
+        load_artifact(broken, model, "qfilters")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # calibrate() input checks
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,6 +175,23 @@ def test_calibrate_from_texts_needs_a_tokenizer(tiny_model, tmp_path):
     assert not out.exists()
     calibrate(model, build_tokenizer(), "qfilters", texts=["hello world " * 20], n_sequences=2, seq_len=32,
               output=out, progress=False)
+
+
+def test_calibrate_checks_the_default_location_and_the_seed_before_any_work(tiny_model, tmp_path, monkeypatch):
+    """An unwritable default location (KVSQUEEZE_CACHE below a file) was found only when saving, after the whole
+    calibration (up to ~20 minutes of DuoAttention training); a seed out of torch's range failed inside torch."""
+    model = tiny_model("llama")
+    batches = [token_ids(32, seed=1)]
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setenv("KVSQUEEZE_CACHE", str(tmp_path / "a_file" / "cache"))
+    with ForwardCounter(model) as counter:
+        with pytest.raises(ValueError, match=r"the default artifact location .* cannot be written \(.*a_file.* is not a "
+                                             r"directory\); set KVSQUEEZE_CACHE"):
+            calibrate(model, None, "qfilters", input_ids_batches=batches, progress=False)
+        with pytest.raises(ValueError, match=r"seed must be an int in \[-2\*\*63, 2\*\*64\).*18446744073709551616"):
+            calibrate(model, None, "qfilters", input_ids_batches=batches, progress=False, seed=2**64,
+                      output=tmp_path / "q.safetensors")
+    assert counter.calls == 0
 
 
 def test_calibrate_refuses_n_sequences_that_contradicts_the_given_batches(tiny_model, tmp_path):

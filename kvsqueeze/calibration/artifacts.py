@@ -1,8 +1,9 @@
 """Calibration artifacts on disk: which model they belong to, where they live, how they are saved and checked.
 
 An artifact is one safetensors file of float32 tensors whose metadata holds the identity of the model it was
-computed on, the method, the settings and a sha256 checksum of the tensor bytes. Loading verifies all three, so
-the filters of one model are never applied to another, and a truncated or edited file is refused.
+computed on, the method, the settings, a sha256 checksum of the tensor bytes and one of the metadata itself.
+Loading verifies them, so the filters of one model are never applied to another, and a truncated or edited file
+is refused.
 """
 
 from __future__ import annotations
@@ -228,6 +229,15 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def metadata_checksum(metadata: dict[str, str]) -> str:
+    """sha256 over every metadata entry but itself (format, method, identity, settings and the tensors' checksum),
+    so an edited setting or a damaged identity is refused like damaged tensors."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in metadata if k != "metadata_checksum"):
+        digest.update(f"{key}={metadata[key]}\n".encode())
+    return digest.hexdigest()
+
+
 @dataclass
 class Artifact:
     """A verified calibration artifact.
@@ -280,6 +290,7 @@ def save_artifact(
         "settings": json.dumps(settings, sort_keys=True, default=str),
         "checksum": tensor_checksum(tensors),
     }
+    metadata["metadata_checksum"] = metadata_checksum(metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -316,13 +327,24 @@ def _read(path: Path) -> Artifact:
             f"{path} is corrupted: checksum of its tensors is {checksum[:12]}…, the file records "
             f"{str(metadata.get('checksum'))[:12]}…; delete it and recalibrate"
         )
-    return Artifact(
-        path=path,
-        method=metadata["method"],
-        identity=json.loads(metadata["identity"]),
-        settings=json.loads(metadata["settings"]),
-        tensors=tensors,
-    )
+    # Files written before the metadata had its own checksum have none: their tensors are still checked above.
+    recorded = metadata.get("metadata_checksum")
+    if recorded is not None and recorded != metadata_checksum(metadata):
+        raise ValueError(f"{path} is corrupted: its metadata (method, model identity, settings) was changed or "
+                         "damaged; delete it and recalibrate")
+    try:
+        return Artifact(
+            path=path,
+            method=metadata["method"],
+            identity=json.loads(metadata["identity"]),
+            settings=json.loads(metadata["settings"]),
+            tensors=tensors,
+        )
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(
+            f"{path} is corrupted: its metadata has no readable {exc if isinstance(exc, KeyError) else 'JSON'} "
+            f"({type(exc).__name__}: {exc}); delete it and recalibrate"
+        ) from None
 
 
 def load_artifact(path: str | os.PathLike | None, model: nn.Module, method: str) -> Artifact:

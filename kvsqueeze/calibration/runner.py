@@ -20,7 +20,7 @@ from kvsqueeze.corpus import essays, essays_dir  # noqa: F401  essays_dir is re-
 from kvsqueeze.calibration.artifacts import _check_method, default_artifact_path, save_artifact
 from kvsqueeze.calibration.qfilters import QFilterCollector
 from kvsqueeze.calibration.query_stats import QueryMomentCollector
-from kvsqueeze.presses.base import check_int
+from kvsqueeze.presses.base import check_int, check_seed
 
 
 def default_texts() -> list[str]:
@@ -220,10 +220,21 @@ def calibrate(
     """
     _check_method(method)
     seq_len = _positive_int(seq_len, "seq_len", 2)
-    check_int(seed, "seed")
+    check_seed(seed)
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool, got {progress!r}")
     path = check_output_path(output)
+    if path is None:  # the default location, checked like an explicit one before any work (not after training)
+        default = default_artifact_path(model, method)
+        try:
+            check_output_path(default)
+        except ValueError as exc:
+            reason = str(exc).split("cannot be written: ", 1)[-1]
+            raise ValueError(
+                f"the default artifact location {str(default)!r} cannot be written ({reason}); set KVSQUEEZE_CACHE to "
+                "a writable folder or pass output=<file path>"
+            ) from None
+        path = default
     batches = None
     if input_ids_batches is not None:
         if texts is not None:
@@ -269,8 +280,6 @@ def calibrate(
         kvsqueeze_version=kvsqueeze.__version__,
         transformers_version=transformers.__version__,
     )
-    if path is None:
-        path = default_artifact_path(model, method)
     return save_artifact(path, tensors, model, method, settings)
 
 
