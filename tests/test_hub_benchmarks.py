@@ -304,6 +304,9 @@ def test_longbench_classification_retrieval_count():
     assert hub.retrieval_score("Paragraph 3, or maybe paragraph 5", ["Paragraph 3"], {}) == 1 / 2
     assert hub.count_score("7 or 8", ["7"], {}) == 1 / 2
     assert hub.count_score("none", ["7"], {}) == 0
+    # LongBench reads unsigned digit runs: a range "2-3" names 2 and 3 (a signed pattern read "2" and "-3").
+    assert hub.count_score("There are 2-3 distinct paragraphs", ["3"], {}) == 1 / 2
+    assert hub.retrieval_score("10-12", ["Paragraph 12"], {}) == 1 / 2
 
 
 def test_classification_does_not_count_a_class_contained_in_the_reference():

@@ -195,6 +195,28 @@ def test_same_press_with_other_options_gets_its_own_labelled_row(tiny_model, tok
     assert all(p.is_file() for p in heatmaps)
 
 
+def test_a_press_recalibrated_between_two_sweeps_keeps_both_rows(tiny_model, tokenizer, tmp_path):
+    """A recalibrated artifact (same path, new contents) gives new results in another directory; the report used
+    to list one of the two rows only (same press, ratio and options). Each is labelled by its artifact."""
+    from conftest import token_ids
+    from kvsqueeze.calibration import calibrate
+
+    model = tiny_model("llama")
+    artifact = tmp_path / "qfilters.safetensors"
+    common = dict(benchmark=TinyNeedles(), presses=["qfilters"], ratios=[0.75], limit=1, output_dir=tmp_path,
+                  progress=False, press_options={"qfilters": {"artifact": str(artifact)}})
+    runs = []
+    for seeds in ((1,), (50, 51)):
+        calibrate(model, None, "qfilters", input_ids_batches=[token_ids(96, seed=s) for s in seeds],
+                  output=artifact, progress=False)
+        runs.append(run_sweep(model, tokenizer, **common))
+    assert runs[0].directory != runs[1].directory
+    written = write_report([r.directory for r in runs], tmp_path / "report")
+    labels = [r[0] for r in _markdown_rows(written["markdown"][0])]
+    assert labels[0] == "none" and len(labels) == 3
+    assert all(label.startswith("qfilters (artifact=qfilters@") for label in labels[1:]) and labels[1] != labels[2]
+
+
 def test_ratios_that_round_alike_keep_their_digits(tiny_model, tokenizer, tmp_path):
     run = run_sweep(tiny_model("llama"), tokenizer, TinyNeedles(), ["knorm"], [0.12, 0.125], limit=1,
                     output_dir=tmp_path, progress=False)

@@ -381,8 +381,11 @@ def test_default_tasks_skip_unloadable_qa_and_the_key_says_so(tokenizer, unreach
 
 
 def test_default_tasks_with_qa_data_keep_the_full_key(qa_files):
+    from kvsqueeze.evaluation.sweep import data_digest
+
     config = Ruler(length=2000, qa_data_files=qa_files).config()
-    assert config == {"length": 2000, "tasks": list(TASKS), "n_samples": 100, "qa_data_files": qa_files}
+    assert config == {"length": 2000, "tasks": list(TASKS), "n_samples": 100, "qa_data_files": data_digest(qa_files)}
+    assert set(config["qa_data_files"]) == set(qa_files)  # each file's path and the sha256 of its contents
 
 
 def test_requested_qa_tasks_that_cannot_be_loaded_are_an_error(tokenizer, unreachable_hub):

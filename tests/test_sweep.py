@@ -11,8 +11,9 @@ import torch
 
 from kvsqueeze.evaluation import sweep as S
 from kvsqueeze.evaluation.sweep import run_sweep
+from kvsqueeze.pipeline import Pipeline
 
-from conftest import MODEL_NAMES
+from conftest import EOS_ID, MODEL_NAMES
 from eval_helpers import TinyNeedles, record_answers
 from press_matrix import PRESS_KWARGS
 
@@ -126,6 +127,43 @@ def _config_of(model, tokenizer, presses, ratios, limit, seed=0, press_options=N
     template = template or PromptTemplate.for_tokenizer(tokenizer)
     return S.resolved_config(model, model_name, benchmark or TinyNeedles(), entries, limit, seed, template,
                              max_new_tokens)
+
+
+def test_the_key_ignores_the_order_of_presses_and_ratios_and_sees_the_stop_tokens(tiny_model, tokenizer, tmp_path):
+    """The same press × ratio grid listed in another order finds its results (it redid every unit); the tokens that
+    end an answer change the predictions, so they are part of the key (a changed eos_token_id reused old ones)."""
+    model = tiny_model("llama")
+    one = _config_of(model, tokenizer, presses=["knorm", "snapkv"], ratios=[0.25, 0.5], limit=1,
+                     press_options={"snapkv": {"window_size": 8}})
+    other = _config_of(model, tokenizer, presses=["snapkv", "knorm"], ratios=[0.5, 0.25], limit=1,
+                       press_options={"snapkv": {"window_size": 8}})
+    assert S.results_dir(tmp_path, one) == S.results_dir(tmp_path, other)
+    assert [p["name"] for p in one["presses"]] == ["none", "knorm", "knorm", "snapkv", "snapkv"]  # as given
+    swapped = _config_of(model, tokenizer, presses=["knorm"], ratios=[0.25], limit=1)
+    assert S.results_dir(tmp_path, swapped) != S.results_dir(tmp_path, one)
+    result = sweep(model, tokenizer, tmp_path, presses=["knorm"], ratios=[0.5], limit=1)
+    recorded = json.loads((result.directory / "config.json").read_text())
+    assert recorded["generation"]["eos_token_ids"] == sorted(Pipeline(model, tokenizer).eos_token_ids)
+    model.generation_config.eos_token_id = [*Pipeline(model, tokenizer).eos_token_ids, 7]
+    try:
+        changed = sweep(model, tokenizer, tmp_path, presses=["knorm"], ratios=[0.5], limit=1)
+    finally:
+        model.generation_config.eos_token_id = EOS_ID
+    assert changed.directory != result.directory and changed.units_run == 4
+
+
+def test_data_files_rewritten_in_place_start_new_results(tmp_path):
+    """A data file rewritten under the same path is new data: its contents are in the key (only the path was,
+    and the old predictions were reused)."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"id": 1, "context": "old"}\n')
+    before = S.data_digest(str(data))
+    folder_before = S.data_digest(str(tmp_path))
+    data.write_text('{"id": 1, "context": "new"}\n')
+    assert S.data_digest(str(data)) != before and S.data_digest(str(tmp_path)) != folder_before
+    assert S.data_digest(str(data))["path"] == str(data)
+    assert S.data_digest({"qa_1": str(data)}) == {"qa_1": S.data_digest(str(data))}
+    assert S.data_digest("someone/dataset") == "someone/dataset"  # not a local path: as given
 
 
 def test_prompt_template_dtype_and_attention_implementation_are_part_of_the_key(tiny_model, tokenizer, tmp_path):
@@ -417,13 +455,23 @@ def test_a_chunked_sweep_gives_the_pipelines_chunked_answers(tiny_model, tokeniz
     assert not prefills and not (tmp_path / "refused").exists()
 
 
-def test_resume_false_starts_afresh(tiny_model, tokenizer, tmp_path):
+def test_resume_false_starts_afresh(tiny_model, tokenizer, tmp_path, monkeypatch):
     model = tiny_model("llama")
     kwargs = dict(presses=["knorm"], ratios=[0.5], limit=1)
     sweep(model, tokenizer, tmp_path, **kwargs)
     again = sweep(model, tokenizer, tmp_path, resume=False, **kwargs)
     assert again.units_run == 4 and again.units_skipped == 0
     assert len(S.read_predictions(again.directory / "predictions.jsonl")) == 6
+    # Interrupted, a fresh run leaves no metrics of the earlier one for the report to present as its own.
+    assert (again.directory / "metrics.json").exists()
+
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(S, "_finish_unit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(model, tokenizer, tmp_path, resume=False, **kwargs)
+    assert not (again.directory / "metrics.json").exists()
 
 
 @pytest.mark.parametrize(

@@ -286,7 +286,9 @@ class HubBenchmark(Benchmark):
         self.data_files = data_files
 
     def config(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "tasks": list(self.selected), "data_files": self.data_files,
+        from kvsqueeze.evaluation.sweep import data_digest
+
+        return {"dataset": self.dataset, "tasks": list(self.selected), "data_files": data_digest(self.data_files),
                 "max_new_tokens": self.max_new_tokens, "max_context_tokens": self.max_context_tokens}
 
     def _files_for(self, task: str):
@@ -388,6 +390,8 @@ class HubBenchmark(Benchmark):
 # ----------------------------------------------------------------------------------------------------------------
 
 _INT = re.compile(r"-?\d+")
+#: LongBench's passage_count / passage_retrieval read unsigned digit runs ("2-3" is 2 and 3).
+_DIGITS = re.compile(r"\d+")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _SEPARATORS = re.compile(r"[\s\"'.,;:!?()\[\]{}]+")
 
@@ -417,7 +421,7 @@ def retrieval_score(prediction: str, references: Sequence[str], meta: Mapping[st
         found = re.findall(r"(?:Paragraph|段落)\s*(\d+)", ref)
         if not found:
             continue
-        numbers = _INT.findall(prediction)
+        numbers = _DIGITS.findall(prediction)
         if numbers:
             best = max(best, sum(n == found[0] for n in numbers) / len(numbers))
     return best
@@ -425,7 +429,7 @@ def retrieval_score(prediction: str, references: Sequence[str], meta: Mapping[st
 
 def count_score(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
     """LongBench passage count: share of the numbers in the prediction that equal the reference count."""
-    numbers = _INT.findall(prediction)
+    numbers = _DIGITS.findall(prediction)
     if not numbers:
         return 0.0
     return max(sum(n == str(ref).strip() for n in numbers) / len(numbers) for ref in references)

@@ -119,6 +119,15 @@ def _groups(result_dirs: Sequence[str | Path]) -> list[_Group]:
             groups[key] = _Group(title, slug(name, "results"), bench)
         group = groups[key]
         group.directories.append(directory)
+        # The calibration artifacts a press read are part of its configuration: a press recalibrated between two
+        # sweeps is two rows (labelled by the artifact's checksum), not one row hiding the other.
+        artifacts = {(p.get("name"), float(p.get("ratio", 0.0))): p["artifacts"]
+                     for p in config.get("presses", []) if isinstance(p, Mapping) and p.get("artifacts")}
+        for r in metrics["results"]:
+            found = artifacts.get((r["press"], float(r["ratio"])))
+            if found:
+                r["press_config"] = {**(r.get("press_config") or {}),
+                                     "artifact": ", ".join(f"{m}@{c[:12]}" for m, c in sorted(found.items()))}
         # A press x ratio with the same options in two directories is the same configuration of the same section,
         # so its predictions are the same: it is listed once. Other options make another row (labelled below).
         have = {(r["press"], r["ratio"], _options_key(r)) for r in group.rows}

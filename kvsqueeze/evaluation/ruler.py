@@ -692,8 +692,10 @@ class Ruler(Benchmark):
 
     def config(self) -> dict[str, Any]:
         """The options that define the rows; ``tasks`` are those that run (see the class docstring)."""
+        from kvsqueeze.evaluation.sweep import data_digest
+
         return {"length": self.length, "tasks": list(self.running_tasks()), "n_samples": self.n_samples,
-                "qa_data_files": dict(self.qa_data_files)}
+                "qa_data_files": data_digest(dict(self.qa_data_files))}
 
     def check_data(self) -> None:
         """Load the qa data of the selected qa tasks now; raises :class:`QaDataUnavailable` for a requested one."""

@@ -214,15 +214,19 @@ def resolved_config(
     template: Any,
     max_new_tokens: int | None,
     prefill_chunk_size: int | None = None,
+    eos_token_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """The configuration that defines the predictions of a sweep (and so its results directory)."""
+    """The configuration that defines the predictions of a sweep (and so its results directory). The contents of
+    local data files are part of it (through ``benchmark.config()``, see :func:`data_digest`), and so are the
+    tokens that stop an answer. The presses keep the order given (:func:`config_hash` ignores it)."""
+    presses = [_entry_config(e, model) for e in entries]
     config = {
         "schema": RESULTS_SCHEMA,
         "model": model_key(model, model_name),
         "benchmark": {"name": benchmark.name, "config": benchmark.config()},
         "limit": limit,
         "seed": seed,
-        "presses": [_entry_config(e, model) for e in entries],
+        "presses": presses,
         "generation": {
             "do_sample": False,
             "max_new_tokens": max_new_tokens if max_new_tokens is not None else "per sample",
@@ -236,7 +240,35 @@ def resolved_config(
     }
     if prefill_chunk_size is not None:  # only when set: one-pass sweeps keep their keys
         config["prefill_chunk_size"] = prefill_chunk_size
+    if eos_token_ids is not None:
+        config["generation"]["eos_token_ids"] = sorted(int(t) for t in eos_token_ids)
     return config
+
+
+def data_digest(files: Any) -> Any:
+    """A sha256 of the contents of local data files (a file, a directory of files, or a ``{task: path}`` mapping),
+    for a benchmark's ``config()``: rewriting a data file in place must give new results, not reuse the old
+    predictions. Paths that are not local files or directories (a hub reference) are returned as given."""
+    if isinstance(files, Mapping):
+        return {str(k): data_digest(v) for k, v in sorted(files.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(files, (list, tuple)):
+        return [data_digest(f) for f in files]
+    if files is None:
+        return None
+    path = Path(files).expanduser()
+    if path.is_file():
+        paths = [path]
+    elif path.is_dir():
+        paths = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        return str(files)
+    digest = hashlib.sha256()
+    for p in paths:
+        digest.update(str(p.relative_to(path) if p != path else p.name).encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return {"path": str(files), "sha256": digest.hexdigest()}
 
 
 def check_samples_fit(pipe, benchmark: str, samples: Sequence[Sample], max_new_tokens: int | None) -> None:
@@ -281,7 +313,12 @@ def artifact_checksums(press, model: nn.Module) -> dict[str, str]:
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
-    """12 hex digits of the sha256 of the canonical JSON of ``config`` (sorted keys, no whitespace)."""
+    """12 hex digits of the sha256 of the canonical JSON of ``config`` (sorted keys, no whitespace). The order of
+    the press × ratio entries does not change the predictions, so they are hashed sorted: the same sweep listed in
+    another order finds its results."""
+    if isinstance(config.get("presses"), list):
+        canonical = lambda c: json.dumps(c, sort_keys=True, separators=(",", ":"), default=str)  # noqa: E731
+        config = {**config, "presses": sorted(config["presses"], key=canonical)}
     text = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -580,7 +617,7 @@ def run_sweep(
             entry.press.validate(pipe.adapter)
     benchmark.check_data()  # unreadable data fails here, before the results directory exists
     config = resolved_config(model, model_name, benchmark, entries, limit, seed, pipe.template, max_new_tokens,
-                             prefill_chunk_size)
+                             prefill_chunk_size, pipe.eos_token_ids)
     directory = results_dir(output_dir, config)
 
     start = time.perf_counter()
@@ -593,6 +630,9 @@ def run_sweep(
     path = directory / "predictions.jsonl"
     if not resume and path.exists():
         path.unlink()
+    # The metrics of an earlier run describe its predictions, not this run's: an interrupted run must not leave
+    # them for the report to present (they are written again when this run finishes).
+    (directory / "metrics.json").unlink(missing_ok=True)
     finished = _clean_predictions(path, {s.id: len(s.questions) for s in samples})
     _record_run(directory / "config.json", config)  # after the checks above: a refused rerun is not a run
     result = SweepResult(directory, [])
