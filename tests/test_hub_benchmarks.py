@@ -43,12 +43,14 @@ def test_fixture_rows_become_samples(name):
         assert s.context and s.questions[0] and s.answers[0]
         assert s.max_new_tokens == spec.max_new_tokens
         assert s.id.startswith(f"{name}-{s.task}-")
-    # A perfect prediction (the first reference; boxed for the math sets; the whole sequence for math_calc)
-    # scores 100 on every task.
+    # A perfect prediction (the first reference; boxed for the math sets; the whole sequence for math_calc; the
+    # answer statement for LongBench-v2) scores 100 on every task.
     def perfect(s):
         ref = s.answers[0][0]
         if bench.TASKS[s.task].metric == "sequence":
             return ", ".join(s.answers[0])
+        if bench.TASKS[s.task].metric == "choice_longbench_v2":  # the statement its scorer reads
+            return f"The correct answer is ({ref})"
         return f"\\boxed{{{ref}}}" if name in ("aime25", "math500") else ref
 
     scores = bench.score([Prediction.of(s, 0, perfect(s)) for s in samples])
@@ -323,12 +325,38 @@ def test_choice_and_numbers():
     assert hub.choice_accuracy("**The correct answer is C**", ["B"], {}) == 0
     assert hub.choice_accuracy("(B) Dunmere", ["(B) Dunmere"], {}) == 1
     assert hub.choice_accuracy("It is Dunmere.", ["Dunmere"], {"options": ["Harrowgate", "Dunmere"]}) == 1
-    assert hub.first_int_match("The pass key is 71432.", ["71432"], {}) == 1
-    assert hub.first_int_match("12, then 71432", ["71432"], {}) == 0
-    assert hub.last_int_match("f(4) is 5, no: -3", ["-3"], {}) == 1
+    assert hub.first_digits_match("The pass key is 71432.", ["71432"], {}) == 1
+    assert hub.first_digits_match("12, then 71432", ["71432"], {}) == 0
+    assert hub.last_word_number("f(4) is 5, no: -3", ["-3"], {}) == 1
     assert hub.word_match("The value is c0de-42.", ["c0de-42"], {}) == 1
     assert hub.word_match("The value is c0de-421.", ["c0de-42"], {}) == 0
     assert hub.sequence_accuracy("3, 5, 9, 13", ["3", "5", "8", "13"], {}) == 2 / 4  # stops at the first error
+
+
+def test_longbench_v2_reads_only_its_answer_statement():
+    """LongBench-v2's scorer takes the letter of "The correct answer is (X)" / "... is X" (case-sensitive, ``*``
+    removed) and nothing else; the lenient reading scored "B", "Answer: B", "B. Paris" right."""
+    for right in ("The correct answer is (B)", "**The correct answer is B**", "I think... The correct answer is (B)."):
+        assert hub.longbench_v2_accuracy(right, ["B"], {}) == 1, right
+    for wrong in ("B", "Answer: B", "B. Paris", "the correct answer is (b)", "The correct answer is (C)"):
+        assert hub.longbench_v2_accuracy(wrong, ["B"], {}) == 0, wrong
+
+
+def test_infinitebench_numbers_and_words_follow_its_scorer():
+    """InfiniteBench's compute_scores.py: digit runs compared as strings, the last word as an integer, keys
+    case-sensitive, names in upper case (these cases were scored the other way before)."""
+    assert hub.first_digits_match("123456789", ["0123456789"], {}) == 0  # a string, not a number
+    assert hub.first_digits_match("71432.5", ["71432"], {}) == 1  # the first run of digits
+    assert hub.first_number_match("The value is 12.5 then 3", ["12.5"], {}) == 1
+    assert hub.first_number_match("The value is -7", ["7"], {}) == 1  # unsigned, as its scorer reads
+    assert hub.last_word_number("The output is x12", ["12"], {}) == 0  # the last word must be an integer
+    assert hub.last_word_number("The output is `12`.", ["12"], {}) == 1
+    uuid = "a3f1c2d4-0b9e-4c1a-8f7e-2d3c4b5a6f70"
+    assert hub.word_match(f"The value is {uuid}.", [uuid], {}) == 1
+    assert hub.word_match(f"The value is {uuid.upper()}.", [uuid], {}) == 0  # case-sensitive
+    assert hub.name_match("It was said by John.", ["JOHN"], {}) == 1
+    assert hub.name_match("It was said by Johnson.", ["JOHN"], {}) == 0
+    assert hub.sequence_accuracy("1.5, 2", ["1", "5", "2"], {}) == 1  # digit runs: 1, 5, 2
 
 
 def test_choice_option_text_matches_in_any_case():

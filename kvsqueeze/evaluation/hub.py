@@ -484,6 +484,21 @@ def choice_letter(prediction: str) -> str | None:
     return letters.pop() if len(letters) == 1 else None
 
 
+_LONGBENCH_V2_ANSWER = (re.compile(r"The correct answer is \(([A-D])\)"), re.compile(r"The correct answer is ([A-D])"))
+
+
+def longbench_v2_accuracy(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
+    """LongBench-v2's own scoring: the letter of ``The correct answer is (X)``, else of ``The correct answer is
+    X`` (case-sensitive, markdown ``*`` removed), equals the answer; a reply without that statement is wrong (the
+    lenient :func:`choice_letter` would read ``B. Paris`` or ``Answer: B``)."""
+    text = prediction.replace("*", "")
+    for pattern in _LONGBENCH_V2_ANSWER:
+        match = pattern.search(text)
+        if match:
+            return float(match.group(1) in [r.strip() for r in references])
+    return 0.0
+
+
 def choice_accuracy(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
     """Multiple choice: the letter extracted by :func:`choice_letter` equals the reference letter; else, when the
     options are known, the prediction names the correct option's text."""
@@ -495,20 +510,47 @@ def choice_accuracy(prediction: str, references: Sequence[str], meta: Mapping[st
     return float(any(r in options and r.lower() in prediction.lower() for r in refs))
 
 
-def first_int_match(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
-    """InfiniteBench passkey / number_string / math_find: the first number in the prediction equals the answer."""
-    numbers = _NUMBER.findall(prediction)
-    if not numbers:
-        return 0.0
-    return float(any(_same_number(numbers[0], r) for r in references))
+# InfiniteBench's own scorer (``src/compute_scores.py`` of OpenBMB/InfiniteBench) reads numbers and words by
+# simple splitting rules; the metrics below follow them, so scores compare with the paper's.
+
+#: Characters InfiniteBench's kv_retrieval / longdialogue_qa_eng scoring turns into spaces before splitting words.
+_INFBENCH_WORD_SEPARATORS = "\n:\"'.,?!{}"
+#: Characters its code_run scoring turns into spaces before taking the last word.
+_INFBENCH_CODE_SEPARATORS = "\n.`'\":"
 
 
-def last_int_match(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
-    """InfiniteBench code_run: the last number in the prediction equals the answer."""
-    numbers = _NUMBER.findall(prediction)
-    if not numbers:
-        return 0.0
-    return float(any(_same_number(numbers[-1], r) for r in references))
+def _digit_runs(text: str) -> list[str]:
+    return re.findall(r"[0-9]+", text)
+
+
+def _split_words(text: str, separators: str) -> list[str]:
+    for c in separators:
+        text = text.replace(c, " ")
+    return text.split()
+
+
+def first_digits_match(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
+    """InfiniteBench passkey / number_string: the prediction's first run of digits, compared as a string, equals
+    the answer (so ``0123`` is not ``123``, and ``71432.5`` reads ``71432``)."""
+    runs = _digit_runs(prediction)
+    return float(bool(runs) and any(runs[0] == str(r).strip() for r in references))
+
+
+def first_number_match(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
+    """InfiniteBench math_find: the prediction's first unsigned number (``12`` or ``12.5``) equals the answer."""
+    match = re.search(r"\d+\.\d+|\d+", prediction)
+    return float(match is not None and any(_same_number(match.group(0), r) for r in references))
+
+
+def last_word_number(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
+    """InfiniteBench code_run: the prediction's last word (after ``\\n . ` ' " :`` become spaces) is an integer
+    equal to the answer; ``The output is x12`` is wrong."""
+    words = _split_words(prediction.strip(), _INFBENCH_CODE_SEPARATORS)
+    try:
+        value = int(words[-1]) if words else None
+    except ValueError:
+        value = None
+    return float(value is not None and any(_same_number(str(value), r) for r in references))
 
 
 def _same_number(a: str, b: str) -> bool:
@@ -519,18 +561,24 @@ def _same_number(a: str, b: str) -> bool:
 
 
 def word_match(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
-    """InfiniteBench kv_retrieval / longdialogue_qa_eng: the answer occurs as a whole word sequence in the
-    prediction (case-insensitive; punctuation separates words)."""
-    def words(text: str) -> str:
-        return " " + " ".join(w for w in _SEPARATORS.split(text.lower()) if w) + " "
+    """InfiniteBench kv_retrieval: the answer (a UUID) is one of the prediction's words, case-sensitive (words are
+    split at white space and ``\\n : " ' . , ? ! { }``)."""
+    words = _split_words(prediction, _INFBENCH_WORD_SEPARATORS)
+    return float(any(str(r).strip() in words for r in references if str(r).strip()))
 
-    return float(any(words(r) in words(prediction) for r in references if r.strip()))
+
+def name_match(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
+    """InfiniteBench longdialogue_qa_eng: the answer (the speaker's name, upper case in the data) is one of the
+    prediction's words, compared in upper case (words split as in :func:`word_match`)."""
+    words = {w.upper() for w in _split_words(prediction, _INFBENCH_WORD_SEPARATORS)}
+    return float(any(str(r).strip().upper() in words for r in references if str(r).strip()))
 
 
 def sequence_accuracy(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
-    """InfiniteBench math_calc: the share of the reference numbers reproduced in order before the first error."""
+    """InfiniteBench math_calc: the share of the reference numbers reproduced in order before the first error; the
+    prediction's numbers are its runs of digits."""
     expected = [str(r).strip() for r in references]
-    got = _NUMBER.findall(prediction)
+    got = _digit_runs(prediction)
     correct = 0
     for a, b in zip(got, expected):
         if not _same_number(a, b):
@@ -715,9 +763,12 @@ HUB_METRICS: dict[str, Metric] = {
     "count": count_score,
     "code_sim": code_similarity,
     "choice": choice_accuracy,
-    "first_number": first_int_match,
-    "last_number": last_int_match,
+    "choice_longbench_v2": longbench_v2_accuracy,
+    "first_digits": first_digits_match,
+    "first_number": first_number_match,
+    "last_number": last_word_number,
     "word_match": word_match,
+    "name_match": name_match,
     "sequence": sequence_accuracy,
     "cloze": cloze_match,
     "exp_similarity": exponential_similarity,
@@ -803,11 +854,12 @@ class LongBench(HubBenchmark):
 @register_benchmark("longbench_v2")
 class LongBenchV2(HubBenchmark):
     """LongBench-v2 (Bai et al., arXiv 2412.15204): 503 multiple-choice questions over long contexts; accuracy
-    of the option letter (``The correct answer is (X)``, see :func:`choice_letter`). Rows: ``context``,
+    of the option letter as its scorer extracts it (``The correct answer is (X)``, see
+    :func:`longbench_v2_accuracy`). Rows: ``context``,
     ``question``, ``choice_A``–``choice_D``, ``answer`` (a letter), ``difficulty``, ``length``, ``domain``."""
 
     DATASET = "THUDM/LongBench-v2"
-    TASKS: ClassVar[dict[str, HubTask]] = {"longbench_v2": HubTask(None, "train", "choice", 128)}
+    TASKS: ClassVar[dict[str, HubTask]] = {"longbench_v2": HubTask(None, "train", "choice_longbench_v2", 128)}
 
     def to_sample(self, task: str, row: Mapping[str, Any], index: int) -> Sample:
         choices = "\n".join(f"({c}) {row.get(f'choice_{c}', '')}" for c in "ABCD")
@@ -827,22 +879,23 @@ class LongBenchV2(HubBenchmark):
 
 @register_benchmark("infinitebench")
 class InfiniteBench(HubBenchmark):
-    """InfiniteBench (Zhang et al., ∞Bench, arXiv 2402.13718): one split per task; metrics per the paper —
-    exact number match (passkey, number_string, math_find, code_run), key found (kv_retrieval), name found
-    (longdialogue_qa_eng), option accuracy (longbook_choice_eng, code_debug), QA F1 (longbook_qa_eng; per
+    """InfiniteBench (Zhang et al., ∞Bench, arXiv 2402.13718): one split per task; metrics per the paper and its
+    scorer (``compute_scores.py``) — first digit run equal as a string (passkey, number_string), first number
+    (math_find), last word an equal integer (code_run), key among the words, case-sensitive (kv_retrieval), name
+    among the words in upper case (longdialogue_qa_eng), option accuracy (longbook_choice_eng, code_debug), QA F1 (longbook_qa_eng; per
     character for longbook_qa_chn), ROUGE-L F (longbook_sum_eng), in-order accuracy (math_calc). Budgets are the
     paper's. Rows: ``context``, ``input``, ``answer`` (list), ``options`` (list)."""
 
     DATASET = "xinrongzhang2022/InfiniteBench"
     TASKS: ClassVar[dict[str, HubTask]] = {
-        "passkey": HubTask(None, "passkey", "first_number", 6),
-        "number_string": HubTask(None, "number_string", "first_number", 12),
+        "passkey": HubTask(None, "passkey", "first_digits", 6),
+        "number_string": HubTask(None, "number_string", "first_digits", 12),
         "kv_retrieval": HubTask(None, "kv_retrieval", "word_match", 50),
         "longbook_sum_eng": HubTask(None, "longbook_sum_eng", "rouge_l", 1200),
         "longbook_choice_eng": HubTask(None, "longbook_choice_eng", "choice", 40),
         "longbook_qa_eng": HubTask(None, "longbook_qa_eng", "qa_f1", 40),
         "longbook_qa_chn": HubTask(None, "longbook_qa_chn", "qa_f1", 40),
-        "longdialogue_qa_eng": HubTask(None, "longdialogue_qa_eng", "word_match", 40),
+        "longdialogue_qa_eng": HubTask(None, "longdialogue_qa_eng", "name_match", 40),
         "math_find": HubTask(None, "math_find", "first_number", 3),
         "math_calc": HubTask(None, "math_calc", "sequence", 30000),
         "code_run": HubTask(None, "code_run", "last_number", 5),
