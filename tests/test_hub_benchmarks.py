@@ -228,7 +228,7 @@ def test_qa_f1_from_token_overlap():
     p, r = 2 / 3, 1.0
     assert M.qa_f1("The Kessel river flows!", ["Kessel River"]) == pytest.approx(2 * p * r / (p + r))
     assert M.qa_f1("nothing", ["Kessel River", "nothing at all"]) == pytest.approx(2 * 1 * (1 / 3) / (1 + 1 / 3))
-    assert M.qa_f1("湖水", ["湖"]) == pytest.approx(2 * 0.5 * 1 / 1.5)  # Chinese: one token per character
+    assert M.qa_f1_zh("湖水", ["湖"]) == pytest.approx(2 * 0.5 * 1 / 1.5)  # Chinese: one token per character
 
 
 def test_qa_f1_counts_a_repeated_token_as_often_as_it_occurs():
@@ -242,11 +242,24 @@ def test_exact_match_compares_normalised_answers():
 
 
 def test_chinese_qa_f1_drops_chinese_punctuation():
-    # LongBench's qa_f1_zh removes Chinese and English punctuation before counting (per character here).
-    assert M.qa_f1("北京。", ["北京"]) == 1.0
-    assert M.qa_f1("“北京”！", ["北京"]) == 1.0
-    assert M.qa_f1("北京，上海", ["北京。"]) == pytest.approx(2 * 0.5 * 1 / 1.5)  # 2 of 4 characters, all of 2
-    assert M.qa_f1("Paris.", ["Paris"]) == 1.0
+    # LongBench's qa_f1_zh removes Chinese and English punctuation and white space, then counts characters.
+    assert M.qa_f1_zh("北京。", ["北京"]) == 1.0
+    assert M.qa_f1_zh("“北京”！", ["北京"]) == 1.0
+    assert M.qa_f1_zh("北京，上海", ["北京。"]) == pytest.approx(2 * 0.5 * 1 / 1.5)  # 2 of 4 characters, all of 2
+    assert M.qa_f1_zh("Paris.", ["Paris"]) == 1.0  # p, a, r, i, s
+
+
+def test_chinese_scoring_is_chosen_by_the_task_not_by_the_text():
+    """LongBench and InfiniteBench pick the Chinese scorers per task (qa_f1_zh, rouge_zh). A Chinese appendix in
+    an English answer used to switch the English metrics to per-character tokens (0.5 instead of 0.8 below)."""
+    assert M.qa_f1("Kessel River (凯塞尔河)", ["Kessel River"]) == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
+    assert hub.LongBench.TASKS["multifieldqa_zh"].metric == "qa_f1_zh"
+    assert {hub.LongBench.TASKS[t].metric for t in ("dureader", "vcsum")} == {"rouge_l_longbench_zh"}
+    assert hub.InfiniteBench.TASKS["longbook_qa_chn"].metric == "qa_f1_zh"
+    assert hub.LongBench.TASKS["hotpotqa"].metric == "qa_f1"
+    # ROUGE: Chinese segmented (per character) only for a Chinese task.
+    assert M.longbench_rouge_l("北京上海", "北京", chinese=True) == pytest.approx(2 * 0.5 * 1 / 1.5, abs=1e-6)
+    assert M.longbench_rouge_l("北京上海", "北京") == 0.0  # one word each, and they differ
 
 
 def test_rouge_from_ngrams_and_lcs():
@@ -413,11 +426,28 @@ def test_zero_scrolls_special_metrics():
     assert hub.concordance_index("1 2 3", ["1, 2, 3, 4"], {}) == pytest.approx(3 / 6)
 
 
-def test_loogle_cloze_partial_match():
+def test_loogle_cloze_exact_match_pooled_over_masks():
+    """LooGLE's get_exact_match / get_match_score: an entity counts when it is exactly the reference's, and the
+    task score is matches over all masks of all samples (not the mean of per-sample shares)."""
     gold = '{"<mask-0>": "Lake Orvin", "<mask-1>": "Kessel River"}'
-    assert hub.cloze_match('{"<mask-0>": "lake orvin", "<mask-1>": "Dun"}', [gold], {}) == 1 / 2
+    assert hub.cloze_match('{"<mask-0>": "Lake Orvin", "<mask-1>": "Dun"}', [gold], {}) == 1 / 2
+    assert hub.cloze_match('{"<mask-0>": "lake orvin!", "<mask-1>": "Kessel River"}', [gold], {}) == 1 / 2
     assert hub.cloze_match("<mask-0>: Lake Orvin, <mask-1>: Kessel River", [gold], {}) == 1
     assert hub.cloze_match("no idea", [gold], {}) == 0
+    one = '{"<mask-0>": "Lake Orvin"}'
+    three = '{"<mask-0>": "A", "<mask-1>": "B", "<mask-2>": "C"}'
+    bench = make_benchmark("loogle")
+    rows = [Prediction(sample_id=f"s{i}", task="shortdep_cloze", question_index=0, prediction=p, answers=[ref],
+                       metadata={}) for i, (p, ref) in enumerate([(one, one), ("{}", three)])]
+    assert bench.score(rows)["shortdep_cloze"] == 25.0  # 1 of 4 masks (a mean of shares would give 50)
+
+
+def test_loogle_rouge_is_the_rouge_packages_recall():
+    """LooGLE's get_rouge_score returns ROUGE-L recall ("r") of the rouge package, and scores an empty
+    prediction as the word None."""
+    assert M.loogle_rouge_l("the cat sat", "the cat sat on the mat") == pytest.approx(3 / 5)  # 3 of 5 distinct
+    assert M.loogle_rouge_l("", "None of them") == pytest.approx(1 / 3)
+    assert hub.LooGLE.TASKS["longdep_qa"].max_new_tokens == 500  # its config/task2maxlen.json
 
 
 def test_math_answers():

@@ -381,7 +381,9 @@ class HubBenchmark(Benchmark):
             if p.task not in self.TASKS:
                 raise ValueError(f"prediction for unknown {self.name} task {p.task!r}")
             metric = HUB_METRICS[self.TASKS[p.task].metric]
-            pairs.append((p.task, metric(p.prediction, p.answers, p.metadata)))
+            weight = getattr(metric, "weight", None)  # a metric whose task score pools its units (LooGLE cloze)
+            value = metric(p.prediction, p.answers, p.metadata)
+            pairs.append((p.task, value, weight(p.prediction, p.answers, p.metadata)) if weight else (p.task, value))
         return M.aggregate(pairs)
 
 
@@ -598,16 +600,23 @@ def _parse_mapping(text: str) -> dict[str, str]:
     return {m.group(1): m.group(2).strip() for m in re.finditer(r"(<mask-\d+>)[\"']?\s*:\s*[\"']?([^\"'\n,}]+)", text)}
 
 
+def _cloze_gold(references: Sequence[str]) -> dict[str, str]:
+    return next((gold for gold in map(_parse_mapping, references) if gold), {})
+
+
 def cloze_match(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
-    """LooGLE cloze (partial match): share of masks whose predicted entity equals the reference (normalised);
-    the exact match of the paper is this score being 1."""
-    best = 0.0
-    predicted = {k: M.normalize_answer(v) for k, v in _parse_mapping(prediction).items()}
-    for ref in references:
-        gold = _parse_mapping(ref)
-        if gold:
-            best = max(best, sum(predicted.get(k) == M.normalize_answer(v) for k, v in gold.items()) / len(gold))
-    return best
+    """LooGLE cloze, exact match as its ``get_exact_match`` counts it: the share of the reference's masks whose
+    predicted entity is exactly the reference's (case and punctuation count). The task score pools the masks of
+    all samples (its ``get_match_score``: matches over masks), through :attr:`weight`: a sample with three masks
+    weighs three times one with one."""
+    gold = _cloze_gold(references)
+    if not gold:
+        return 0.0
+    predicted = _parse_mapping(prediction)
+    return sum(predicted.get(k) == v for k, v in gold.items()) / len(gold)
+
+
+cloze_match.weight = lambda prediction, references, meta: max(1, len(_cloze_gold(references)))  # masks pooled
 
 
 def exponential_similarity(prediction: str, references: Sequence[str], meta: Mapping[str, Any]) -> float:
@@ -752,8 +761,11 @@ def _refs(fn: Callable[[str, Sequence[str]], float], first_line: bool = False) -
 #: Metric name -> function(prediction, references, metadata) in [0, 1].
 HUB_METRICS: dict[str, Metric] = {
     "qa_f1": _refs(M.qa_f1),
+    "qa_f1_zh": _refs(M.qa_f1_zh),
     "qa_f1_first_line": _refs(M.qa_f1, first_line=True),
     "rouge_l": _refs(M.max_rouge_l),
+    "rouge_l_loogle": _refs(M.max_loogle_rouge_l),
+    "rouge_l_longbench_zh": _refs(M.max_longbench_rouge_l_zh),
     "rouge_l_longbench": _refs(M.max_longbench_rouge_l),
     "rouge_l_longbench_first_line": _refs(M.max_longbench_rouge_l, first_line=True),
     "rouge_gm": _refs(M.rouge_geometric_mean),
@@ -803,15 +815,15 @@ class LongBench(HubBenchmark):
         "narrativeqa": _lb("narrativeqa", "qa_f1", 128, "qa"),
         "qasper": _lb("qasper", "qa_f1", 128, "qa"),
         "multifieldqa_en": _lb("multifieldqa_en", "qa_f1", 64, "qa"),
-        "multifieldqa_zh": _lb("multifieldqa_zh", "qa_f1", 64, "qa"),
+        "multifieldqa_zh": _lb("multifieldqa_zh", "qa_f1_zh", 64, "qa"),
         "hotpotqa": _lb("hotpotqa", "qa_f1", 32, "qa"),
         "2wikimqa": _lb("2wikimqa", "qa_f1", 32, "qa"),
         "musique": _lb("musique", "qa_f1", 32, "qa"),
-        "dureader": _lb("dureader", "rouge_l_longbench", 128, "qa"),
+        "dureader": _lb("dureader", "rouge_l_longbench_zh", 128, "qa"),
         "gov_report": _lb("gov_report", "rouge_l_longbench", 512, "summary"),
         "qmsum": _lb("qmsum", "rouge_l_longbench", 512, "query_summary"),
         "multi_news": _lb("multi_news", "rouge_l_longbench", 512, "summary"),
-        "vcsum": _lb("vcsum", "rouge_l_longbench", 512, "summary"),
+        "vcsum": _lb("vcsum", "rouge_l_longbench_zh", 512, "summary"),
         "trec": _lb("trec", "classification_first_line", 64, "few_shot"),
         "triviaqa": _lb("triviaqa", "qa_f1_first_line", 32, "few_shot"),
         "samsum": _lb("samsum", "rouge_l_longbench_first_line", 128, "few_shot"),
@@ -894,7 +906,7 @@ class InfiniteBench(HubBenchmark):
         "longbook_sum_eng": HubTask(None, "longbook_sum_eng", "rouge_l", 1200),
         "longbook_choice_eng": HubTask(None, "longbook_choice_eng", "choice", 40),
         "longbook_qa_eng": HubTask(None, "longbook_qa_eng", "qa_f1", 40),
-        "longbook_qa_chn": HubTask(None, "longbook_qa_chn", "qa_f1", 40),
+        "longbook_qa_chn": HubTask(None, "longbook_qa_chn", "qa_f1_zh", 40),
         "longdialogue_qa_eng": HubTask(None, "longdialogue_qa_eng", "name_match", 40),
         "math_find": HubTask(None, "math_find", "first_number", 3),
         "math_calc": HubTask(None, "math_calc", "sequence", 30000),
@@ -930,16 +942,18 @@ class InfiniteBench(HubBenchmark):
 
 @register_benchmark("loogle")
 class LooGLE(HubBenchmark):
-    """LooGLE (Li et al., arXiv 2311.04939): short- and long-dependency QA (ROUGE-L F; the paper also reports
-    BLEU, METEOR and BERTScore, not computed here), long-dependency summarisation (ROUGE-L F) and short-dependency
-    cloze (share of masked entities filled in correctly; exact match when all are, see :func:`cloze_match`).
+    """LooGLE (Li et al., arXiv 2311.04939): short- and long-dependency QA and long-dependency summarisation
+    (ROUGE-L recall as its automatic evaluation computes it, :func:`kvsqueeze.evaluation.metrics.loogle_rouge_l`;
+    the paper also reports BLEU, METEOR and BERTScore, not computed here) and short-dependency cloze (exact match
+    pooled over all masks, see :func:`cloze_match`; its partial match is not computed). Budgets from its
+    ``config/task2maxlen.json``.
     Rows: ``context`` (or ``input``), ``question``, ``answer``."""
 
     DATASET = "bigainlp/LooGLE"
     TASKS: ClassVar[dict[str, HubTask]] = {
-        "shortdep_qa": HubTask("shortdep_qa", "test", "rouge_l", 300, "qa"),
-        "longdep_qa": HubTask("longdep_qa", "test", "rouge_l", 300, "qa"),
-        "longdep_summarization": HubTask("longdep_summarization", "test", "rouge_l", 500, "summary"),
+        "shortdep_qa": HubTask("shortdep_qa", "test", "rouge_l_loogle", 300, "qa"),
+        "longdep_qa": HubTask("longdep_qa", "test", "rouge_l_loogle", 500, "qa"),
+        "longdep_summarization": HubTask("longdep_summarization", "test", "rouge_l_loogle", 500, "summary"),
         "shortdep_cloze": HubTask("shortdep_cloze", "test", "cloze", 50, "cloze"),
     }
     QUESTIONS: ClassVar[dict[str, tuple[str, str]]] = {

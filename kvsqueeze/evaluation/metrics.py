@@ -44,11 +44,15 @@ def normalize_answer(text: str) -> str:
 
 
 def tokens(text: str) -> list[str]:
-    """Tokens for F1 / ROUGE: normalised words; Chinese (CJK) characters count one token each."""
-    norm = normalize_answer(text)
-    if _CJK.search(norm):
-        return [tok for word in norm.split() for tok in (list(word) if _CJK.search(word) else [word])]
-    return norm.split()
+    """Tokens for English F1 / ROUGE: the normalised text split at white space (as LongBench's and InfiniteBench's
+    English scorers split it; a Chinese character inside an English answer stays part of its word)."""
+    return normalize_answer(text).split()
+
+
+def zh_tokens(text: str) -> list[str]:
+    """Tokens for Chinese F1, as LongBench's and InfiniteBench's ``qa_f1_zh`` make them: lower case, Chinese and
+    English punctuation and all white space dropped, then every character one token."""
+    return [ch for ch in text.lower() if ch not in _PUNCT and ch not in _ZH_PUNCT and not ch.isspace()]
 
 
 def _ruler_prediction(prediction: str) -> str:
@@ -85,21 +89,22 @@ def _f1(pred: Sequence[str], ref: Sequence[str]) -> float:
     return _f_measure(sum((Counter(pred) & Counter(ref)).values()), len(pred), len(ref))
 
 
-def _qa_tokens(text: str) -> list[str]:
-    """:func:`tokens`, without Chinese punctuation in a text that holds Chinese characters (LongBench's
-    ``qa_f1_zh`` drops it, so ``北京。`` and ``北京`` have the same tokens)."""
-    if _CJK.search(text):
-        text = "".join(ch for ch in text if ch not in _ZH_PUNCT)
-    return tokens(text)
-
-
 def qa_f1(prediction: str, references: Sequence[str]) -> float:
-    """Token F1 between the normalised prediction and each reference; the maximum over references. In Chinese
-    text every character is a token and Chinese punctuation is dropped, as LongBench's ``qa_f1_zh`` does."""
+    """Token F1 between the normalised prediction and each reference (English words, :func:`tokens`); the maximum
+    over references."""
     if not references:
         raise ValueError("qa_f1 needs at least one reference")
-    pred = _qa_tokens(prediction)
-    return max(_f1(pred, _qa_tokens(ref)) for ref in references)
+    pred = tokens(prediction)
+    return max(_f1(pred, tokens(ref)) for ref in references)
+
+
+def qa_f1_zh(prediction: str, references: Sequence[str]) -> float:
+    """Character F1 for Chinese answers (:func:`zh_tokens`, LongBench's and InfiniteBench's ``qa_f1_zh``); the
+    maximum over references. Chosen per task, not by looking at the text."""
+    if not references:
+        raise ValueError("qa_f1_zh needs at least one reference")
+    pred = zh_tokens(prediction)
+    return max(_f1(pred, zh_tokens(ref)) for ref in references)
 
 
 def exact_match(prediction: str, references: Sequence[str]) -> float:
@@ -168,15 +173,44 @@ def _lcs_words(x: Sequence[str], y: Sequence[str]) -> set[str]:
     return words
 
 
-def _rouge_sentences(text: str) -> list[list[str]]:
+def _rouge_sentences(text: str, chinese: bool = False) -> list[list[str]]:
     """Sentences (pieces between periods, empty pieces dropped) as lists of space-separated words, whitespace runs
-    collapsed; CJK characters are spaced out first, one token each (LongBench segments Chinese with jieba)."""
-    if _CJK.search(text):
+    collapsed; for a Chinese task, CJK characters are spaced out first, one token each (LongBench segments
+    Chinese with jieba, which is not a dependency here: per character is the approximation)."""
+    if chinese and _CJK.search(text):
         text = _CJK.sub(lambda m: f" {m.group(0)} ", text)
     return [" ".join(piece.split()).split(" ") for piece in text.split(".") if piece]
 
 
-def longbench_rouge_l(prediction: str, reference: str) -> float:
+def _rouge_package_l(prediction: str, reference: str, chinese: bool = False) -> tuple[float, float]:
+    """(precision, recall) of the ``rouge`` package's summary-level ROUGE-L (see :func:`longbench_rouge_l`)."""
+    pred, ref = _rouge_sentences(prediction, chinese), _rouge_sentences(reference, chinese)
+    if not pred or not ref:
+        return 0.0, 0.0
+    pooled: set[str] = set()
+    for ref_sentence in ref:
+        for pred_sentence in pred:
+            pooled |= _lcs_words(ref_sentence, pred_sentence)
+    n_ref = len({w for sentence in ref for w in sentence})
+    n_pred = len({w for sentence in pred for w in sentence})
+    return len(pooled) / n_pred, len(pooled) / n_ref
+
+
+def loogle_rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L as LooGLE's automatic evaluation reports it: the ``rouge`` package's summary-level ROUGE-L
+    *recall* (its ``get_rouge_score`` returns ``"r"`` by default) on the raw texts; an empty prediction is scored
+    as the word ``None``, as its script does."""
+    return _rouge_package_l(prediction or "None", reference)[1]
+
+
+def max_loogle_rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """:func:`loogle_rouge_l`, maximum over references."""
+    if not references:
+        raise ValueError("loogle_rouge_l needs at least one reference")
+    return max(loogle_rouge_l(prediction, ref) for ref in references)
+
+
+def longbench_rouge_l(prediction: str, reference: str, chinese: bool = False) -> float:
     """ROUGE-L F as LongBench scores summaries (the ``rouge`` package's summary-level ROUGE-L on the raw text).
 
     Unlike :func:`rouge_l`, nothing is normalised: case and punctuation stay part of the words. Both texts are
@@ -186,24 +220,22 @@ def longbench_rouge_l(prediction: str, reference: str) -> float:
     F = 2PR / (P + R + 1e-8). A text with no sentence (empty, or periods only) scores 0, as LongBench's scorer
     catches the package's error for it.
     """
-    pred, ref = _rouge_sentences(prediction), _rouge_sentences(reference)
-    if not pred or not ref:
+    precision, recall = _rouge_package_l(prediction, reference, chinese)
+    if not precision and not recall:
         return 0.0
-    pooled: set[str] = set()
-    for ref_sentence in ref:
-        for pred_sentence in pred:
-            pooled |= _lcs_words(ref_sentence, pred_sentence)
-    n_ref = len({w for sentence in ref for w in sentence})
-    n_pred = len({w for sentence in pred for w in sentence})
-    recall, precision = len(pooled) / n_ref, len(pooled) / n_pred
     return 2.0 * precision * recall / (precision + recall + 1e-8)
 
 
-def max_longbench_rouge_l(prediction: str, references: Sequence[str]) -> float:
+def max_longbench_rouge_l(prediction: str, references: Sequence[str], chinese: bool = False) -> float:
     """:func:`longbench_rouge_l`, maximum over references (LongBench keeps the best ground truth)."""
     if not references:
         raise ValueError("longbench_rouge_l needs at least one reference")
-    return max(longbench_rouge_l(prediction, ref) for ref in references)
+    return max(longbench_rouge_l(prediction, ref, chinese) for ref in references)
+
+
+def max_longbench_rouge_l_zh(prediction: str, references: Sequence[str]) -> float:
+    """:func:`max_longbench_rouge_l` for LongBench's Chinese tasks (``rouge_zh``: Chinese segmented first)."""
+    return max_longbench_rouge_l(prediction, references, chinese=True)
 
 
 def rouge_geometric_mean(prediction: str, references: Sequence[str]) -> float:
@@ -226,15 +258,16 @@ def edit_similarity(prediction: str, reference: str) -> float:
     return 2 * lcs_length(prediction, reference) / total
 
 
-def aggregate(scores: Iterable[tuple[str, float]]) -> dict[str, float]:
+def aggregate(scores: Iterable[tuple[str, float] | tuple[str, float, float]]) -> dict[str, float]:
     """``{task: 100·mean score, ..., "average": mean of the task scores}``, each rounded to 2 decimals (as RULER).
 
-    ``scores`` yields ``(task, score in [0, 1])`` pairs. Tasks appear in first-seen order; no pairs gives ``{}``.
+    ``scores`` yields ``(task, score in [0, 1])`` pairs, or ``(task, score, weight)`` for a task whose score
+    pools units of different sizes (a weighted mean). Tasks appear in first-seen order; no pairs gives ``{}``.
     """
-    per_task: dict[str, list[float]] = {}
-    for task, value in scores:
-        per_task.setdefault(task, []).append(float(value))
-    result = {task: round(100 * sum(v) / len(v), 2) for task, v in per_task.items()}
+    per_task: dict[str, list[tuple[float, float]]] = {}
+    for task, value, *weight in scores:
+        per_task.setdefault(task, []).append((float(value), float(weight[0]) if weight else 1.0))
+    result = {task: round(100 * sum(v * w for v, w in vw) / sum(w for _, w in vw), 2) for task, vw in per_task.items()}
     if result:
         result["average"] = round(sum(result.values()) / len(result), 2)
     return result
