@@ -149,6 +149,7 @@ def test_report_goes_next_to_the_results_directories_by_default(tiny_load, tmp_p
         (["--benchmark", "math500", "--data-files", "=x.jsonl"], "--data-files takes PATH or TASK=PATH"),
         (["--benchmark", "math500", "--data-files", "nowhere/math500.jsonl"], "does not exist"),
         (["--benchmark", "niah", "--data-files", "x.jsonl"], "no 'data_files' option"),
+        (["--output-dir", f"{__file__}/results"], f"--output-dir {__file__}/results cannot hold results"),  # a file
     ],
 )
 def test_bad_eval_input_fails_before_loading_a_model(extra, message, tiny_load, tmp_path, capsys):
