@@ -765,6 +765,7 @@ HUB_METRICS: dict[str, Metric] = {
     "qa_f1_first_line": _refs(M.qa_f1, first_line=True),
     "rouge_l": _refs(M.max_rouge_l),
     "rouge_l_loogle": _refs(M.max_loogle_rouge_l),
+    "rouge_lsum": _refs(M.max_rouge_lsum),
     "rouge_l_longbench_zh": _refs(M.max_longbench_rouge_l_zh),
     "rouge_l_longbench": _refs(M.max_longbench_rouge_l),
     "rouge_l_longbench_first_line": _refs(M.max_longbench_rouge_l, first_line=True),
@@ -895,7 +896,7 @@ class InfiniteBench(HubBenchmark):
     scorer (``compute_scores.py``) — first digit run equal as a string (passkey, number_string), first number
     (math_find), last word an equal integer (code_run), key among the words, case-sensitive (kv_retrieval), name
     among the words in upper case (longdialogue_qa_eng), option accuracy (longbook_choice_eng, code_debug), QA F1 (longbook_qa_eng; per
-    character for longbook_qa_chn), ROUGE-L F (longbook_sum_eng), in-order accuracy (math_calc). Budgets are the
+    character for longbook_qa_chn), ROUGE-Lsum F as ``evaluate``'s rouge computes it (longbook_sum_eng), in-order accuracy (math_calc). Budgets are the
     paper's. Rows: ``context``, ``input``, ``answer`` (list), ``options`` (list)."""
 
     DATASET = "xinrongzhang2022/InfiniteBench"
@@ -903,7 +904,7 @@ class InfiniteBench(HubBenchmark):
         "passkey": HubTask(None, "passkey", "first_digits", 6),
         "number_string": HubTask(None, "number_string", "first_digits", 12),
         "kv_retrieval": HubTask(None, "kv_retrieval", "word_match", 50),
-        "longbook_sum_eng": HubTask(None, "longbook_sum_eng", "rouge_l", 1200),
+        "longbook_sum_eng": HubTask(None, "longbook_sum_eng", "rouge_lsum", 1200),
         "longbook_choice_eng": HubTask(None, "longbook_choice_eng", "choice", 40),
         "longbook_qa_eng": HubTask(None, "longbook_qa_eng", "qa_f1", 40),
         "longbook_qa_chn": HubTask(None, "longbook_qa_chn", "qa_f1_zh", 40),

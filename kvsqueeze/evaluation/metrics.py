@@ -196,6 +196,62 @@ def _rouge_package_l(prediction: str, reference: str, chinese: bool = False) -> 
     return len(pooled) / n_pred, len(pooled) / n_ref
 
 
+def _rouge_score_tokens(text: str) -> list[str]:
+    """Tokens as Google's ``rouge_score`` makes them (no stemmer): lower case, every character other than a-z and
+    0-9 a separator."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def _lcs_indices(ref: Sequence[str], can: Sequence[str]) -> list[int]:
+    """Indices into ``ref`` of one longest common subsequence with ``can``, traced back from the end: a match is
+    taken; otherwise the step drops the last token of ``can`` when that keeps a strictly longer LCS, else the last
+    of ``ref`` (the trace ``rouge_score`` uses, which decides the union below)."""
+    table = [[0] * (len(can) + 1) for _ in range(len(ref) + 1)]
+    for i, a in enumerate(ref, 1):
+        for j, b in enumerate(can, 1):
+            table[i][j] = table[i - 1][j - 1] + 1 if a == b else max(table[i - 1][j], table[i][j - 1])
+    i, j, found = len(ref), len(can), []
+    while i > 0 and j > 0:
+        if ref[i - 1] == can[j - 1]:
+            found.append(i - 1)
+            i, j = i - 1, j - 1
+        elif table[i][j - 1] > table[i - 1][j]:
+            j -= 1
+        else:
+            i -= 1
+    return found[::-1]
+
+
+def rouge_lsum(prediction: str, reference: str) -> float:
+    """ROUGE-Lsum F as ``rouge_score`` computes it (InfiniteBench's longbook_sum_eng, through ``evaluate``'s
+    ``rouge``): sentences are the non-empty lines; for each reference line, the union of its LCS tokens with every
+    prediction line; a token of that union counts once per occurrence still unclaimed in both texts. Precision and
+    recall divide the count by the prediction's and the reference's token totals."""
+    ref_lines = [_rouge_score_tokens(line) for line in reference.split("\n") if line]
+    pred_lines = [_rouge_score_tokens(line) for line in prediction.split("\n") if line]
+    m, n = sum(map(len, ref_lines)), sum(map(len, pred_lines))
+    if not m or not n:
+        return 0.0
+    left_ref = Counter(t for line in ref_lines for t in line)
+    left_pred = Counter(t for line in pred_lines for t in line)
+    hits = 0
+    for ref_line in ref_lines:
+        union = sorted({i for pred_line in pred_lines for i in _lcs_indices(ref_line, pred_line)})
+        for token in (ref_line[i] for i in union):
+            if left_ref[token] > 0 and left_pred[token] > 0:
+                hits += 1
+                left_ref[token] -= 1
+                left_pred[token] -= 1
+    return _f_measure(hits, n, m)
+
+
+def max_rouge_lsum(prediction: str, references: Sequence[str]) -> float:
+    """:func:`rouge_lsum`, maximum over references (``rouge_score``'s ``score_multi``)."""
+    if not references:
+        raise ValueError("rouge_lsum needs at least one reference")
+    return max(rouge_lsum(prediction, ref) for ref in references)
+
+
 def loogle_rouge_l(prediction: str, reference: str) -> float:
     """ROUGE-L as LooGLE's automatic evaluation reports it: the ``rouge`` package's summary-level ROUGE-L
     *recall* (its ``get_rouge_score`` returns ``"r"`` by default) on the raw texts; an empty prediction is scored
