@@ -846,6 +846,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         naive=args.naive,
         max_new_tokens=args.max_new_tokens,
         prefill_chunk_size=args.prefill_chunk_size,
+        use_chat_template=False if args.no_chat_template else None,
     )
     summary = {
         "directory": str(result.directory),
@@ -1035,6 +1036,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--press-option", action="append", metavar="PRESS.KEY=VALUE", help="a press field, e.g. snapkv.window_size=16"
     )
     p.add_argument("--naive", action="store_true", help="one prefill per press and ratio (slow; same predictions)")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="plain text prompts even when the tokenizer has a chat template (a base model, or LongBench's "
+                        "few-shot and code tasks, which its own pred.py runs without one)")
     p.add_argument(
         "--prefill-chunk-size", type=int, default=None, metavar="N",
         help="prefill every unit in chunks of N tokens (its own prefill; presses must be 'decoding', e.g. "

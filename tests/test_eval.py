@@ -297,3 +297,20 @@ def test_eval_with_a_chunked_prefill_says_nothing_was_shared(tiny_load, tmp_path
     code, out, err = run(argv, capsys)
     assert code == 0, err
     assert "each unit its own prefill, in chunks of 16" in out and "shared by" not in out, out
+
+
+def test_eval_can_prompt_without_the_chat_template(monkeypatch, tiny_model, chat_tokenizer, tmp_path, capsys):
+    """--no-chat-template gives plain prompts with a chat tokenizer (a base model, or LongBench's few-shot and code
+    tasks, which its pred.py runs without a template); the template is part of the results key."""
+    import kvsqueeze.models
+
+    monkeypatch.setattr(kvsqueeze.models, "load_model", lambda *a, **k: (tiny_model("llama"), chat_tokenizer))
+    argv = ["eval", "--benchmark", "tiny_needles", "--length", "80", "--presses", "knorm", "--ratios", "0.5",
+            "--limit", "1", "--tasks", "single", "--output-dir", str(tmp_path), "--json"]
+    prefixes = []
+    for extra in ([], ["--no-chat-template"]):
+        code, out, err = run(argv + extra, capsys)
+        assert code == 0, err
+        with open(f"{json.loads(out)['directory']}/config.json", encoding="utf-8") as f:
+            prefixes.append(json.load(f)["generation"]["prompt_template"]["prefix"])
+    assert prefixes[0].startswith("<s>User:") and prefixes[1] == "", prefixes
