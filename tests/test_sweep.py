@@ -487,6 +487,7 @@ def test_resume_false_starts_afresh(tiny_model, tokenizer, tmp_path, monkeypatch
         (dict(presses=["knorm", "knorm"]), ValueError, "twice"),
         (dict(press_options={"snapkv": {"window_size": 8}}), ValueError, "snapkv"),
         (dict(press_options={"knorm": {"compression_ratio": 0.1}}), ValueError, "compression_ratio"),
+        (dict(ratios=[0.0], press_options={"knorm": {"budget": 20}}), ValueError, r"sets budget; a sweep compares"),
         (dict(benchmark="tiny_needles"), TypeError, "Benchmark"),
         (dict(press_options={"knorm": 16}), TypeError, r"press_options\['knorm'\] must be a mapping.*got 16"),
         (dict(press_options=[("knorm", {})]), TypeError, "press_options must map a press name"),

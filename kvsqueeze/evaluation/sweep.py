@@ -154,6 +154,11 @@ def build_entries(
             raise ValueError(f"press_options given for {name!r}, which is not among the presses {names}")
         if "compression_ratio" in kwargs:
             raise ValueError(f"press_options[{name!r}] sets compression_ratio; the sweep sets it from ratios")
+        if "budget" in kwargs:  # with ratio 0 the press was silently left out; with others, a conflict at build
+            raise ValueError(
+                f"press_options[{name!r}] sets budget; a sweep compares compression ratios (the ratios list), not "
+                "budgets: compress with a budget through the pipeline or `kvsqueeze run --press-option budget=N`"
+            )
     entries = [SweepEntry(BASELINE, 0.0, None, shared=True, eager=False)]
     for name in names:
         for ratio in ratios:
