@@ -381,7 +381,7 @@ def test_default_tasks_skip_unloadable_qa_and_the_key_says_so(tokenizer, unreach
 
 
 def test_default_tasks_with_qa_data_keep_the_full_key(qa_files):
-    from kvsqueeze.evaluation.sweep import data_digest
+    from kvsqueeze.evaluation.base import data_digest
 
     config = Ruler(length=2000, qa_data_files=qa_files).config()
     assert config == {"length": 2000, "tasks": list(TASKS), "n_samples": 100, "qa_data_files": data_digest(qa_files)}

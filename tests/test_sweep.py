@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kvsqueeze.evaluation import sweep as S
+from kvsqueeze.evaluation.base import data_digest
 from kvsqueeze.evaluation.sweep import run_sweep
 from kvsqueeze.pipeline import Pipeline
 
@@ -157,13 +158,15 @@ def test_data_files_rewritten_in_place_start_new_results(tmp_path):
     and the old predictions were reused)."""
     data = tmp_path / "rows.jsonl"
     data.write_text('{"id": 1, "context": "old"}\n')
-    before = S.data_digest(str(data))
-    folder_before = S.data_digest(str(tmp_path))
-    data.write_text('{"id": 1, "context": "new"}\n')
-    assert S.data_digest(str(data)) != before and S.data_digest(str(tmp_path)) != folder_before
-    assert S.data_digest(str(data))["path"] == str(data)
-    assert S.data_digest({"qa_1": str(data)}) == {"qa_1": S.data_digest(str(data))}
-    assert S.data_digest("someone/dataset") == "someone/dataset"  # not a local path: as given
+    before = data_digest(str(data))
+    folder_before = data_digest(str(tmp_path))
+    # (another length too: a file's digest is reused while its size, mtime and ctime are unchanged, and a rewrite
+    # within the file system's timestamp granularity could keep both times)
+    data.write_text('{"id": 1, "context": "newer"}\n')
+    assert data_digest(str(data)) != before and data_digest(str(tmp_path)) != folder_before
+    assert data_digest(str(data))["path"] == str(data)
+    assert data_digest({"qa_1": str(data)}) == {"qa_1": data_digest(str(data))}
+    assert data_digest("someone/dataset") == "someone/dataset"  # not a local path: as given
 
 
 def test_prompt_template_dtype_and_attention_implementation_are_part_of_the_key(tiny_model, tokenizer, tmp_path):

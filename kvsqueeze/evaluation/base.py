@@ -16,6 +16,7 @@ close matches.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import re
 from abc import ABC, abstractmethod
@@ -230,3 +231,28 @@ def benchmark_class(name: str) -> type[Benchmark]:
 def make_benchmark(name: str, **options: Any) -> Benchmark:
     """Build a benchmark by name, e.g. ``make_benchmark("ruler", length=2048, tasks=["niah_single_1"])``."""
     return benchmark_class(name)(**options)
+
+
+def data_digest(files: Any) -> Any:
+    """Local data files as a benchmark's ``config()`` (and so a sweep's results key) should name them: each with
+    the sha256 of its contents (a directory: of every file in it, by relative path), so that rewriting a data file
+    in place gives new results instead of reusing the old predictions. Accepts a path, a list of paths or a
+    ``{task: path}`` mapping; a name that is not a local file or directory (a hub reference) is returned as given.
+    File digests are computed once per state of the file (:func:`kvsqueeze.models.file_sha256`)."""
+    from kvsqueeze.models import file_sha256
+
+    if isinstance(files, Mapping):
+        return {str(k): data_digest(v) for k, v in sorted(files.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(files, (list, tuple)):
+        return [data_digest(f) for f in files]
+    if files is None:
+        return None
+    path = Path(files).expanduser()
+    if path.is_file():
+        digest = file_sha256(path)
+    elif path.is_dir():
+        listing = "".join(f"{p.relative_to(path)}\0{file_sha256(p)}\n" for p in sorted(path.rglob("*")) if p.is_file())
+        digest = hashlib.sha256(listing.encode()).hexdigest()
+    else:
+        return str(files)
+    return {"path": str(files), "sha256": digest}

@@ -32,7 +32,15 @@ from urllib.parse import urlparse
 from tqdm.auto import tqdm
 
 from kvsqueeze.evaluation import metrics as M
-from kvsqueeze.evaluation.base import Benchmark, Prediction, Sample, parse_json, read_json, register_benchmark
+from kvsqueeze.evaluation.base import (
+    Benchmark,
+    Prediction,
+    Sample,
+    data_digest,
+    parse_json,
+    read_json,
+    register_benchmark,
+)
 
 INSTALL_HINT = "pip install 'kvsqueeze[eval]'  (or: pip install 'datasets>=3')"
 #: Seconds the hub reachability probe may take before the hub counts as unreachable.
@@ -286,8 +294,6 @@ class HubBenchmark(Benchmark):
         self.data_files = data_files
 
     def config(self) -> dict[str, Any]:
-        from kvsqueeze.evaluation.sweep import data_digest
-
         return {"dataset": self.dataset, "tasks": list(self.selected), "data_files": data_digest(self.data_files),
                 "max_new_tokens": self.max_new_tokens, "max_context_tokens": self.max_context_tokens}
 
@@ -395,7 +401,6 @@ _INT = re.compile(r"-?\d+")
 #: LongBench's passage_count / passage_retrieval read unsigned digit runs ("2-3" is 2 and 3).
 _DIGITS = re.compile(r"\d+")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-_SEPARATORS = re.compile(r"[\s\"'.,;:!?()\[\]{}]+")
 
 
 def _first_line(text: str) -> str:

@@ -51,7 +51,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from kvsqueeze.corpus import essays
-from kvsqueeze.evaluation.base import Benchmark, Prediction, Sample, register_benchmark
+from kvsqueeze.evaluation.base import Benchmark, Prediction, Sample, data_digest, register_benchmark
 from kvsqueeze.evaluation.metrics import score_predictions, string_match_all, string_match_part
 
 log = logging.getLogger(__name__)
@@ -692,8 +692,6 @@ class Ruler(Benchmark):
 
     def config(self) -> dict[str, Any]:
         """The options that define the rows; ``tasks`` are those that run (see the class docstring)."""
-        from kvsqueeze.evaluation.sweep import data_digest
-
         return {"length": self.length, "tasks": list(self.running_tasks()), "n_samples": self.n_samples,
                 "qa_data_files": data_digest(dict(self.qa_data_files))}
 

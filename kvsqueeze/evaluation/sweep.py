@@ -222,7 +222,8 @@ def resolved_config(
     eos_token_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The configuration that defines the predictions of a sweep (and so its results directory). The contents of
-    local data files are part of it (through ``benchmark.config()``, see :func:`data_digest`), and so are the
+    local data files are part of it (through ``benchmark.config()``, see
+    :func:`kvsqueeze.evaluation.base.data_digest`), and so are the
     tokens that stop an answer. The presses keep the order given (:func:`config_hash` ignores it)."""
     presses = [_entry_config(e, model) for e in entries]
     config = {
@@ -248,32 +249,6 @@ def resolved_config(
     if eos_token_ids is not None:
         config["generation"]["eos_token_ids"] = sorted(int(t) for t in eos_token_ids)
     return config
-
-
-def data_digest(files: Any) -> Any:
-    """A sha256 of the contents of local data files (a file, a directory of files, or a ``{task: path}`` mapping),
-    for a benchmark's ``config()``: rewriting a data file in place must give new results, not reuse the old
-    predictions. Paths that are not local files or directories (a hub reference) are returned as given."""
-    if isinstance(files, Mapping):
-        return {str(k): data_digest(v) for k, v in sorted(files.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(files, (list, tuple)):
-        return [data_digest(f) for f in files]
-    if files is None:
-        return None
-    path = Path(files).expanduser()
-    if path.is_file():
-        paths = [path]
-    elif path.is_dir():
-        paths = sorted(p for p in path.rglob("*") if p.is_file())
-    else:
-        return str(files)
-    digest = hashlib.sha256()
-    for p in paths:
-        digest.update(str(p.relative_to(path) if p != path else p.name).encode() + b"\0")
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return {"path": str(files), "sha256": digest.hexdigest()}
 
 
 def check_samples_fit(pipe, benchmark: str, samples: Sequence[Sample], max_new_tokens: int | None) -> None:
