@@ -804,9 +804,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
     if args.max_new_tokens is not None:
         _positive(args.max_new_tokens, "--max-new-tokens")
-    existing = Path(args.output_dir).expanduser()
-    while not existing.exists() and existing != existing.parent:  # the nearest part of the path that exists
-        existing = existing.parent
+    from kvsqueeze.models import nearest_existing
+
+    existing = nearest_existing(Path(args.output_dir).expanduser())
     if not existing.is_dir():
         raise CLIError(f"--output-dir {args.output_dir} cannot hold results: {existing} is not a directory")
     model_options = parse_model_options(args.model_option)

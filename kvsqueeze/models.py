@@ -125,6 +125,13 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 ALIASES = {"smollm2": "smollm2-135m", "default": "smollm2-135m", "gemma3": "gemma3-270m", "gemma-3-270m": "gemma3-270m"}
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (where missing folders would be created)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def cache_root() -> Path:
     """Where converted models and calibration artifacts live (``$KVSQUEEZE_CACHE`` or ``~/.cache/kvsqueeze``)."""
     root = os.environ.get("KVSQUEEZE_CACHE") or os.path.join(

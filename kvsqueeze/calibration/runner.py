@@ -19,6 +19,7 @@ from kvsqueeze.adapter import ModelAdapter
 from kvsqueeze.corpus import essays, essays_dir  # noqa: F401  essays_dir is re-exported
 from kvsqueeze.calibration.artifacts import _check_method, default_artifact_path, save_artifact
 from kvsqueeze.calibration.qfilters import QFilterCollector
+from kvsqueeze.models import nearest_existing
 from kvsqueeze.calibration.query_stats import QueryMomentCollector
 from kvsqueeze.presses.base import check_int, check_seed
 
@@ -89,9 +90,7 @@ def check_output_path(output: Any) -> Path | None:
     if path.is_dir():
         example = str(path / "qfilters.safetensors")
         raise ValueError(f"output={text!r} is a directory; give the artifact's file path, e.g. {example!r}")
-    existing = path.parent
-    while not existing.exists() and existing != existing.parent:  # the nearest folder that exists
-        existing = existing.parent
+    existing = nearest_existing(path.parent)
     if not existing.is_dir():
         raise ValueError(f"output={text!r} cannot be written: {str(existing)!r} is not a directory")
     try:
